@@ -1,0 +1,40 @@
+"""Model constructors by name, shared by training and the handler (flat inside a .mar).
+
+Every network is a torchvision model built with weights=None: the weights always come from this
+project's own state_dict files, never from a download at serving time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("resnet18", "resnet50", "convnext_tiny")
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+
+
+def load_state_dict_file(path, map_location="cpu") -> dict:
+    """Plain state_dict (weights_only) stored in fp16 or fp32; returned as fp32 tensors."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state.items()}
+
+
+class ProbabilityEnsemble(nn.Module):
+    """Averages members' probabilities and returns log-probabilities, usable wherever logits are.
+
+    softmax(log p / T) = p^(1/T) / sum(p^(1/T)), so temperature-scaled distillation stays well defined.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        probs = torch.stack([m(x).softmax(dim=1) for m in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-8).log()

@@ -1,0 +1,71 @@
+"""What a request looks like and what an answer looks like: payload extraction and the response JSON.
+
+Kept out of the handler class so the handler stays a thin TorchServe adapter and this logic can be
+tested without a server. Flat inside a .mar: imports only sibling modules.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+
+try:  # inside a .mar the modules sit flat; in the repository they form the handler package
+    from preprocessing import InputError
+except ImportError:  # pragma: no cover - import path depends on where we run
+    from handler.preprocessing import InputError
+
+NOTICE = ("Research software, not a medical device. This is not a diagnosis: consult a dermatologist or other "
+          "qualified clinician about any skin lesion.")
+_JSON_IMAGE_KEYS = ("data", "image", "b64", "image_base64", "file")
+
+
+def _decode_base64(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # a data URL straight from a browser's FileReader
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "bad_base64", "the JSON image field is not valid base64") from None
+
+
+def extract_image_bytes(row) -> bytes:
+    """TorchServe hands each request as a dict: raw bodies under 'body'/'data', multipart fields under
+    their names; the frontend has already turned JSON bodies into dicts and text bodies into str."""
+    if isinstance(row, dict):
+        payload = None
+        for key in ("data", "file", "body"):
+            if row.get(key) is not None:
+                payload = row[key]
+                break
+    else:
+        payload = row
+    if isinstance(payload, dict):  # JSON body: {"data": "<base64>"} or one of the aliases
+        for key in _JSON_IMAGE_KEYS:
+            if isinstance(payload.get(key), str):
+                return _decode_base64(payload[key])
+        raise InputError(400, "bad_json", "JSON bodies must carry the image as base64 in a 'data' field")
+    if isinstance(payload, str):
+        raise InputError(415, "not_an_image", "the body is text, not an image (send the file's bytes, "
+                         "multipart form data, or JSON with base64)")
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if payload is None:
+        raise InputError(400, "empty_body", "the request body is empty; send an image file")
+    raise InputError(400, "bad_payload", f"unsupported request payload of type {type(payload).__name__}")
+
+
+def format_prediction(probabilities, meta: dict, request_id: str | None = None) -> dict:
+    """All classes sorted by probability, the top one, the model identity and the notice."""
+    codes, names = meta["class_names"], meta["class_full_names"]
+    ranked = sorted(zip(codes, names, (float(p) for p in probabilities)), key=lambda t: -t[2])
+    predictions = [{"code": c, "name": n, "probability": round(p, 6)} for c, n, p in ranked]
+    return {
+        "top": predictions[0],
+        "predictions": predictions,
+        "model": {"name": meta["name"], "version": meta["version"]},
+        "request_id": request_id,
+        "notice": NOTICE,
+    }
+
+
+def format_error(error: InputError, request_id: str | None = None) -> dict:
+    return {"error": error.code, "reason": error.reason, "status": error.status, "request_id": request_id}

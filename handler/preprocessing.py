@@ -1,0 +1,140 @@
+"""The one preprocessing definition of the project.
+
+Training's evaluation, the TorchServe handler and the benchmarks all import this module, so the
+tensor a served image turns into is, bit for bit, the tensor the test metrics were computed on.
+The chain is: bytes -> decode (size checked from the header first) -> EXIF orientation -> RGB
+-> resize shorter side -> centre crop -> uint8 CHW -> float, normalised.
+
+Inside a .mar this file sits flat next to the handler, so it imports nothing from the project.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Far above any dermoscopy photo (a 24 MP camera is 24e6), far below a decompression bomb.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Modes Pillow can turn into RGB without guessing; anything else is refused with a reason.
+_DIRECT_TO_RGB = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
+_WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+_HIGH_BIT_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class InputError(ValueError):
+    """A request the service must refuse: carries an HTTP status and a reason meant for people."""
+
+    def __init__(self, status: int, code: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The parameters that travel in meta.json; nothing else decides how pixels become a tensor."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "PreprocessConfig":
+        p = meta["preprocessing"]
+        return cls(int(p["resize_size"]), int(p["crop_size"]), tuple(p["mean"]), tuple(p["std"]),
+                   int(p.get("max_pixels", DEFAULT_MAX_PIXELS)))
+
+    def to_meta(self) -> dict:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),
+                "std": list(self.std), "max_pixels": self.max_pixels, "interpolation": "bilinear",
+                "steps": ["decode", "exif_transpose", "to_rgb", "resize_shorter_side", "center_crop",
+                          "to_float_0_1", "normalize"]}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _HIGH_BIT_DEPTH:
+        # 16-bit and float greyscale: scale the real range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and arr.max() > 255) else 255.0
+        if mode == "F":
+            top = max(float(arr.max()), 1e-12) if arr.max() > 1.0 else 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in _WITH_ALPHA or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as the image looks on a web page.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _DIRECT_TO_RGB:
+        return img.convert("RGB")
+    raise InputError(415, "unsupported_mode", f"unsupported image mode {mode!r}")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> upright RGB PIL image, or InputError. The pixel count is checked before decoding."""
+    if data is None or len(data) == 0:
+        raise InputError(400, "empty_body", "the request body is empty; send an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise InputError(415, "not_an_image", "the body is not an image Pillow can read "
+                             "(send JPEG, PNG, TIFF, BMP or WebP)") from None
+        raise InputError(413, "too_many_pixels", "the image declares too many pixels") from None
+    except Exception:  # noqa: BLE001 - a malformed header can raise nearly anything inside Pillow
+        raise InputError(415, "not_an_image", "the body is not a readable image") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InputError(422, "bad_dimensions", f"the image declares a size of {width}x{height}")
+    if width * height > max_pixels:
+        raise InputError(413, "too_many_pixels",
+                         f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - truncated and corrupt streams surface as OSError, SyntaxError, ValueError...
+        raise InputError(422, "corrupt_image", "the image is truncated or corrupt and could not be decoded") from None
+    return _to_rgb(img)
+
+
+def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: int | None = None) -> torch.Tensor:
+    """Resize the shorter side to resize_size (bilinear, antialiased) and centre-crop; uint8 CHW tensor."""
+    crop_w = crop_h if crop_w is None else crop_w
+    w, h = img.size
+    scale = resize_size / min(w, h)
+    new_w, new_h = max(crop_w, round(w * scale)), max(crop_h, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - crop_w) // 2, (new_h - crop_h) // 2
+    img = img.crop((left, top, left + crop_w, top + crop_h))
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32, scaled to [0, 1] then standardised per channel."""
+    x = images_uint8.float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def eval_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    return resize_center_crop(img, cfg.resize_size, cfg.crop_size)
+
+
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig) -> torch.Tensor:
+    """The whole chain for one image file: bytes -> normalised float CHW tensor (raises InputError)."""
+    return normalize(eval_uint8(decode_image(data, cfg.max_pixels), cfg), cfg.mean, cfg.std)

@@ -1,0 +1,76 @@
+"""TorchServe handler: a thin BaseHandler subclass. Everything it knows about the model comes from meta.json.
+
+Each request in a batch is validated on its own: a bad one gets its own 4xx and JSON reason, the others in
+the same batch are answered normally.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+try:  # flat inside the .mar
+    from architectures import build_model, load_state_dict_file
+    from prediction import extract_image_bytes, format_error, format_prediction
+    from preprocessing import InputError, PreprocessConfig, preprocess_bytes
+except ImportError:  # imported from the repository (tests, benchmarks)
+    from handler.architectures import build_model, load_state_dict_file
+    from handler.prediction import extract_image_bytes, format_error, format_prediction
+    from handler.preprocessing import InputError, PreprocessConfig, preprocess_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class SkinLesionHandler(BaseHandler):
+    def initialize(self, context):
+        model_dir = context.system_properties.get("model_dir")
+        self.manifest = context.manifest
+        with open(os.path.join(model_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.cfg = PreprocessConfig.from_meta(self.meta)
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.device = torch.device("cpu")
+        weights = os.path.join(model_dir, self.meta.get("weights_file", "model.pt"))
+        self.model = build_model(self.meta["arch"], self.meta["num_classes"])
+        self.model.load_state_dict(load_state_dict_file(weights))
+        self.model.eval()
+        self.initialized = True
+        logger.info("loaded %s %s (%s, %d px, T=%.3f)", self.meta["name"], self.meta["version"],
+                    self.meta["arch"], self.cfg.crop_size, self.temperature)
+
+    def preprocess(self, data):
+        """-> (stacked tensor of the valid images, per-request slot: row index in the tensor or an InputError)."""
+        tensors, slots = [], []
+        for row in data:
+            try:
+                tensors.append(preprocess_bytes(extract_image_bytes(row), self.cfg))
+                slots.append(len(tensors) - 1)
+            except InputError as err:
+                slots.append(err)
+        return (torch.stack(tensors) if tensors else None), slots
+
+    def inference(self, batch, *args, **kwargs):
+        tensor, slots = batch
+        if tensor is None:
+            return None, slots
+        with torch.inference_mode():
+            probabilities = torch.softmax(self.model(tensor) / self.temperature, dim=1)
+        return probabilities, slots
+
+    def postprocess(self, output):
+        probabilities, slots = output
+        answers = []
+        for idx, slot in enumerate(slots):
+            request_id = self.context.get_request_id(idx) if self.context else None
+            if self.context:
+                self.context.set_response_content_type(idx, "application/json")
+            if isinstance(slot, InputError):
+                if self.context:
+                    self.context.set_response_status(slot.status, slot.reason, idx)
+                answers.append(format_error(slot, request_id))
+            else:
+                answers.append(format_prediction(probabilities[slot].tolist(), self.meta, request_id))
+        return answers

@@ -1,0 +1,160 @@
+"""./skin COMMAND: the local stack (up, down, status), the archive and the tests.
+
+`./skin up` builds model_store/<name>.mar when it is missing or older than its inputs, starts TorchServe,
+waits for READY workers, prints the URLs and stays in the foreground; Ctrl-C (or `./skin down` from another
+shell) stops everything it started, workers included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stack.torchserve import REPO, ServeError, TorchServe, mar_version
+
+STATE = Path(os.environ.get("SKIN_STATE_DIR", REPO / ".stack"))
+HANDLER_FILES = ["handler/skin_handler.py", "handler/preprocessing.py", "handler/architectures.py",
+                 "handler/prediction.py", "handler/model-config.yaml"]
+
+
+def env(name: str, default: str) -> str:
+    """Settings come from SKIN_* environment variables, with flags overriding them."""
+    return os.environ.get(f"SKIN_{name}", default)
+
+
+def ensure_archive(release: Path, store: Path, force: bool = False) -> tuple[str, Path]:
+    meta_path = release / "meta.json"
+    if not meta_path.exists():
+        raise ServeError(f"{meta_path} is missing: the committed release model should be there "
+                         "(or train one: python -m training all --quick --release-dir release)")
+    meta = json.loads(meta_path.read_text())
+    mar = store / f"{meta['name']}.mar"
+    inputs = [meta_path, release / meta.get("weights_file", "model.pt"), *(REPO / f for f in HANDLER_FILES)]
+    stale = (not mar.exists() or force or mar.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
+             or mar_version(mar) != meta["version"])
+    if stale:
+        print(f"building {mar} ...", flush=True)
+        subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(release), "--out", str(store)], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    return meta["name"], mar
+
+
+def cmd_up(args) -> int:
+    STATE.mkdir(exist_ok=True)
+    pid_file = STATE / "stack.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        print(f"the stack is already running (pid {pid_file.read_text().strip()}); ./skin down stops it")
+        return 1
+    name, mar = ensure_archive(Path(args.release), Path(args.model_store), args.rebuild)
+    ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
+                    inference_port=int(args.inference_port), management_port=int(args.management_port),
+                    metrics_port=int(args.metrics_port), inference_host=args.inference_host,
+                    enable_model_api=args.enable_model_api)
+    stopping = []
+
+    def _stop(signum, _frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    pid_file.write_text(str(os.getpid()))
+    try:
+        ts.start()
+        print(f"starting TorchServe (logs: {ts.workdir / 'logs'}) ...", flush=True)
+        took = ts.wait_ready()
+        print(f"ready in {took:.1f} s: {len(ts.workers(name))} worker(s) READY for {name}\n"
+              f"  predictions: curl -T lesion.jpg {ts.inference_url}/predictions/{name}\n"
+              f"  management : {ts.management_url} (loopback only)\n"
+              f"  metrics    : {ts.metrics_url}/metrics\n"
+              "Ctrl-C or ./skin down stops the stack.", flush=True)
+        while ts.proc.poll() is None:
+            time.sleep(1)
+        print(f"TorchServe exited unexpectedly (code {ts.proc.returncode})\n{ts.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    except ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ts.stop()
+        pid_file.unlink(missing_ok=True)
+        print("stopped: TorchServe and its workers have exited", flush=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an exited child its parent has not reaped yet counts as stopped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def cmd_down(_args) -> int:
+    pid_file = STATE / "stack.pid"
+    if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
+        print("the stack is not running")
+        pid_file.unlink(missing_ok=True)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(600):
+        if not _alive(pid):
+            print("stopped")
+            return 0
+        time.sleep(0.1)
+    print(f"pid {pid} did not stop within 60 s", file=sys.stderr)
+    return 1
+
+
+def cmd_archive(args) -> int:
+    name, mar = ensure_archive(Path(args.release), Path(args.model_store), force=True)
+    print(f"{mar} ({name} {mar_version(mar)})")
+    return 0
+
+
+def cmd_test(args) -> int:
+    # Workers of the TorchServes the tests start use one thread each; so does the test process itself.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=REPO, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="./skin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build the archive if needed, start the whole local stack, stay in the foreground")
+    up.add_argument("--release", default=env("RELEASE_DIR", str(REPO / "release")), help="weights + meta.json folder")
+    up.add_argument("--model-store", default=env("MODEL_STORE", str(REPO / "model_store")))
+    up.add_argument("--inference-host", default=env("INFERENCE_HOST", "127.0.0.1"))
+    up.add_argument("--inference-port", default=env("INFERENCE_PORT", "8080"))
+    up.add_argument("--management-port", default=env("MANAGEMENT_PORT", "8081"))
+    up.add_argument("--metrics-port", default=env("METRICS_PORT", "8082"))
+    up.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (loopback only)")
+    up.add_argument("--rebuild", action="store_true", help="rebuild the .mar even if it is up to date")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop a stack started by ./skin up")
+    down.set_defaults(func=cmd_down)
+    arch = sub.add_parser("archive", help="rebuild model_store/<name>.mar from the release model")
+    arch.add_argument("--release", default=str(REPO / "release"))
+    arch.add_argument("--model-store", default=str(REPO / "model_store"))
+    arch.set_defaults(func=cmd_archive)
+    test = sub.add_parser("test", help="run the test suite (pytest); extra arguments go to pytest")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

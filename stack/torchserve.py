@@ -1,0 +1,178 @@
+"""Start, wait for and stop one TorchServe, the same way for `./skin up`, the tests and the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(method: str, url: str, timeout: float = 10.0):
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body or b"null")
+        except ValueError:
+            return err.code, body.decode(errors="replace")
+
+
+def render_config(base: Path, out: Path, overrides: dict[str, str]) -> Path:
+    """Copy config.properties, replacing (or adding) the keys in overrides."""
+    lines, seen = [], set()
+    for line in base.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.lstrip().startswith("#") and key in overrides:
+            line, _ = f"{key}={overrides[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+class TorchServe:
+    """One TorchServe process group in its own working folder (logs, pid) with its own ports."""
+
+    def __init__(self, model_store: Path, models: dict[str, str], workdir: Path, inference_port: int = 8080,
+                 management_port: int = 8081, metrics_port: int = 8082, inference_host: str = "127.0.0.1",
+                 enable_model_api: bool = False, extra_config: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None, grpc_ports: tuple[int, int] | None = None):
+        self.model_store, self.models, self.workdir = Path(model_store), models, Path(workdir)
+        self.inference_url = f"http://{'127.0.0.1' if inference_host == '0.0.0.0' else inference_host}:{inference_port}"
+        self.management_url = f"http://127.0.0.1:{management_port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
+        self.overrides = {"inference_address": f"http://{inference_host}:{inference_port}",
+                          "management_address": self.management_url, "metrics_address": self.metrics_url,
+                          "enable_model_api": str(enable_model_api).lower(),
+                          # gRPC cannot be switched off in 0.12: give it its own loopback ports so that two
+                          # servers (the stack and the tests) never collide on 7070/7071.
+                          "grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1",
+                          "grpc_inference_port": str(grpc_ports[0] if grpc_ports else free_port()),
+                          "grpc_management_port": str(grpc_ports[1] if grpc_ports else free_port()),
+                          **(extra_config or {})}
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "TorchServe":
+        exe = Path(sys.executable).with_name("torchserve")
+        if not exe.exists():
+            raise ServeError(f"{exe} not found: install requirements.txt (./skin setup)")
+        if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
+            raise ServeError("TorchServe needs Java 11+ (java on PATH or JAVA_HOME)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        config = render_config(REPO / "config.properties", self.workdir / "config.properties", self.overrides)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LOG_LOCATION": str(logs),
+               "METRICS_LOCATION": str(logs), "TEMP": str(self.workdir), "TMPDIR": str(self.workdir),
+               "PYTHONUNBUFFERED": "1", **self.env}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        cmd = [str(exe), "--start", "--foreground", "--ncs", "--model-store", str(self.model_store),
+               "--ts-config", str(config), "--log-config", str(REPO / "log4j2.xml")]
+        if self.models:
+            cmd += ["--models", *[f"{n}={f}" for n, f in self.models.items()]]
+        # A session of its own: stop() signals the whole group, so no worker outlives the frontend.
+        self.log = open(logs / "torchserve.out", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = []
+        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
+            p = self.workdir / "logs" / name
+            if p.exists():
+                lines += [f"--- {name}"] + p.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(lines)
+
+    def workers(self, model: str) -> list[dict]:
+        status, body = http_json("GET", f"{self.management_url}/models/{model}", timeout=5)
+        if status != 200 or not isinstance(body, list):
+            return []
+        return [w for version in body for w in version.get("workers", [])]
+
+    def wait_ready(self, timeout: float = 180.0, min_workers: int = 1) -> float:
+        """Ready means every model has READY workers (not /ping: it says Healthy before any worker loads)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc and self.proc.poll() is not None:
+                raise ServeError(f"TorchServe exited with code {self.proc.returncode}\n{self.log_tail()}")
+            try:
+                if all(sum(w.get("status") == "READY" for w in self.workers(m)) >= min_workers for m in self.models):
+                    return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise ServeError(f"no READY worker after {timeout:.0f} s\n{self.log_tail()}")
+
+    def worker_pids(self, model: str) -> set[int]:
+        return {int(w["pid"]) for w in self.workers(model) if w.get("pid")}
+
+    def group_processes(self) -> list:
+        """Live (non-zombie) processes of this server's process group: frontend, JVM and workers."""
+        import psutil
+
+        if not self.proc:
+            return []
+        found = []
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if os.getpgid(p.pid) == self.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return found
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the whole group, wait for every member to exit, SIGKILL what is left after timeout."""
+        if not self.proc:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self.proc.poll() is None or self.group_processes()):
+            time.sleep(0.2)
+        for p in self.group_processes():
+            p.kill()
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self.log.close()
+        self.proc = None
+
+
+def mar_version(mar: Path) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+
+
+def safe_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ServeError(f"invalid model name {name!r}")
+    return name

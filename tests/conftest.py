@@ -1,0 +1,62 @@
+"""Shared fixtures: the real HAM10000 folder, a tiny model trained on it, a .mar built from it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training.data import default_data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = default_data_dir()
+    if root is None or not (root / "HAM10000_metadata.csv").exists():
+        pytest.fail("HAM10000 not found: set HAM10000_DIR or put it at ../shared/data/ham10000")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_images(data_dir) -> list[Path]:
+    import csv
+
+    rows = list(csv.DictReader(open(data_dir / "HAM10000_metadata.csv")))
+    by_class = {}
+    for r in sorted(rows, key=lambda r: r["image_id"]):
+        by_class.setdefault(r["dx"], r["image_id"])
+    return [next(data_dir.rglob(f"{i}.jpg")) for i in by_class.values()]
+
+
+def run_training(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory, data_dir) -> Path:
+    """A real (if weak) model: one epoch on 8 images per class at 32 px, exported like the release."""
+    work = tmp_path_factory.mktemp("tiny")
+    r = run_training("train", "--arch", "resnet18", "--out", str(work / "run"), "--epochs", "1", "--img-size", "32",
+                     "--limit-per-class", "8", "--batch-size", "8", "--cache-dir", str(work / "cache"),
+                     "--data", str(data_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_training("export", "--checkpoint", str(work / "run" / "best.pt"), "--out", str(work / "release"),
+                     "--version", "0.1-test")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "release"
+
+
+@pytest.fixture(scope="session")
+def tiny_mar(tmp_path_factory, tiny_release) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    r = subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(tiny_release), "--out", str(store)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    return store / "skin-lesion.mar"

@@ -1,0 +1,44 @@
+"""Payload extraction and the response JSON, without a server."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from handler.prediction import NOTICE, extract_image_bytes, format_error, format_prediction
+from handler.preprocessing import InputError
+
+META = {"name": "m", "version": "9", "class_names": ["a", "b", "c"], "class_full_names": ["A", "B", "C"]}
+
+
+@pytest.mark.parametrize("row", [
+    {"body": b"abc"}, {"data": b"abc"}, {"file": bytearray(b"abc")},
+    {"body": {"data": base64.b64encode(b"abc").decode()}},
+    {"body": {"image": "data:image/png;base64," + base64.b64encode(b"abc").decode()}},
+])
+def test_payload_shapes(row):
+    assert extract_image_bytes(row) == b"abc"
+
+
+@pytest.mark.parametrize("row,code", [
+    ({"body": {"data": "not base64!"}}, "bad_base64"),
+    ({"body": {"something": 1}}, "bad_json"),
+    ({"body": "plain text"}, "not_an_image"),
+    ({"body": None}, "empty_body"),
+])
+def test_bad_payloads(row, code):
+    with pytest.raises(InputError) as err:
+        extract_image_bytes(row)
+    assert err.value.code == code
+
+
+def test_prediction_lists_every_class_sorted():
+    out = format_prediction([0.2, 0.5, 0.3], META, "rid")
+    assert [p["code"] for p in out["predictions"]] == ["b", "c", "a"]
+    assert out["top"] == {"code": "b", "name": "B", "probability": 0.5}
+    assert out["model"] == {"name": "m", "version": "9"} and out["notice"] == NOTICE and out["request_id"] == "rid"
+
+
+def test_error_body():
+    body = format_error(InputError(415, "not_an_image", "nope"), "x")
+    assert body == {"error": "not_an_image", "reason": "nope", "status": 415, "request_id": "x"}

@@ -1,0 +1,101 @@
+"""One preprocessing for training evaluation and serving: parity, conversions and refusals."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handler.preprocessing import InputError, PreprocessConfig, decode_image, normalize, preprocess_bytes
+from training import data as D
+
+CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_training_eval_tensors_equal_handler_tensors(data_dir, sample_images):
+    """The evaluation cache (training) and the handler's bytes->tensor path give identical tensors."""
+    records = [r for r in D.load_records(data_dir) if r.path in {str(p) for p in sample_images}]
+    cached = normalize(D.build_cache(records, "eval", CFG, None), CFG.mean, CFG.std)
+    served = torch.stack([preprocess_bytes(open(r.path, "rb").read(), CFG) for r in records])
+    assert cached.shape == (len(records), 3, 96, 96)
+    assert torch.equal(cached, served)
+
+
+def test_handler_module_uses_the_same_function():
+    import handler.skin_handler as h
+    import handler.preprocessing as p
+
+    assert h.preprocess_bytes is p.preprocess_bytes
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "1", "P", "CMYK", "I;16", "I", "F", "YCbCr"])
+def test_modes_are_converted_not_rejected(mode):
+    base = Image.new("RGB", (40, 30), (200, 120, 80))
+    if mode == "I;16":
+        img = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
+    elif mode in ("I", "F"):
+        img = base.convert("L").convert(mode)
+    else:
+        img = base.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I", "F", "YCbCr") else "PNG"
+    out = decode_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (40, 30)
+    if mode == "I;16":  # 16-bit scaled to 8 bits, not clipped to white
+        assert abs(np.asarray(out)[0, 0, 0] - round(40000 / 65535 * 255)) <= 1
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert np.asarray(decode_image(_encode(img))).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    out = decode_image(_encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (20, 60)
+    arr = np.asarray(out)
+    assert arr[2, 10, 2] > 200 and arr[-3, 10, 0] > 200  # blue now on top, red at the bottom
+
+
+@pytest.mark.parametrize("payload,status,code", [
+    (b"", 400, "empty_body"),
+    (b"this is plain text, renamed to lesion.jpg", 415, "not_an_image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 415, "not_an_image"),
+])
+def test_refusals_have_status_and_reason(payload, status, code):
+    with pytest.raises(InputError) as err:
+        decode_image(payload)
+    assert (err.value.status, err.value.code) == (status, code)
+    assert err.value.reason
+
+
+def test_truncated_jpeg_is_refused(sample_images):
+    data = sample_images[0].read_bytes()
+    with pytest.raises(InputError) as err:
+        decode_image(data[: len(data) // 2])
+    assert err.value.status == 422 and err.value.code == "corrupt_image"
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    big = _encode(Image.new("1", (9000, 9000)))  # 81 MP, a few kB on disk
+    assert len(big) < 100_000
+    with pytest.raises(InputError) as err:
+        decode_image(big)
+    assert err.value.status == 413 and "9000x9000" in err.value.reason
+    with pytest.raises(InputError):
+        decode_image(_encode(Image.new("RGB", (100, 100))), max_pixels=5000)
+
+
+def test_meta_round_trip():
+    assert PreprocessConfig.from_meta({"preprocessing": CFG.to_meta()}) == CFG

@@ -1,0 +1,91 @@
+"""The training commands end to end on real HAM10000 images, at tiny size."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from handler.architectures import build_model
+from tests.conftest import run_training
+from training.checkpoint import load_init_weights, model_from_checkpoint
+
+
+@pytest.mark.parametrize("command", ["split", "train", "grid", "evaluate", "export", "all"])
+def test_every_command_has_help(command, capsys):
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and f"python -m training {command}" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_commands():
+    r = run_training("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "grid", "evaluate", "export", "all"))
+
+
+def test_unknown_data_dir_is_a_clear_error(tmp_path):
+    r = run_training("split", "--data", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quick_study_end_to_end(tmp_path, data_dir):
+    r = run_training("all", "--quick", "--grid", "--out", str(tmp_path / "study"), "--cache-dir",
+                     str(tmp_path / "cache"), "--data", str(data_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = tmp_path / "study"
+    release = study / "release"
+    meta = json.loads((release / "meta.json").read_text())
+    assert meta["arch"] == "resnet18" and meta["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert meta["training"]["distilled"] is True
+    assert meta["split_hash"] == json.loads((study / "report" / "results.json").read_text())["split_hash"]
+    assert meta["metrics"]["test"]["balanced_accuracy"] >= 0
+    results = json.loads((release / "results.json").read_text())
+    assert set(results["models"]) >= {"majority class (always nv)", "resnet18 (scratch)", "resnet18 distilled"}
+    majority = results["models"]["majority class (always nv)"]
+    assert majority["per_class_recall"]["nv"] == 1.0 and majority["per_class_recall"]["mel"] == 0.0
+    report = (release / "report.md").read_text()
+    assert "| resnet18 distilled |" in report and "lesion" in report
+    for png in ("confusion_resnet18_distilled.png", "history_kd.png", "kd_grid.png"):
+        assert (release / png).read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(open(study / "grid" / "grid.csv")))
+    assert len(rows) == 4 and {"alpha", "temperature", "val_macro_f1"} <= set(rows[0])
+    history = list(csv.DictReader(open(study / "resnet18_kd" / "history.csv")))
+    assert history and float(history[0]["train_kd"]) > 0, "distillation term was zero: KD is a no-op"
+    # the exported fp16 weights load into the architecture named in meta.json
+    model = build_model(meta["arch"], meta["num_classes"])
+    model.load_state_dict({k: v.float() for k, v in torch.load(release / "model.pt").items()})
+
+
+def test_resume_continues_from_last_epoch(tmp_path, data_dir):
+    common = ["--out", str(tmp_path / "run"), "--img-size", "32", "--limit-per-class", "6", "--batch-size", "8",
+              "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
+    assert run_training("train", "--epochs", "1", *common).returncode == 0
+    r = run_training("train", "--epochs", "2", "--resume", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    assert [row["epoch"] for row in csv.DictReader(open(tmp_path / "run" / "history.csv"))] == ["1", "2"]
+
+
+def test_teacher_from_a_weights_file_and_init_from_imagenet_style_weights(tmp_path, data_dir):
+    teacher_file = tmp_path / "teacher.pth"
+    torch.save(build_model("resnet18", 7).state_dict(), teacher_file)
+    imagenet_like = tmp_path / "imagenet.pth"  # a 1000-class head, as torchvision's ImageNet weights have
+    torch.save(build_model("resnet18", 1000).state_dict(), imagenet_like)
+    r = run_training("train", "--out", str(tmp_path / "kd"), "--epochs", "1", "--img-size", "32",
+                     "--limit-per-class", "6", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+                     "--data", str(data_dir), "--teacher-weights", str(teacher_file), "--teacher-arch", "resnet18",
+                     "--init-weights", str(imagenet_like))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "re-initialised: fc.bias, fc.weight" in r.stdout
+    model, ckpt = model_from_checkpoint(tmp_path / "kd" / "best.pt")
+    assert ckpt["teacher"] is True and model.fc.out_features == 7
+
+
+def test_init_weights_from_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(build_model("resnet50", 7).state_dict(), path)
+    with pytest.raises(ValueError, match="does not match"):
+        load_init_weights(build_model("resnet18", 7), path)

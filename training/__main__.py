@@ -1,0 +1,48 @@
+"""python -m training <command> --help"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "split": ("training.split_cmd", "write the lesion-grouped 60/20/20 splits.csv and print its hash"),
+    "train": ("training.train", "train one model (add --teacher to distil)"),
+    "grid": ("training.grid", "distillation grid search over alpha x T, selected on validation"),
+    "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
+    "export": ("training.export", "write the release state_dict + meta.json pair"),
+    "all": ("training.pipeline", "the whole study end to end (resumable)"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = argparse.ArgumentParser(prog="python -m training", description="HAM10000 training pipeline.")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name, (_, help_text) in COMMANDS.items():
+            sub.add_parser(name, help=help_text)
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0 if argv else 2
+    import importlib
+
+    from training.data import DataError
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    parser = module.get_args_parser()
+    parser.prog = f"python -m training {argv[0]}"
+    args = parser.parse_args(argv[1:])
+    try:
+        module.main(args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch is in last.pt; rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Checkpoints that rebuild themselves: each file carries its architecture, classes and preprocessing."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from handler.architectures import ProbabilityEnsemble, build_model, load_state_dict_file
+from handler.preprocessing import PreprocessConfig
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by this project's training")
+    return ckpt
+
+
+def model_from_checkpoint(path) -> tuple[nn.Module, dict]:
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["arch"], len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt
+
+
+def load_init_weights(model: nn.Module, path) -> list[str]:
+    """Initialise from a state_dict file (e.g. ImageNet weights a user has locally). Only the final
+    classifier may differ (the 1000-class head is re-initialised); anything else that does not fit is an error."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    head = {f"{last_linear}.weight", f"{last_linear}.bias"}
+    misfits = [k for k in own if k not in head and (k not in state or state[k].shape != own[k].shape)]
+    if misfits:
+        raise ValueError(f"{path} does not match this architecture: {len(misfits)} of {len(own)} tensors are "
+                         f"missing or of another shape (first: {misfits[0]})")
+    skipped = sorted(k for k in head if k not in state or state[k].shape != own[k].shape)
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+    return skipped
+
+
+def load_teacher(checkpoints, weights=None, arch=None, num_classes=7, expected_cfg: PreprocessConfig | None = None):
+    """A frozen teacher: one checkpoint, several (averaged as an ensemble) or a plain state_dict file."""
+    members = []
+    for path in checkpoints or []:
+        model, ckpt = model_from_checkpoint(path)
+        cfg = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in ckpt["preprocessing"].items()})
+        if expected_cfg and (cfg.crop_size, cfg.mean, cfg.std) != (expected_cfg.crop_size, expected_cfg.mean,
+                                                                    expected_cfg.std):
+            raise ValueError(f"teacher {path} was trained with other preprocessing ({cfg}); "
+                             f"distillation needs the student's ({expected_cfg})")
+        members.append(model)
+    if weights:
+        if not arch:
+            raise ValueError("--teacher-weights needs --teacher-arch")
+        model = build_model(arch, num_classes)
+        model.load_state_dict(load_state_dict_file(weights))
+        members.append(model)
+    if not members:
+        return None
+    teacher = members[0] if len(members) == 1 else ProbabilityEnsemble(members)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

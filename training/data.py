@@ -1,0 +1,205 @@
+"""HAM10000 on disk -> records -> lesion-grouped split -> uint8 tensor caches.
+
+Two layouts are understood: the dataset's own (a HAM10000_metadata.csv anywhere below the root and
+`<image_id>.jpg` files anywhere below it: Kaggle's part_1/part_2 folders or a flat folder), and the
+ImageFolder layout `train|val|test/<class>/*.jpg` whose folders already define the split.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from handler.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
+
+CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+CLASS_FULL_NAMES = {
+    "akiec": "Actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis-like lesion",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Melanocytic nevus",
+    "vasc": "Vascular lesion",
+}
+CLASS_DESCRIPTIONS = {
+    "akiec": "Sun-damage lesions that can progress to squamous cell carcinoma; usually treated.",
+    "bcc": "The most common skin cancer; grows slowly and rarely spreads, but needs treatment.",
+    "bkl": "Benign growths such as seborrhoeic keratoses, solar lentigines and lichen-planus-like keratoses.",
+    "df": "A benign, firm nodule of the skin, often on the legs.",
+    "mel": "A malignant tumour of pigment cells; early removal matters.",
+    "nv": "A common mole; benign, but changes in a mole deserve a check.",
+    "vasc": "Blood-vessel lesions such as cherry angiomas, angiokeratomas and pyogenic granulomas.",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+METADATA_NAME = "HAM10000_metadata.csv"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(RuntimeError):
+    """A problem with the data on disk, phrased for the person who has to fix it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image_id: str
+    lesion_id: str
+    dx: str
+    path: str
+    split: str = ""
+
+    @property
+    def label(self) -> int:
+        return CLASS_NAMES.index(self.dx)
+
+
+def default_data_dir() -> Path | None:
+    """HAM10000_DIR, else ../shared/data/ham10000 beside the repository (or the cwd) when it exists."""
+    if os.environ.get("HAM10000_DIR"):
+        return Path(os.environ["HAM10000_DIR"])
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (repo.parent / "shared/data/ham10000", Path.cwd().parent / "shared/data/ham10000"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_data_dir(arg: str | None) -> Path:
+    root = Path(arg) if arg else default_data_dir()
+    if root is None:
+        raise DataError("no HAM10000 directory: pass --data DIR or set HAM10000_DIR")
+    if not root.is_dir():
+        raise DataError(f"HAM10000 directory {root} does not exist (from --data or HAM10000_DIR)")
+    return root
+
+
+def _index_images(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(stem, Path(dirpath) / name)
+    return found
+
+
+def _imagefolder_records(root: Path) -> list[Record]:
+    records = []
+    for split in SPLITS:
+        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            if class_dir.name not in CLASS_NAMES:
+                raise DataError(f"unknown class folder {class_dir} (expected one of {', '.join(CLASS_NAMES)})")
+            for img in sorted(class_dir.iterdir()):
+                if img.suffix.lower() in IMAGE_SUFFIXES:
+                    # No lesion ids in this layout: each image is its own group and the folders are the split.
+                    records.append(Record(img.stem, img.stem, class_dir.name, str(img), split))
+    if not records:
+        raise DataError(f"{root} has train/val/test folders but no images in <class> subfolders")
+    return records
+
+
+def load_records(root: Path, limit_per_class: int | None = None) -> list[Record]:
+    """All labelled images under root, sorted by image_id; raises DataError with a clear reason."""
+    root = Path(root)
+    if all((root / s).is_dir() for s in SPLITS) and not list(root.rglob(METADATA_NAME)):
+        records = _imagefolder_records(root)
+    else:
+        metas = sorted(root.rglob(METADATA_NAME))
+        if not metas:
+            raise DataError(f"no {METADATA_NAME} found under {root} (and no train/val/test ImageFolder layout)")
+        with open(metas[0], newline="") as f:
+            reader = csv.DictReader(f)
+            missing_cols = {"lesion_id", "image_id", "dx"} - set(reader.fieldnames or [])
+            if missing_cols:
+                raise DataError(f"{metas[0]} lacks the column(s) {', '.join(sorted(missing_cols))}")
+            rows = list(reader)
+        unknown = sorted({r["dx"] for r in rows} - set(CLASS_NAMES))
+        if unknown:
+            raise DataError(f"{metas[0]} has unknown dx value(s) {', '.join(unknown)}; "
+                            f"expected {', '.join(CLASS_NAMES)}")
+        images = _index_images(root)
+        missing = [r["image_id"] for r in rows if r["image_id"] not in images]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DataError(f"{len(missing)} of {len(rows)} images listed in {metas[0].name} are missing "
+                            f"under {root}: {shown}")
+        records = [Record(r["image_id"], r["lesion_id"], r["dx"], str(images[r["image_id"]])) for r in rows]
+    records.sort(key=lambda r: r.image_id)
+    if limit_per_class:
+        kept, seen = [], Counter()
+        for r in records:
+            if seen[r.dx] < limit_per_class:
+                kept.append(r)
+                seen[r.dx] += 1
+        records = kept
+    return records
+
+
+def split_records(records: list[Record], seed: int = 0) -> list[Record]:
+    """60/20/20 split grouped by lesion_id and stratified by dx; deterministic for a given seed."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if all(r.split for r in records):
+        return records  # ImageFolder layout: the folders are the split
+    labels = np.array([r.label for r in records])
+    groups = np.array([r.lesion_id for r in records])
+    idx = np.arange(len(records))
+    # 5 folds: one is test (20 %); of the remaining 80 %, one of 4 folds is val (20 % of the whole).
+    rest, test = next(StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(idx, labels, groups))
+    tr, va = next(StratifiedGroupKFold(4, shuffle=True, random_state=seed).split(rest, labels[rest], groups[rest]))
+    split = np.empty(len(records), dtype=object)
+    split[rest[tr]], split[rest[va]], split[test] = "train", "val", "test"
+    return [Record(r.image_id, r.lesion_id, r.dx, r.path, s) for r, s in zip(records, split)]
+
+
+def write_splits(records: list[Record], path: Path) -> str:
+    """Writes splits.csv (no absolute paths, so the hash is portable) and returns its sha256."""
+    lines = ["image_id,lesion_id,dx,split"] + [f"{r.image_id},{r.lesion_id},{r.dx},{r.split}"
+                                                for r in sorted(records, key=lambda r: r.image_id)]
+    payload = ("\n".join(lines) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def class_counts(records: list[Record]) -> list[int]:
+    counts = Counter(r.dx for r in records)
+    return [counts.get(c, 0) for c in CLASS_NAMES]
+
+
+def _read(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return decode_image(f.read())
+
+
+def build_cache(records: list[Record], kind: str, cfg: PreprocessConfig, cache_dir: Path | None,
+                desc: str = "") -> torch.Tensor:
+    """Decode every image once. kind='eval': the shared preprocessing (resize + centre crop, uint8).
+    kind='train': shorter side resized, 4:3 centre crop kept, so random crops see the whole lesion.
+    Cached on disk keyed by the image list and the preprocessing, so later commands skip decoding."""
+    key = hashlib.sha256(("|".join(r.image_id for r in records) + repr((kind, cfg))).encode()).hexdigest()[:16]
+    cache_file = cache_dir / f"{kind}-{key}.pt" if cache_dir else None
+    if cache_file and cache_file.exists():
+        return torch.load(cache_file, weights_only=True)
+    h, w = cfg.resize_size, round(cfg.resize_size * 4 / 3)
+    out = torch.empty((len(records), 3, cfg.crop_size if kind == "eval" else h,
+                       cfg.crop_size if kind == "eval" else w), dtype=torch.uint8)
+    for i, r in enumerate(tqdm(records, desc=desc or f"decode {kind}", unit="img", leave=False)):
+        img = _read(r.path)
+        out[i] = eval_uint8(img, cfg) if kind == "eval" else resize_center_crop(img, h, h, w)
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(out, tmp)
+        os.replace(tmp, cache_file)
+    return out

@@ -1,0 +1,127 @@
+"""One test table for every model on the lesion-grouped test split: report.md, results.json, confusion PNGs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handler.architectures import ProbabilityEnsemble
+from handler.preprocessing import PreprocessConfig, normalize
+from training import data as D
+from training.checkpoint import model_from_checkpoint
+from training.engine import classification_metrics, predict_logits
+from training.plots import plot_confusion
+
+TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate checkpoints on the test split (never used for any choice).",
+                                add_help=add_help)
+    p.add_argument("--model", action="append", required=True, metavar="NAME=CKPT[+CKPT]",
+                   help="a model to evaluate; several checkpoints joined by + are evaluated as an ensemble")
+    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--limit-per-class", type=int, default=None)
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--latency-runs", type=int, default=30, help="single-image forward passes timed per model")
+    p.add_argument("--command", default="", help="the command line to record in the report")
+    return p
+
+
+def _load(spec: str):
+    models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.split("+")))
+    model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models)).eval()
+    return model, ckpts[0], sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20
+
+
+def cpu_latency_ms(model, crop: int, runs: int) -> float:
+    """Median wall time of one single-image forward pass at the current torch thread count."""
+    x = torch.randn(1, 3, crop, crop)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
+    split_hash = D.write_splits(records, out / "splits.csv")
+    train = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split == "test"]
+    y_test = np.array([r.label for r in test])
+    results = {"split_hash": split_hash, "n_test_images": len(test), "n_test_lesions": len({r.lesion_id for r in test}),
+               "test_class_counts": dict(zip(D.CLASS_NAMES, D.class_counts(test))),
+               "torch_threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": args.command, "models": {}}
+    majority = Counter(r.label for r in train).most_common(1)[0][0]
+    results["models"]["majority class (always nv)"] = {
+        **classification_metrics(y_test, np.full(len(test), majority), D.CLASS_NAMES), "size_mb": 0.0, "latency_ms": 0.0}
+    for spec in args.model:
+        name, _, paths = spec.partition("=")
+        model, ckpt, size_mb = _load(paths)
+        if ckpt["split_hash"] != split_hash:
+            raise ValueError(f"{name} was trained on another split (hash {ckpt['split_hash'][:12]} != {split_hash[:12]}):"
+                             " its test numbers would not be honest")
+        cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["preprocessing"].items()})
+        x_test = D.build_cache(test, "eval", cfg, Path(args.cache_dir) if args.cache_dir else None, "decode test")
+        logits = predict_logits(model, x_test, cfg.mean, cfg.std)
+        m = classification_metrics(y_test, logits.argmax(1).numpy(), D.CLASS_NAMES)
+        m.update(size_mb=round(size_mb, 2), latency_ms=round(cpu_latency_ms(model, cfg.crop_size, args.latency_runs), 2),
+                 arch=ckpt["arch"], checkpoint=paths, input_size=cfg.crop_size, preprocessing=dataclasses.asdict(cfg),
+                 test_nll=float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_test))))
+        results["models"][name] = m
+        plot_confusion(m["confusion_matrix"], D.CLASS_NAMES, name, out / f"confusion_{name.replace(' ', '_')}.png")
+        print(f"{name:28} acc {m['accuracy']:.3f}  bal-acc {m['balanced_accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(render_report(results))
+    print(f"wrote {out / 'report.md'} and {out / 'results.json'}")
+    return results
+
+
+def render_table(results: dict) -> str:
+    head = ["model", *TABLE_COLUMNS, *[f"recall {c}" for c in D.CLASS_NAMES], "size MB", "CPU ms/img"]
+    lines = ["| " + " | ".join(h.replace("_", " ") for h in head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["models"].items():
+        cells = [name, *[f"{m[k]:.3f}" for k in TABLE_COLUMNS],
+                 *[f"{m['per_class_recall'][c]:.2f}" for c in D.CLASS_NAMES], f"{m['size_mb']:.1f}", f"{m['latency_ms']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(results: dict) -> str:
+    counts = ", ".join(f"{c} {n}" for c, n in results["test_class_counts"].items())
+    return f"""# HAM10000 test report
+
+Test split: {results['n_test_images']} images of {results['n_test_lesions']} lesions ({counts}); grouped by
+`lesion_id`, so no lesion of the test split was seen in training or used for any choice (checkpoint, teacher,
+alpha/T were all chosen on the validation split). Split sha256 `{results['split_hash']}`.
+Evaluation is deterministic: the shared preprocessing (resize shorter side, centre crop, normalise), no test-time
+augmentation. Latency: median single-image forward pass on this CPU with {results['torch_threads']} torch thread(s).
+Generated {results['date']} by `{results['command'] or 'python -m training evaluate ...'}`.
+
+{render_table(results)}
+
+Balanced accuracy is the mean per-class recall; macro-F1 is the unweighted mean of per-class F1 (the reference
+project's "F1" was a harmonic mean of weighted precision and recall, not comparable).
+"""
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,84 @@
+"""Export a checkpoint as the serving contract: a plain state_dict (fp16 storage) + meta.json beside it."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from training import data as D
+from training.checkpoint import atomic_save, load_checkpoint
+
+META_SCHEMA = 1
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write WEIGHTS.pt + meta.json, the pair the handler and archive.sh read.",
+                                add_help=add_help)
+    p.add_argument("--checkpoint", required=True, help="a best.pt written by training")
+    p.add_argument("--out", required=True, help="folder for model.pt + meta.json")
+    p.add_argument("--name", default="skin-lesion", help="model name served by TorchServe")
+    p.add_argument("--version", default="1.0", help="model version (also the .mar version)")
+    p.add_argument("--results", help="results.json from evaluate, to embed the test metrics")
+    p.add_argument("--results-key", help="which model of results.json this is")
+    p.add_argument("--fp32", action="store_true", help="store fp32 instead of fp16")
+    p.add_argument("--command", default="", help="the training command to record")
+    return p
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(args) -> dict:
+    ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if (not args.fp32 and v.is_floating_point()) else v) for k, v in ckpt["model"].items()}
+    weights = out / "model.pt"
+    atomic_save(state, weights)
+    test_metrics = None
+    if args.results:
+        results = json.loads(Path(args.results).read_text())
+        test_metrics = results["models"][args.results_key]
+        test_metrics = {k: v for k, v in test_metrics.items() if k not in ("checkpoint", "preprocessing")}
+    meta = {
+        "schema": META_SCHEMA,
+        "name": args.name,
+        "version": args.version,
+        "arch": ckpt["arch"],
+        "num_classes": len(ckpt["class_names"]),
+        "class_names": ckpt["class_names"],
+        "class_full_names": [D.CLASS_FULL_NAMES[c] for c in ckpt["class_names"]],
+        "class_descriptions": [D.CLASS_DESCRIPTIONS[c] for c in ckpt["class_names"]],
+        "input_size": ckpt["preprocessing"]["crop_size"],
+        "preprocessing": {**ckpt["preprocessing"], "interpolation": "bilinear"},
+        "temperature": 1.0,
+        "weights_file": weights.name,
+        "weights_dtype": "float32" if args.fp32 else "float16",
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "split_hash": ckpt["split_hash"],
+        "metrics": {"val": {k: v for k, v in ckpt.get("val_metrics", {}).items() if k != "confusion_matrix"},
+                    "test": test_metrics},
+        "training": {"best_epoch": ckpt["epoch"] + 1, "distilled": ckpt.get("teacher", False),
+                     "args": ckpt["args"], "command": args.command, "git_sha": git_sha()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / "meta.json")
+    print(f"exported {weights} ({weights.stat().st_size / 2**20:.1f} MB) and {out / 'meta.json'}")
+    return meta
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
