@@ -78,7 +78,7 @@ if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
   exit 1
 fi
 
-extra="$here/handler/preprocessing.py,$here/handler/architectures.py,$here/handler/prediction.py,$stage/meta.json"
+extra="$here/handler/preprocessing.py,$here/handler/architectures.py,$here/handler/prediction.py,$here/handler/event_spool.py,$stage/meta.json"
 for optional in model_card.md; do
   [[ -f "$weights_dir/$optional" ]] && extra="$extra,$weights_dir/$optional"
 done

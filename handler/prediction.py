@@ -69,3 +69,23 @@ def format_prediction(probabilities, meta: dict, request_id: str | None = None) 
 
 def format_error(error: InputError, request_id: str | None = None) -> dict:
     return {"error": error.code, "reason": error.reason, "status": error.status, "request_id": request_id}
+
+
+def make_event(request_id, meta: dict, model_sha256: str, image: dict, latency_ms: float,
+               probabilities=None, error: InputError | None = None) -> dict:
+    """One audit record: who (model + hash) said what about which image (hash only, never pixels)."""
+    from datetime import datetime, timezone
+
+    event = {"request_id": request_id, "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+             "model_name": meta["name"], "model_version": meta["version"], "model_sha256": model_sha256,
+             "image_sha256": image.get("sha256"), "image_bytes": image.get("bytes"),
+             "image_format": image.get("format"), "image_width": image.get("width"),
+             "image_height": image.get("height"), "latency_ms": round(latency_ms, 2)}
+    if error is not None:
+        event.update(status=error.status, error_code=error.code, error_reason=error.reason)
+    else:
+        probs = {c: round(float(p), 6) for c, p in zip(meta["class_names"], probabilities)}
+        top = max(probs, key=probs.get)
+        event.update(status=200, probabilities=probs, top_class=top, top_probability=probs[top],
+                     uncertain=None)
+    return event

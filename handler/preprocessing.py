@@ -80,8 +80,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     raise InputError(415, "unsupported_mode", f"unsupported image mode {mode!r}")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> upright RGB PIL image, or InputError. The pixel count is checked before decoding."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, info: dict | None = None) -> Image.Image:
+    """Bytes -> upright RGB PIL image, or InputError. The pixel count is checked before decoding.
+    If `info` is given it receives the file's format, mode and size (for the audit log)."""
     if data is None or len(data) == 0:
         raise InputError(400, "empty_body", "the request body is empty; send an image file")
     try:
@@ -96,6 +97,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Exception:  # noqa: BLE001 - a malformed header can raise nearly anything inside Pillow
         raise InputError(415, "not_an_image", "the body is not a readable image") from None
     width, height = img.size
+    if info is not None:
+        info.update(format=img.format, mode=img.mode, width=width, height=height)
     if width <= 0 or height <= 0:
         raise InputError(422, "bad_dimensions", f"the image declares a size of {width}x{height}")
     if width * height > max_pixels:
@@ -135,6 +138,6 @@ def eval_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     return resize_center_crop(img, cfg.resize_size, cfg.crop_size)
 
 
-def preprocess_bytes(data: bytes, cfg: PreprocessConfig) -> torch.Tensor:
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig, info: dict | None = None) -> torch.Tensor:
     """The whole chain for one image file: bytes -> normalised float CHW tensor (raises InputError)."""
-    return normalize(eval_uint8(decode_image(data, cfg.max_pixels), cfg), cfg.mean, cfg.std)
+    return normalize(eval_uint8(decode_image(data, cfg.max_pixels, info), cfg), cfg.mean, cfg.std)

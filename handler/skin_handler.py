@@ -1,24 +1,29 @@
 """TorchServe handler: a thin BaseHandler subclass. Everything it knows about the model comes from meta.json.
 
 Each request in a batch is validated on its own: a bad one gets its own 4xx and JSON reason, the others in
-the same batch are answered normally.
+the same batch are answered normally. Every answer, good or bad, is appended to the audit spool
+(SKIN_SPOOL_DIR) for the logger sidecar; the handler never talks to a database.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # flat inside the .mar
     from architectures import build_model, load_state_dict_file
-    from prediction import extract_image_bytes, format_error, format_prediction
+    from event_spool import EventSpool
+    from prediction import extract_image_bytes, format_error, format_prediction, make_event
     from preprocessing import InputError, PreprocessConfig, preprocess_bytes
 except ImportError:  # imported from the repository (tests, benchmarks)
     from handler.architectures import build_model, load_state_dict_file
-    from handler.prediction import extract_image_bytes, format_error, format_prediction
+    from handler.event_spool import EventSpool
+    from handler.prediction import extract_image_bytes, format_error, format_prediction, make_event
     from handler.preprocessing import InputError, PreprocessConfig, preprocess_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,22 +39,32 @@ class SkinLesionHandler(BaseHandler):
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.device = torch.device("cpu")
         weights = os.path.join(model_dir, self.meta.get("weights_file", "model.pt"))
+        with open(weights, "rb") as f:
+            self.weights_sha256 = hashlib.sha256(f.read()).hexdigest()
         self.model = build_model(self.meta["arch"], self.meta["num_classes"])
         self.model.load_state_dict(load_state_dict_file(weights))
         self.model.eval()
+        self.spool = EventSpool.from_env()
         self.initialized = True
-        logger.info("loaded %s %s (%s, %d px, T=%.3f)", self.meta["name"], self.meta["version"],
-                    self.meta["arch"], self.cfg.crop_size, self.temperature)
+        logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta["name"], self.meta["version"],
+                    self.meta["arch"], self.cfg.crop_size, self.temperature, self.spool.directory or "off")
+
+    def handle(self, data, context):
+        self._started = time.perf_counter()
+        return super().handle(data, context)
 
     def preprocess(self, data):
-        """-> (stacked tensor of the valid images, per-request slot: row index in the tensor or an InputError)."""
+        """-> (stacked tensor of the valid images, per request: (row in the tensor or InputError, image facts))."""
         tensors, slots = [], []
         for row in data:
+            image = {}
             try:
-                tensors.append(preprocess_bytes(extract_image_bytes(row), self.cfg))
-                slots.append(len(tensors) - 1)
+                payload = extract_image_bytes(row)
+                image.update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+                tensors.append(preprocess_bytes(payload, self.cfg, image))
+                slots.append((len(tensors) - 1, image))
             except InputError as err:
-                slots.append(err)
+                slots.append((err, image))
         return (torch.stack(tensors) if tensors else None), slots
 
     def inference(self, batch, *args, **kwargs):
@@ -62,8 +77,9 @@ class SkinLesionHandler(BaseHandler):
 
     def postprocess(self, output):
         probabilities, slots = output
-        answers = []
-        for idx, slot in enumerate(slots):
+        latency_ms = (time.perf_counter() - getattr(self, "_started", time.perf_counter())) * 1000
+        answers, events = [], []
+        for idx, (slot, image) in enumerate(slots):
             request_id = self.context.get_request_id(idx) if self.context else None
             if self.context:
                 self.context.set_response_content_type(idx, "application/json")
@@ -71,6 +87,10 @@ class SkinLesionHandler(BaseHandler):
                 if self.context:
                     self.context.set_response_status(slot.status, slot.reason, idx)
                 answers.append(format_error(slot, request_id))
+                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, error=slot))
             else:
-                answers.append(format_prediction(probabilities[slot].tolist(), self.meta, request_id))
+                probs = probabilities[slot].tolist()
+                answers.append(format_prediction(probs, self.meta, request_id))
+                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, probs))
+        self.spool.append(events)
         return answers

@@ -19,7 +19,7 @@ from stack.torchserve import REPO, ServeError, TorchServe, mar_version
 
 STATE = Path(os.environ.get("SKIN_STATE_DIR", REPO / ".stack"))
 HANDLER_FILES = ["handler/skin_handler.py", "handler/preprocessing.py", "handler/architectures.py",
-                 "handler/prediction.py", "handler/model-config.yaml"]
+                 "handler/prediction.py", "handler/event_spool.py", "handler/model-config.yaml"]
 
 
 def env(name: str, default: str) -> str:
@@ -51,10 +51,14 @@ def cmd_up(args) -> int:
         print(f"the stack is already running (pid {pid_file.read_text().strip()}); ./skin down stops it")
         return 1
     name, mar = ensure_archive(Path(args.release), Path(args.model_store), args.rebuild)
+    spool = Path(os.environ.get("SKIN_SPOOL_DIR", STATE / "spool"))
+    side_env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "SKIN_DATA_DIR": os.environ.get("SKIN_DATA_DIR",
+                                                                                         str(STATE / "data"))}
     ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
                     inference_port=int(args.inference_port), management_port=int(args.management_port),
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
-                    enable_model_api=args.enable_model_api)
+                    enable_model_api=args.enable_model_api, env={"SKIN_SPOOL_DIR": str(spool)})
+    sidecars: list[subprocess.Popen] = []
     stopping = []
 
     def _stop(signum, _frame):
@@ -64,6 +68,8 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, _stop)
     pid_file.write_text(str(os.getpid()))
     try:
+        sidecars.append(subprocess.Popen([sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env,
+                                         start_new_session=True))
         ts.start()
         print(f"starting TorchServe (logs: {ts.workdir / 'logs'}) ...", flush=True)
         took = ts.wait_ready()
@@ -71,8 +77,14 @@ def cmd_up(args) -> int:
               f"  predictions: curl -T lesion.jpg {ts.inference_url}/predictions/{name}\n"
               f"  management : {ts.management_url} (loopback only)\n"
               f"  metrics    : {ts.metrics_url}/metrics\n"
+              f"  audit log  : {'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded SQLite in ' + side_env['SKIN_DATA_DIR']}"
+              f" (./skin logs show)\n"
               "Ctrl-C or ./skin down stops the stack.", flush=True)
         while ts.proc.poll() is None:
+            if sidecars[0].poll() is not None:
+                print("the logger sidecar exited; restarting it (nothing is lost: the spool waits)", file=sys.stderr)
+                sidecars[0] = subprocess.Popen([sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env,
+                                               start_new_session=True)
             time.sleep(1)
         print(f"TorchServe exited unexpectedly (code {ts.proc.returncode})\n{ts.log_tail()}", file=sys.stderr)
         return 1
@@ -84,6 +96,12 @@ def cmd_up(args) -> int:
         return 1
     finally:
         ts.stop()
+        for side in sidecars:  # after TorchServe, so the last predictions' events are drained
+            side.send_signal(signal.SIGTERM)
+            try:
+                side.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                side.kill()
         pid_file.unlink(missing_ok=True)
         print("stopped: TorchServe and its workers have exited", flush=True)
 
@@ -126,6 +144,12 @@ def cmd_test(args) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=REPO, env=env)
 
 
+def cmd_logs(args) -> int:
+    env = {**os.environ, "SKIN_SPOOL_DIR": os.environ.get("SKIN_SPOOL_DIR", str(STATE / "spool")),
+           "SKIN_DATA_DIR": os.environ.get("SKIN_DATA_DIR", str(STATE / "data"))}
+    return subprocess.call([sys.executable, "-m", "logger", *args.logger_args], cwd=REPO, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./skin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--release", default=str(REPO / "release"))
     arch.add_argument("--model-store", default=str(REPO / "model_store"))
     arch.set_defaults(func=cmd_archive)
+    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status")
+    logs.add_argument("logger_args", nargs=argparse.REMAINDER)
+    logs.set_defaults(func=cmd_logs)
     test = sub.add_parser("test", help="run the test suite (pytest); extra arguments go to pytest")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)

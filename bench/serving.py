@@ -1,0 +1,119 @@
+"""End-to-end TorchServe latency/throughput next to the same pipeline in-process, in one run, as ratios.
+
+    .venv/bin/python bench/serving.py [--release release] [--clients 8] [--requests 240]
+
+In-process single = one image at a time through preprocess_bytes + the model (all cores);
+in-process batched = the same in batches of 8. TorchServe = real HTTP against 2 workers x 1 thread, batch 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from handler.architectures import build_model, load_state_dict_file  # noqa: E402
+from handler.prediction import format_prediction  # noqa: E402
+from handler.preprocessing import PreprocessConfig, preprocess_bytes  # noqa: E402
+from stack.torchserve import TorchServe, free_port  # noqa: E402
+from training.data import default_data_dir  # noqa: E402
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def summarize(name, latencies_ms, wall_s, n):
+    return {"name": name, "n": n, "p50_ms": statistics.median(latencies_ms), "p95_ms": pct(latencies_ms, 95),
+            "p99_ms": pct(latencies_ms, 99), "throughput_rps": n / wall_s}
+
+
+def in_process(meta, weights, images, batch):
+    model = build_model(meta["arch"], meta["num_classes"])
+    model.load_state_dict(load_state_dict_file(weights))
+    model.eval()
+    cfg = PreprocessConfig.from_meta(meta)
+    lat, started = [], time.perf_counter()
+    for i in range(0, len(images), batch):
+        t0 = time.perf_counter()
+        x = torch.stack([preprocess_bytes(b, cfg) for b in images[i:i + batch]])
+        with torch.inference_mode():
+            probs = torch.softmax(model(x), 1)
+        _ = [json.dumps(format_prediction(p.tolist(), meta)) for p in probs]
+        lat += [(time.perf_counter() - t0) * 1000] * len(x)
+    return lat, time.perf_counter() - started
+
+
+def over_http(url, images, clients):
+    session = requests.Session()
+
+    def one(data):
+        t0 = time.perf_counter()
+        r = (session if clients == 1 else requests).post(url, data=data, timeout=60)
+        r.raise_for_status()
+        return (time.perf_counter() - t0) * 1000
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        lat = list(pool.map(one, images))
+    return lat, time.perf_counter() - started
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--release", default=str(REPO / "release"))
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=240)
+    args = p.parse_args()
+    release = Path(args.release)
+    meta = json.loads((release / "meta.json").read_text())
+    data_dir = default_data_dir()
+    paths = sorted((data_dir / "images").glob("*.jpg"))[: args.requests] if data_dir else []
+    if not paths:
+        print("HAM10000 images not found (set HAM10000_DIR)", file=sys.stderr)
+        return 1
+    images = [p.read_bytes() for p in paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(release), "--out", tmp], check=True,
+                       capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+        ts = TorchServe(Path(tmp), {meta["name"]: f"{meta['name']}.mar"}, Path(tmp) / "ts",
+                        free_port(), free_port(), free_port()).start()
+        try:
+            ts.wait_ready(min_workers=2)
+            url = f"{ts.inference_url}/predictions/{meta['name']}"
+            over_http(url, images[:16], 2)  # warm-up
+            torch.set_num_threads(os.cpu_count() or 1)
+            in_process(meta, release / meta["weights_file"], images[:16], 1)
+            rows = [summarize("in-process, 1 at a time", *in_process(meta, release / meta["weights_file"], images, 1), len(images)),
+                    summarize("in-process, batches of 8", *in_process(meta, release / meta["weights_file"], images, 8), len(images)),
+                    summarize("TorchServe, 1 client", *over_http(url, images, 1), len(images)),
+                    summarize(f"TorchServe, {args.clients} clients", *over_http(url, images, args.clients), len(images))]
+        finally:
+            ts.stop()
+    print(f"model {meta['name']} {meta['version']} ({meta['arch']}, {meta['input_size']} px), {len(images)} real "
+          f"HAM10000 JPEGs per row, {os.cpu_count()} cores, torch threads in-process {torch.get_num_threads()}")
+    print(f"| {'setup':28} | p50 ms | p95 ms | p99 ms | req/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']:28} | {r['p50_ms']:6.1f} | {r['p95_ms']:6.1f} | {r['p99_ms']:6.1f} | {r['throughput_rps']:5.1f} |")
+    p50_ratio = rows[2]["p50_ms"] / rows[0]["p50_ms"]
+    tput_ratio = rows[3]["throughput_rps"] / rows[1]["throughput_rps"]
+    print(f"p50 ratio TorchServe(1 client) / in-process(1 at a time): {p50_ratio:.2f} (target <= 1.15)")
+    print(f"throughput ratio TorchServe({args.clients} clients) / in-process(batched): {tput_ratio:.2f} (target >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

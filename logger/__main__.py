@@ -1,0 +1,121 @@
+"""python -m logger [run|status|show|stats]: the prediction audit sidecar and its read-outs.
+
+Configuration comes from the environment: DATABASE_URL (postgresql://...; without it, the embedded SQLite
+file $SKIN_DATA_DIR/predictions.sqlite3) and SKIN_SPOOL_DIR (the folder TorchServe's handler writes to).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def database_url() -> tuple[str, bool]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url, False
+    data = Path(os.environ.get("SKIN_DATA_DIR", REPO / ".stack" / "data"))
+    return f"sqlite:///{data / 'predictions.sqlite3'}", True
+
+
+def spool_dir() -> Path:
+    return Path(os.environ.get("SKIN_SPOOL_DIR", REPO / ".stack" / "spool"))
+
+
+def cmd_run(args) -> int:
+    from logger.sidecar import run
+
+    url, embedded = database_url()
+    if embedded:
+        logging.getLogger("logger").info("DATABASE_URL is not set: recording predictions in the embedded SQLite "
+                                         "file %s", url.removeprefix("sqlite:///"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = run(url, spool_dir(), interval=args.interval, once=args.once, stop=stop)
+    logging.getLogger("logger").info("logger stopped: inserted %d, corrupt lines skipped %d", stats.inserted,
+                                     stats.corrupt)
+    return 0
+
+
+def _db():
+    from logger.db import Database
+
+    db = Database(database_url()[0])
+    db.apply_schema()
+    return db
+
+
+def cmd_status(_args) -> int:
+    from logger.sidecar import pending
+
+    db = _db()
+    info = pending(spool_dir(), db.offsets())
+    last = db.query("SELECT MAX(inserted_at) FROM predictions")[0][0]
+    print(json.dumps({"database": db.describe(), "rows": db.count(), "last_insert": last,
+                      "spool": str(spool_dir()), "pending_events": info["events"], "pending_files": info["files"]},
+                     indent=2))
+    return 0
+
+
+def cmd_show(args) -> int:
+    db = _db()
+    rows = db.query("SELECT ts, model_name, model_version, status, top_class, top_probability, error_code, "
+                    "latency_ms, image_sha256 FROM predictions ORDER BY ts DESC LIMIT ?", (args.last,))
+    print(f"{'time (UTC)':24} {'model':22} {'status':6} {'top':6} {'p':>6} {'ms':>7}  image sha256")
+    for ts, name, version, status, top, p, err, ms, sha in rows:
+        shown = f"{p:6.3f}" if p is not None else "     -"
+        print(f"{ts[:23]:24} {name + ' ' + version:22} {status:<6} {(top or err or '-')[:6]:6} {shown} "
+              f"{ms or 0:7.1f}  {(sha or '-')[:16]}")
+    return 0
+
+
+def cmd_stats(_args) -> int:
+    db = _db()
+    print("per model version:")
+    for name, version, n, errors in db.query(
+            "SELECT model_name, model_version, COUNT(*), SUM(CASE WHEN status <> 200 THEN 1 ELSE 0 END) "
+            "FROM predictions GROUP BY model_name, model_version ORDER BY model_name, model_version"):
+        print(f"  {name} {version}: {n} requests, {errors} rejected")
+    print("per top class:")
+    for top, n in db.query("SELECT top_class, COUNT(*) FROM predictions WHERE status = 200 GROUP BY top_class "
+                           "ORDER BY COUNT(*) DESC"):
+        print(f"  {top:6} {n}")
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s logger %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m logger", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="tail the spool into the database (the default command)")
+    run.add_argument("--interval", type=float, default=0.5, help="seconds between spool scans")
+    run.add_argument("--once", action="store_true", help="drain what is there and exit")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("status", help="rows, last insert, events still waiting in the spool").set_defaults(func=cmd_status)
+    show = sub.add_parser("show", help="the latest predictions")
+    show.add_argument("--last", type=int, default=20)
+    show.set_defaults(func=cmd_show)
+    sub.add_parser("stats", help="counts per model version and per top class").set_defaults(func=cmd_stats)
+    args = p.parse_args(argv)
+    if not args.command:
+        args = p.parse_args(["run", *(argv or sys.argv[1:])])
+    try:
+        return args.func(args)
+    except Exception as exc:  # noqa: BLE001 - a read-out command should say what is wrong, not dump a trace
+        if args.command == "run":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""PostgreSQL (DATABASE_URL) or the embedded SQLite default behind the same few calls."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
+COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
+           "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
+           "probabilities", "uncertain", "error_code", "error_reason", "latency_ms", "inserted_at")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Database:
+    """A connection plus the placeholder style; every write goes through write_batch's one transaction."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith(("postgres://", "postgresql://")):
+            import psycopg2
+
+            self.kind, self.param = "postgresql", "%s"
+            self.conn = psycopg2.connect(url, connect_timeout=5)
+        else:
+            path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.kind, self.param, self.path = "sqlite", "?", path
+            self.conn = sqlite3.connect(path, timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+
+    def describe(self) -> str:
+        if self.kind == "sqlite":
+            return f"SQLite {self.path}"
+        p = self.conn.get_dsn_parameters()
+        return f"PostgreSQL {p.get('host')}:{p.get('port')}/{p.get('dbname')}"
+
+    def apply_schema(self) -> None:
+        cur = self.conn.cursor()
+        code = "\n".join(line.split("--", 1)[0] for line in SCHEMA.splitlines())  # comments may hold ';'
+        for statement in filter(str.strip, code.split(";")):
+            cur.execute(statement)
+        self.conn.commit()
+
+    def offsets(self) -> dict[str, int]:
+        cur = self.conn.cursor()
+        cur.execute("SELECT file, byte_offset FROM spool_offsets")
+        rows = dict(cur.fetchall())
+        self.conn.commit()
+        return rows
+
+    def write_batch(self, events: list[dict], file: str, offset: int) -> int:
+        """Insert events (duplicates ignored) and move the file's offset, atomically. Returns events written."""
+        p = self.param
+        inserted_at = now()
+        rows = [tuple(_value(e, c, inserted_at) for c in COLUMNS) for e in events]
+        sql = (f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join([p] * len(COLUMNS))}) "
+               "ON CONFLICT (request_id) DO NOTHING")
+        cur = self.conn.cursor()
+        try:
+            if rows:
+                cur.executemany(sql, rows)
+            cur.execute(f"INSERT INTO spool_offsets (file, byte_offset, updated_at) VALUES ({p}, {p}, {p}) "
+                        "ON CONFLICT (file) DO UPDATE SET byte_offset = excluded.byte_offset, "
+                        "updated_at = excluded.updated_at", (file, offset, inserted_at))
+            self.conn.commit()
+            return len(rows)
+        except Exception:
+            self.conn.rollback()
+            raise
+
+    def forget(self, file: str) -> None:
+        cur = self.conn.cursor()
+        cur.execute(f"DELETE FROM spool_offsets WHERE file = {self.param}", (file,))
+        self.conn.commit()
+
+    def count(self) -> int:
+        cur = self.conn.cursor()
+        cur.execute("SELECT COUNT(*) FROM predictions")
+        return cur.fetchone()[0]
+
+    def query(self, sql: str, args=()) -> list[tuple]:
+        cur = self.conn.cursor()
+        cur.execute(sql.replace("?", self.param), args)
+        rows = cur.fetchall()
+        self.conn.commit()
+        return rows
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection
+            pass
+
+
+def _value(event: dict, column: str, inserted_at: str):
+    if column == "inserted_at":
+        return inserted_at
+    value = event.get(column)
+    if column == "probabilities" and value is not None:
+        return json.dumps(value, sort_keys=True)
+    return value

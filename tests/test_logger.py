@@ -1,0 +1,239 @@
+"""The audit trail: spool -> sidecar -> real PostgreSQL (and the SQLite default), nothing lost or doubled."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg2
+import pytest
+import requests
+
+from handler.event_spool import EventSpool, segment_name
+from logger.db import Database
+from logger.sidecar import Stats, drain_once
+from stack.torchserve import TorchServe, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_URL = os.environ.get("SKIN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def pg_url():
+    """A dedicated database on the real PostgreSQL, dropped afterwards."""
+    name = f"skin_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(ADMIN_URL)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        ensure_postgres_running()
+        admin = psycopg2.connect(ADMIN_URL)
+        admin.autocommit = True
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def pg_cluster(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
+                   capture_output=True, timeout=120)
+
+
+def ensure_postgres_running() -> None:
+    for _ in range(2):
+        try:
+            psycopg2.connect(ADMIN_URL, connect_timeout=3).close()
+            return
+        except psycopg2.OperationalError:
+            pg_cluster("start")
+
+
+def event(i: int, **kw) -> dict:
+    return {"request_id": f"r{i}", "ts": "2026-01-01T00:00:00.000+00:00", "model_name": "m", "model_version": "1",
+            "status": 200, "top_class": "nv", "top_probability": 0.9, "probabilities": {"nv": 0.9, "mel": 0.1}, **kw}
+
+
+def test_drain_inserts_each_event_once_and_moves_the_offset(pg_url, tmp_path):
+    spool = EventSpool(str(tmp_path))
+    assert spool.append([event(i) for i in range(5)])
+    db = Database(pg_url)
+    db.apply_schema()
+    db.apply_schema()  # idempotent
+    stats = Stats()
+    drain_once(db, tmp_path, stats)
+    assert db.count() == 5
+    spool.append([event(i) for i in range(3, 8)])  # r3, r4 replayed: ignored
+    drain_once(db, tmp_path, stats)
+    assert db.count() == 8
+    (file,) = tmp_path.glob("events-*.jsonl")
+    assert db.offsets()[file.name] == file.stat().st_size
+    db.write_batch([event(0)], file.name, file.stat().st_size)  # a full replay adds nothing either
+    assert db.count() == 8
+    assert json.loads(db.query("SELECT probabilities FROM predictions WHERE request_id = 'r1'")[0][0])["nv"] == 0.9
+
+
+def test_corrupt_line_is_reported_and_skipped(pg_url, tmp_path, caplog):
+    name = segment_name("w-1")
+    lines = [json.dumps(event(1)), "{not json", json.dumps({"no": "fields"}), json.dumps(event(2))]
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    db = Database(pg_url)
+    db.apply_schema()
+    stats = Stats()
+    drain_once(db, tmp_path, stats)
+    assert db.count() == 2 and stats.corrupt == 2
+    assert "corrupt spool line" in caplog.text
+
+
+def test_partial_line_waits_for_its_writer_then_closed_files_are_removed(pg_url, tmp_path):
+    live = tmp_path / segment_name("w-2")
+    live.write_text(json.dumps(event(1)) + "\n" + json.dumps(event(2))[:20])
+    db = Database(pg_url)
+    db.apply_schema()
+    drain_once(db, tmp_path, Stats())
+    assert db.count() == 1 and live.exists()
+    old = tmp_path / segment_name("w-3", time.time() - 180)  # a finished minute
+    old.write_text(json.dumps(event(3)) + "\n")
+    drain_once(db, tmp_path, Stats())
+    assert db.count() == 2 and not old.exists() and old.name not in db.offsets()
+
+
+def test_spool_write_failure_never_raises(tmp_path):
+    target = tmp_path / "file-not-dir"
+    target.write_text("x")
+    spool = EventSpool.__new__(EventSpool)
+    spool.directory, spool.fsync, spool.writer_id, spool.failures = str(target), True, "w", 0
+    assert spool.append([event(1)]) is False and spool.failures == 1
+
+
+def test_sqlite_default_through_the_command(tmp_path):
+    spool_dir, data = tmp_path / "spool", tmp_path / "data"
+    EventSpool(str(spool_dir)).append([event(i) for i in range(4)])
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(SKIN_SPOOL_DIR=str(spool_dir), SKIN_DATA_DIR=str(data))
+    r = subprocess.run([sys.executable, "-m", "logger", "run", "--once"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "embedded SQLite" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "logger", "stats"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert "m 1: 4 requests, 0 rejected" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "logger", "show", "--last", "2"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.stdout.count("m 1") == 2
+
+
+# --- end to end: real TorchServe + sidecar process + real PostgreSQL -------------------------------------
+
+@pytest.fixture
+def served(tiny_mar, tmp_path, pg_url):
+    spool = tmp_path / "spool"
+    ts = TorchServe(tiny_mar.parent, {"skin-lesion": tiny_mar.name}, tmp_path / "ts", free_port(), free_port(),
+                    free_port(), env={"SKIN_SPOOL_DIR": str(spool)})
+    ts.start()
+    try:
+        ts.wait_ready(min_workers=2)
+        yield ts, spool, pg_url
+    finally:
+        ts.stop()
+
+
+def start_sidecar(spool, url) -> subprocess.Popen:
+    env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "DATABASE_URL": url}
+    return subprocess.Popen([sys.executable, "-m", "logger", "run", "--interval", "0.2"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def send(ts, payloads, clients=4):
+    url = f"{ts.inference_url}/predictions/skin-lesion"
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda d: requests.post(url, data=d, timeout=60), payloads))
+
+
+def wait_rows(url, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        try:
+            with psycopg2.connect(url, connect_timeout=2) as conn, conn.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM predictions")
+                count = cur.fetchone()[0]
+            if count >= n:
+                time.sleep(1.0)  # and no more than n shows up
+                with psycopg2.connect(url) as conn, conn.cursor() as cur:
+                    cur.execute("SELECT COUNT(*) FROM predictions")
+                    return cur.fetchone()[0]
+        except psycopg2.Error:
+            pass
+        time.sleep(0.3)
+    return count
+
+
+def test_every_prediction_becomes_exactly_one_row(served, sample_images):
+    ts, spool, url = served
+    sidecar = start_sidecar(spool, url)
+    try:
+        payloads = [p.read_bytes() for p in sample_images] * 3 + [b"not an image"] * 2
+        answers = send(ts, payloads)
+        assert wait_rows(url, len(payloads)) == len(payloads)
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            for payload, r in zip(payloads, answers):
+                rid = r.json()["request_id"]
+                cur.execute("SELECT status, top_class, image_sha256, model_version, probabilities, error_code "
+                            "FROM predictions WHERE request_id = %s", (rid,))
+                status, top, sha, version, probs, error = cur.fetchone()
+                assert status == r.status_code and sha == hashlib.sha256(payload).hexdigest()
+                if r.status_code == 200:
+                    assert top == r.json()["top"]["code"] and version == r.json()["model"]["version"]
+                    assert abs(sum(json.loads(probs).values()) - 1) < 1e-3
+                else:
+                    assert error == "not_an_image" and top is None
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=20)
+
+
+def test_killing_the_sidecar_mid_stream_loses_and_doubles_nothing(served, sample_images):
+    ts, spool, url = served
+    sidecar = start_sidecar(spool, url)
+    payloads = [p.read_bytes() for p in sample_images] * 6
+    with ThreadPoolExecutor(1) as bg:
+        burst = bg.submit(send, ts, payloads, 2)
+        time.sleep(1.0)
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait()
+        assert all(r.status_code == 200 for r in burst.result())
+    sidecar = start_sidecar(spool, url)
+    try:
+        assert wait_rows(url, len(payloads)) == len(payloads)
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=20)
+
+
+def test_postgres_restart_during_a_burst_loses_and_doubles_nothing(served, sample_images):
+    ts, spool, url = served
+    sidecar = start_sidecar(spool, url)
+    payloads = [p.read_bytes() for p in sample_images] * 4
+    try:
+        first = send(ts, payloads[:10])
+        pg_cluster("stop")
+        try:
+            second = send(ts, payloads[10:])  # predictions keep working while the database is down
+        finally:
+            pg_cluster("start")
+        assert all(r.status_code == 200 for r in first + second)
+        assert wait_rows(url, len(payloads), timeout=90) == len(payloads)
+        assert sidecar.poll() is None, "the sidecar died with the database"
+    finally:
+        ensure_postgres_running()
+        sidecar.terminate()
+        _, err = sidecar.communicate(timeout=20)
+    assert "database unavailable" in err, "the outage was never noticed: the test did not test it"
