@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from stack.site_server import SiteServer
 from stack.torchserve import REPO, ServeError, TorchServe, mar_version
 
 STATE = Path(os.environ.get("SKIN_STATE_DIR", REPO / ".stack"))
@@ -44,6 +45,14 @@ def ensure_archive(release: Path, store: Path, force: bool = False) -> tuple[str
     return meta["name"], mar
 
 
+def build_site(release: Path) -> Path:
+    """Render the page from the release's meta.json into the state folder (the API is same-origin)."""
+    out = STATE / "site"
+    subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(release / "meta.json"),
+                    "--api-base", "", "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
 def cmd_up(args) -> int:
     STATE.mkdir(exist_ok=True)
     pid_file = STATE / "stack.pid"
@@ -59,6 +68,7 @@ def cmd_up(args) -> int:
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
                     enable_model_api=args.enable_model_api, env={"SKIN_SPOOL_DIR": str(spool)})
     sidecars: list[subprocess.Popen] = []
+    servers: list = []
     stopping = []
 
     def _stop(signum, _frame):
@@ -73,7 +83,10 @@ def cmd_up(args) -> int:
         ts.start()
         print(f"starting TorchServe (logs: {ts.workdir / 'logs'}) ...", flush=True)
         took = ts.wait_ready()
+        site = SiteServer(build_site(Path(args.release)), ts.inference_url, args.site_host, int(args.site_port)).start()
+        servers.append(site)
         print(f"ready in {took:.1f} s: {len(ts.workers(name))} worker(s) READY for {name}\n"
+              f"  page       : open {site.url}/\n"
               f"  predictions: curl -T lesion.jpg {ts.inference_url}/predictions/{name}\n"
               f"  management : {ts.management_url} (loopback only)\n"
               f"  metrics    : {ts.metrics_url}/metrics\n"
@@ -91,10 +104,12 @@ def cmd_up(args) -> int:
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
-    except ServeError as exc:
+    except (ServeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        for server in servers:
+            server.stop()
         ts.stop()
         for side in sidecars:  # after TorchServe, so the last predictions' events are drained
             side.send_signal(signal.SIGTERM)
@@ -160,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--inference-port", default=env("INFERENCE_PORT", "8080"))
     up.add_argument("--management-port", default=env("MANAGEMENT_PORT", "8081"))
     up.add_argument("--metrics-port", default=env("METRICS_PORT", "8082"))
+    up.add_argument("--site-host", default=env("SITE_HOST", "127.0.0.1"), help="address of the page (and its proxy)")
+    up.add_argument("--site-port", default=env("SITE_PORT", "8000"))
     up.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (loopback only)")
     up.add_argument("--rebuild", action="store_true", help="rebuild the .mar even if it is up to date")
     up.set_defaults(func=cmd_up)

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _start(tiny_release, tmp_path, port):
     env = {**os.environ, "SKIN_RELEASE_DIR": str(tiny_release), "SKIN_MODEL_STORE": str(tmp_path / "store"),
            "SKIN_INFERENCE_PORT": str(port), "SKIN_MANAGEMENT_PORT": str(free_port()),
-           "SKIN_METRICS_PORT": str(free_port()), "SKIN_STATE_DIR": str(tmp_path / "state")}
+           "SKIN_METRICS_PORT": str(free_port()), "SKIN_STATE_DIR": str(tmp_path / "state"),
+           "SKIN_SITE_PORT": str(free_port())}
     proc = subprocess.Popen([str(REPO / "skin"), "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []

@@ -1,0 +1,59 @@
+"""Render the upload page: site/templates/*.j2 -> site/dist/ (plain static files, no CDN, no server code).
+
+    .venv/bin/python site/build.py [--meta release/meta.json] [--api-base ""] [--out site/dist]
+
+Class codes, names and descriptions, and the model's name and version, come from meta.json; the API base
+comes from the flag or SKIN_API_BASE ("" = same origin, through the site proxy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Classes whose high rank deserves stronger wording on the page (malignant or pre-malignant).
+CONCERNING = ("mel", "bcc", "akiec")
+
+
+def render(meta: dict, api_base: str, out: Path) -> Path:
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html", "j2"]))
+    classes = [{"code": c, "name": n, "description": d, "concerning": c in CONCERNING}
+               for c, n, d in zip(meta["class_names"], meta["class_full_names"], meta["class_descriptions"])]
+    config = {"apiBase": api_base.rstrip("/"), "model": meta["name"], "version": meta["version"],
+              "classes": classes, "concerning": [c for c in CONCERNING if c in meta["class_names"]]}
+    metrics = (meta.get("metrics") or {}).get("test") or {}
+    html = env.get_template("index.html.j2").render(meta=meta, classes=classes, config_json=json.dumps(config).replace("</", "<\\/"),
+                                                    metrics=metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.html").write_text(html)
+    for f in (HERE / "static").iterdir():
+        shutil.copy(f, out / f.name)
+    return out / "index.html"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--meta", default=os.environ.get("SKIN_RELEASE_DIR", str(REPO / "release")) + "/meta.json")
+    p.add_argument("--api-base", default=os.environ.get("SKIN_API_BASE", ""),
+                   help="where the browser sends predictions ('' = same origin via the site proxy)")
+    p.add_argument("--out", default=str(HERE / "dist"))
+    args = p.parse_args(argv)
+    meta_path = Path(args.meta)
+    if not meta_path.exists():
+        print(f"error: {meta_path} does not exist (export a model or pass --meta)", file=sys.stderr)
+        return 1
+    index = render(json.loads(meta_path.read_text()), args.api_base, Path(args.out))
+    print(f"rendered {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

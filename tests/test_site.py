@@ -1,0 +1,142 @@
+"""The upload page: rendered from meta.json, self-contained, and driven in a real headless Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from stack.site_server import SiteServer
+from stack.torchserve import TorchServe, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(meta_path: Path, out: Path, api_base: str = "") -> Path:
+    r = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(meta_path), "--out", str(out),
+                        "--api-base", api_base], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_rendered_page_is_complete_and_self_contained(tiny_release, tmp_path):
+    out = build(tiny_release / "meta.json", tmp_path / "dist")
+    meta = json.loads((tiny_release / "meta.json").read_text())
+    for name in ("index.html", "app.js", "style.css"):
+        text = (out / name).read_text()
+        assert not re.search(r"{{|}}|{%|%}", text), f"unresolved template syntax in {name}"
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text.replace("http://www.w3.org", "")), \
+            f"external URL in {name}"
+    html = (out / "index.html").read_text()
+    for full_name in meta["class_full_names"]:
+        assert full_name.replace("'", "&#39;") in html
+    assert meta["version"] in html and "Not a diagnosis" in html
+    config = json.loads(re.search(r'<script id="config" type="application/json">(.*?)</script>', html, re.S).group(1))
+    assert [c["code"] for c in config["classes"]] == meta["class_names"]
+
+
+def test_missing_meta_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(tmp_path / "none.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_mar, tiny_release, tmp_path_factory):
+    work = tmp_path_factory.mktemp("site")
+    ts = TorchServe(tiny_mar.parent, {"skin-lesion": tiny_mar.name}, work / "ts", free_port(), free_port(),
+                    free_port()).start()
+    site = None
+    try:
+        ts.wait_ready()
+        site = SiteServer(build(tiny_release / "meta.json", work / "dist"), ts.inference_url, port=free_port()).start()
+        yield ts, site
+    finally:
+        if site:
+            site.stop()
+        ts.stop()
+
+
+def test_proxy_forwards_only_the_inference_paths(stack, sample_images):
+    ts, site = stack
+    r = requests.post(f"{site.url}/predictions/skin-lesion", data=sample_images[0].read_bytes(), timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 7
+    assert "Content-Security-Policy" in r.headers and "Python" not in r.headers.get("Server", "")
+    assert requests.get(f"{site.url}/models", timeout=5).status_code == 404  # no management through the page
+    assert requests.post(f"{site.url}/models?url=x.mar", timeout=5).status_code == 404
+    assert requests.get(f"{site.url}/../config.properties", timeout=5).status_code == 404
+    big = requests.post(f"{site.url}/predictions/skin-lesion", data=b"\0" * (11 * 2**20), timeout=30)
+    assert big.status_code == 413 and big.json()["error"] == "too_large"
+
+
+def test_proxy_reports_a_stopped_api_clearly(tiny_release, tmp_path):
+    site = SiteServer(build(tiny_release / "meta.json", tmp_path / "dist"), f"http://127.0.0.1:{free_port()}",
+                      port=free_port()).start()
+    try:
+        r = requests.post(f"{site.url}/predictions/skin-lesion", data=b"x", timeout=30)
+        assert r.status_code == 502 and r.json()["error"] == "api_unavailable"
+    finally:
+        site.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromedriver are needed (./skin test installs Debian's chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1000,1400",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    yield drv
+    drv.quit()
+
+
+def _wait(drv, predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting in the browser")
+
+
+def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_images, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    ts, site = stack
+    image = sample_images[4]
+    api = requests.post(f"{ts.inference_url}/predictions/skin-lesion", data=image.read_bytes(), timeout=30).json()
+    browser.get(site.url + "/")
+    assert "Not a diagnosis" in browser.find_element(By.ID, "notice").text
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    bars = _wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#bars li"))
+    codes = [b.get_attribute("data-code") for b in bars]
+    assert codes == [p["code"] for p in api["predictions"]]
+    assert len(codes) == 7 and len(browser.find_elements(By.CSS_SELECTOR, "#bars li.top")) == 3
+    assert api["top"]["name"] in browser.find_element(By.ID, "status").text
+    assert api["model"]["version"] in browser.find_element(By.ID, "answered-by").text
+    out = REPO / "tests" / "output"
+    out.mkdir(exist_ok=True)
+    browser.save_screenshot(str(out / "site_prediction.png"))
+
+    fake = tmp_path / "not-really.jpg"
+    fake.write_text("this is a text file with a .jpg name")
+    browser.find_element(By.ID, "file").send_keys(str(fake))
+    status = _wait(browser, lambda: "rejected" in (t := browser.find_element(By.ID, "status").text) and t)
+    assert "not an image" in status
+    assert not browser.find_elements(By.CSS_SELECTOR, "#bars li")
+    browser.save_screenshot(str(out / "site_rejected.png"))
