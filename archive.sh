@@ -10,6 +10,7 @@ out_dir="$here/model_store"
 version=""
 name=""
 file_name=""
+publish=0
 
 usage() {
   cat <<USAGE
@@ -23,6 +24,8 @@ the meta.json inside the archive is rewritten to match, so the handler reports w
   --version V         archive version (default: meta.json's "version")
   --name N            model name (default: meta.json's "name")
   --file-name F.mar   archive file name (default: <name>.mar)
+  --publish           also upload it as an immutable version to S3 (python -m ops publish; needs
+                      SKIN_S3_BUCKET, and SKIN_S3_ENDPOINT for MinIO / other S3-compatible servers)
 USAGE
 }
 
@@ -33,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --version) version="$2"; shift 2 ;;
     --name) name="$2"; shift 2 ;;
     --file-name) file_name="$2"; shift 2 ;;
+    --publish) publish=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "archive.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -92,3 +96,6 @@ file_name="${file_name:-$name.mar}"
   --export-path "$stage" --force
 mv "$stage/$name.mar" "$out_dir/$file_name"
 echo "archive.sh: built $out_dir/$file_name ($name $version, $(du -h "$out_dir/$file_name" | cut -f1))"
+if [[ $publish -eq 1 ]]; then
+  (cd "$here" && "$python" -m ops publish --mar "$out_dir/$file_name" --meta "$stage/meta.json")
+fi

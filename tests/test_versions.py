@@ -1,0 +1,173 @@
+"""Model versions: publish to a real S3-compatible server (moto on loopback), swap on a real TorchServe."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+from ops.store import ArchiveStore, StoreError
+from ops.swap import SwapError, TorchServeAdmin, previous_version, swap
+from stack.torchserve import TorchServe, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "skin-lesion"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+    yield ArchiveStore("models", "models", endpoint, "us-east-1"), {**env, "SKIN_S3_BUCKET": "models",
+                                                                      "SKIN_S3_ENDPOINT": endpoint}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def build_version(tiny_release, out: Path, version: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(tiny_release), "--out", str(out),
+                        "--version", version, "--file-name", f"{NAME}-{version}.mar"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    mar = out / f"{NAME}-{version}.mar"
+    meta = out / f"meta-{version}.json"
+    with zipfile.ZipFile(mar) as z:
+        meta.write_bytes(z.read("meta.json"))
+    return mar, meta
+
+
+@pytest.fixture(scope="module")
+def published(s3, tiny_release, tmp_path_factory):
+    store, env = s3
+    build = tmp_path_factory.mktemp("build")
+    for v in ("1.0", "2.0"):
+        mar, meta = build_version(tiny_release, build, v)
+        r = subprocess.run([sys.executable, "-m", "ops", "publish", "--mar", str(mar), "--meta", str(meta)],
+                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    return store, build
+
+
+def test_published_versions_are_listed_and_immutable(published, s3):
+    store, build = published
+    assert store.versions(NAME) == ["1.0", "2.0"]
+    with pytest.raises(StoreError, match="already published"):
+        store.publish(build / f"{NAME}-1.0.mar", build / "meta-1.0.json")
+    r = subprocess.run([sys.executable, "-m", "ops", "publish", "--mar", str(build / f"{NAME}-2.0.mar"), "--meta",
+                        str(build / "meta-2.0.json")], cwd=REPO, env={**os.environ, **s3[1]}, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "already published" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def serving_v1(published, tmp_path):
+    store, build = published
+    model_store = tmp_path / "model_store"
+    model_store.mkdir()
+    store.fetch(NAME, "1.0", model_store / f"{NAME}-1.0.mar")
+    ts = TorchServe(model_store, {NAME: f"{NAME}-1.0.mar"}, tmp_path / "ts", free_port(), free_port(), free_port(),
+                    enable_model_api=True).start()
+    try:
+        ts.wait_ready(min_workers=2)
+        yield ts, store, model_store, TorchServeAdmin(ts.management_url, ts.inference_url)
+    finally:
+        ts.stop()
+
+
+def test_swap_under_load_then_rollback(serving_v1, sample_images):
+    ts, store, model_store, admin = serving_v1
+    images = [p.read_bytes() for p in sample_images]
+    stop, seen, failures = threading.Event(), [], []
+
+    def client(i):
+        while not stop.is_set():
+            r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[i % len(images)], timeout=60)
+            if r.status_code == 200:
+                seen.append(r.json()["model"]["version"])
+            else:
+                failures.append((r.status_code, r.text[:200]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        swap(admin, store, model_store, NAME, "2.0", images[:2], workers=1, drain_seconds=1.0, log=lambda *_: None)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures, failures[:3]
+    assert seen[0] == "1.0" and seen[-1] == "2.0"
+    switch = seen.index("2.0")
+    assert set(seen[switch + 8:]) == {"2.0"}, "v1 still answered long after the swap"
+    assert admin.default_version(NAME) == "2.0"
+    assert [v["modelVersion"] for v in admin.versions(NAME)] == ["2.0"]
+
+    assert previous_version(model_store, NAME) == "1.0"
+    swap(admin, store, model_store, NAME, "1.0", images[:1], workers=1, drain_seconds=0.5, log=lambda *_: None)
+    r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[0], timeout=30)
+    assert r.status_code == 200 and r.json()["model"]["version"] == "1.0"
+
+
+def test_corrupted_archive_is_refused_and_v1_keeps_serving(serving_v1, published, sample_images):
+    ts, store, model_store, admin = serving_v1
+    _, build = published
+    bad = bytearray((build / f"{NAME}-2.0.mar").read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    store.client.put_object(Bucket=store.bucket, Key=store.key(NAME, "2.0", f"{NAME}.mar"), Body=bytes(bad))
+    try:
+        with pytest.raises(SwapError, match="checksum mismatch.*1.0 keeps serving"):
+            swap(admin, store, model_store, NAME, "2.0", [sample_images[0].read_bytes()], log=lambda *_: None)
+        assert not (model_store / f"{NAME}-2.0.mar").exists()
+        assert [v["modelVersion"] for v in admin.versions(NAME)] == ["1.0"]
+        r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=sample_images[0].read_bytes(), timeout=30)
+        assert r.status_code == 200 and r.json()["model"]["version"] == "1.0"
+    finally:
+        store.client.upload_file(str(build / f"{NAME}-2.0.mar"), store.bucket, store.key(NAME, "2.0", f"{NAME}.mar"))
+
+
+def test_failed_canary_undoes_the_swap(serving_v1, sample_images):
+    ts, store, model_store, admin = serving_v1
+    with pytest.raises(SwapError, match="canary.*undone.*1.0 keeps serving"):
+        swap(admin, store, model_store, NAME, "2.0", [b"not an image"], workers=1, log=lambda *_: None)
+    assert [v["modelVersion"] for v in admin.versions(NAME)] == ["1.0"]
+    assert admin.default_version(NAME) == "1.0"
+
+
+def test_swap_needs_the_model_api(published, tiny_mar, tmp_path, sample_images):
+    store, _ = published
+    ts = TorchServe(tiny_mar.parent, {NAME: tiny_mar.name}, tmp_path / "ts", free_port(), free_port(),
+                    free_port()).start()
+    try:
+        ts.wait_ready()
+        admin = TorchServeAdmin(ts.management_url, ts.inference_url)
+        with pytest.raises(SwapError):
+            swap(admin, store, tmp_path, NAME, "2.0", [sample_images[0].read_bytes()], workers=1, log=lambda *_: None)
+        r = requests.post(f"{ts.management_url}/models?url=https://example.invalid/evil.mar", timeout=30)
+        assert r.status_code >= 400
+    finally:
+        ts.stop()
