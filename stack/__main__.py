@@ -165,6 +165,40 @@ def cmd_logs(args) -> int:
     return subprocess.call([sys.executable, "-m", "logger", *args.logger_args], cwd=REPO, env=env)
 
 
+def _interrupt(*_args):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args) -> int:
+    """TorchServe alone in the foreground (the container's command): no page, no sidecar."""
+    name, mar = ensure_archive(Path(args.release), Path(args.model_store))
+    ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
+                    inference_port=int(args.inference_port), management_port=int(args.management_port),
+                    metrics_port=int(args.metrics_port), inference_host=args.inference_host,
+                    enable_model_api=args.enable_model_api)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ts.start()
+        ts.wait_ready()
+        print(f"{name} READY on {ts.overrides['inference_address']}", flush=True)
+        return ts.proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ts.stop()
+
+
+def cmd_ready(args) -> int:
+    """Exit 0 when the model has a READY worker (a health check that /ping cannot give)."""
+    ts = TorchServe(Path("."), {}, STATE, management_port=int(args.management_port))
+    try:
+        ready = any(w.get("status") == "READY" for w in ts.workers(args.name))
+    except OSError:
+        ready = False
+    print("READY" if ready else "NOT READY")
+    return 0 if ready else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./skin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,9 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics-port", default=env("METRICS_PORT", "8082"))
     up.add_argument("--site-host", default=env("SITE_HOST", "127.0.0.1"), help="address of the page (and its proxy)")
     up.add_argument("--site-port", default=env("SITE_PORT", "8000"))
-    up.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (loopback only)")
+    up.add_argument("--enable-model-api", action="store_true", default=env("ENABLE_MODEL_API", "false") == "true",
+                    help="allow register/unregister, for python -m ops swap (loopback only)")
     up.add_argument("--rebuild", action="store_true", help="rebuild the .mar even if it is up to date")
     up.set_defaults(func=cmd_up)
+    serve = sub.add_parser("serve", help="TorchServe only, in the foreground (what the container runs)",
+                           parents=[], add_help=True)
+    for action in up._actions[1:]:
+        if action.dest not in ("site_host", "site_port", "rebuild"):
+            serve._add_action(action)
+    serve.set_defaults(func=cmd_serve)
+    ready = sub.add_parser("ready", help="exit 0 if the model has a READY worker (container health check)")
+    ready.add_argument("--name", default="skin-lesion")
+    ready.add_argument("--management-port", default=env("MANAGEMENT_PORT", "8081"))
+    ready.set_defaults(func=cmd_ready)
     down = sub.add_parser("down", help="stop a stack started by ./skin up")
     down.set_defaults(func=cmd_down)
     arch = sub.add_parser("archive", help="rebuild model_store/<name>.mar from the release model")

@@ -1,0 +1,71 @@
+"""docker-compose.yml, checked as data (no Docker engine runs here): services, health, volumes, exposure, secrets."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.I)
+
+
+def test_the_services_are_there():
+    assert {"torchserve", "postgres", "logger", "site", "minio", "minio-init"} <= set(SERVICES)
+
+
+def test_long_running_services_have_healthchecks_and_dependencies_wait_for_health():
+    for name in ("torchserve", "postgres", "logger", "site", "minio"):
+        assert SERVICES[name].get("healthcheck", {}).get("test"), name
+    assert SERVICES["logger"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert SERVICES["site"]["depends_on"]["torchserve"]["condition"] == "service_healthy"
+    assert SERVICES["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    # readiness, not /ping: the torchserve check asks for READY workers
+    assert SERVICES["torchserve"]["healthcheck"]["test"][-1] == "ready"
+
+
+def test_only_the_site_publishes_a_port():
+    published = {name for name, svc in SERVICES.items() if svc.get("ports")}
+    assert published == {"site"}
+    assert all("expose" not in svc or name == "site" for name, svc in SERVICES.items())
+
+
+def test_volumes_are_named_and_the_spool_is_shared():
+    named = set(COMPOSE["volumes"])
+    for name, svc in SERVICES.items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            assert source in named, f"{name} bind-mounts {source}: no source mounts in deployment"
+    assert "spool:/spool" in SERVICES["torchserve"]["volumes"] and "spool:/spool" in SERVICES["logger"]["volumes"]
+    assert "pgdata:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
+
+
+def test_no_secret_value_is_committed():
+    for name, svc in SERVICES.items():
+        env = svc.get("environment", {})
+        for key, value in env.items():
+            if SECRET_KEY.search(key) or (isinstance(value, str) and "@" in value and "://" in value):
+                assert "${" in str(value), f"{name}.{key} holds a literal secret"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ".env" not in tracked
+    example = (REPO / ".env.example").read_text()
+    assert all(line.split("=", 1)[1] == "" for line in example.splitlines()
+               if line and not line.startswith("#") and SECRET_KEY.search(line.split("=")[0]))
+
+
+def test_pinned_images_and_no_debug():
+    assert re.fullmatch(r"postgres:\d+(-[a-z]+)?", SERVICES["postgres"]["image"])
+    for svc in SERVICES.values():
+        if "image" in svc:
+            assert not svc["image"].endswith(":latest") and ":" in svc["image"]
+    assert "DEBUG" not in (REPO / "docker-compose.yml").read_text().upper().replace("NO DEBUG", "")
+    assert COMPOSE["networks"]["backend"]["internal"] is True
+
+
+def test_dockerfiles_exist_and_run_as_non_root():
+    ts = (REPO / "docker" / "torchserve.Dockerfile").read_text()
+    assert "USER skin" in ts and "-r requirements.txt" in ts and "HEALTHCHECK" in ts
+    assert (REPO / "docker" / "site.Dockerfile").exists() and (REPO / "docker" / "nginx.conf").exists()
