@@ -40,6 +40,8 @@ def test_quick_study_end_to_end(tmp_path, data_dir):
     meta = json.loads((release / "meta.json").read_text())
     assert meta["arch"] == "resnet18" and meta["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert meta["training"]["distilled"] is True
+    assert meta["temperature"] == meta["calibration"]["temperature"] > 0
+    assert (release / "reliability.png").exists()
     assert meta["split_hash"] == json.loads((study / "report" / "results.json").read_text())["split_hash"]
     assert meta["metrics"]["test"]["balanced_accuracy"] >= 0
     results = json.loads((release / "results.json").read_text())

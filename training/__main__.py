@@ -10,6 +10,7 @@ COMMANDS = {
     "grid": ("training.grid", "distillation grid search over alpha x T, selected on validation"),
     "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
     "export": ("training.export", "write the release state_dict + meta.json pair"),
+    "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
     "all": ("training.pipeline", "the whole study end to end (resumable)"),
 }
 

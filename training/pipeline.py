@@ -18,7 +18,7 @@ import numpy as np
 from handler.architectures import ProbabilityEnsemble
 from handler.preprocessing import PreprocessConfig
 from training import data as D
-from training import evaluate, export, grid
+from training import calibrate, evaluate, export, grid
 from training import train as T
 from training.checkpoint import model_from_checkpoint
 from training.engine import classification_metrics, predict_logits
@@ -133,6 +133,12 @@ def main(args) -> dict:
         ["--checkpoint", str(runs["kd"] / "best.pt"), "--out", str(release), "--name", args.name,
          "--version", args.version, "--results", str(report_dir / "results.json"),
          "--results-key", "resnet18 distilled", "--command", command]))
+    calibration = calibrate.main(calibrate.get_args_parser().parse_args(
+        ["--checkpoint", str(runs["kd"] / "best.pt"), "--release", str(release), "--split-seed", str(args.split_seed),
+         "--cache-dir", args.cache_dir]
+        + [x for flag, v in (("--data", args.data), ("--limit-per-class", args.limit_per_class)) if v is not None
+           for x in (flag, str(v))]))
+    meta["temperature"], meta["calibration"] = calibration["temperature"], calibration
     for png in [*report_dir.glob("*.png"), runs["kd"] / "history.png"]:
         shutil.copy(png, release / ("history_kd.png" if png.name == "history.png" else png.name))
     for name in ("report.md", "results.json"):
