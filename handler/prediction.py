@@ -36,6 +36,8 @@ def extract_image_bytes(row) -> bytes:
             if row.get(key) is not None:
                 payload = row[key]
                 break
+        else:  # a multipart form with another field name: take the first file-like field
+            payload = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
     else:
         payload = row
     if isinstance(payload, dict):  # JSON body: {"data": "<base64>"} or one of the aliases
@@ -48,6 +50,8 @@ def extract_image_bytes(row) -> bytes:
                          "multipart form data, or JSON with base64)")
     if isinstance(payload, (bytes, bytearray)):
         return bytes(payload)
+    if isinstance(payload, list):
+        raise InputError(400, "bad_json", "JSON bodies must be an object with the image as base64 in 'data'")
     if payload is None:
         raise InputError(400, "empty_body", "the request body is empty; send an image file")
     raise InputError(400, "bad_payload", f"unsupported request payload of type {type(payload).__name__}")

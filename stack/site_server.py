@@ -25,6 +25,19 @@ SECURITY_HEADERS = {
 }
 
 
+def multipart_problem(content_type: str, body: bytes) -> str | None:
+    """TorchServe's frontend answers 500 to a multipart body that does not match its boundary; catch it here."""
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        return "multipart Content-Type without a boundary"
+    boundary = match.group(1).encode()
+    if not body.lstrip(b"\r\n").startswith(b"--" + boundary) or b"--" + boundary + b"--" not in body:
+        return "the multipart body does not use the boundary its Content-Type declares"
+    return None
+
+
 def make_handler(dist: Path, upstream: str):
     target = urlsplit(upstream)
     root = dist.resolve()
@@ -74,7 +87,11 @@ def make_handler(dist: Path, upstream: str):
             if int(length) > MAX_BODY:
                 self.close_connection = True
                 return self._json(413, "too_large", f"the upload is {int(length)} bytes; the limit is {MAX_BODY}")
-            self._forward(self.rfile.read(int(length)))
+            body = self.rfile.read(int(length))
+            problem = multipart_problem(self.headers.get("Content-Type", ""), body)
+            if problem:
+                return self._json(400, "malformed_multipart", problem)
+            self._forward(body)
 
         def _forward(self, body: bytes) -> None:
             headers = {"Content-Type": self.headers.get("Content-Type", "application/octet-stream")}
@@ -87,6 +104,9 @@ def make_handler(dist: Path, upstream: str):
                 conn.close()
             except OSError as exc:
                 return self._json(502, "api_unavailable", f"the inference service is not reachable ({exc.__class__.__name__})")
+            if resp.status == 500 and b"DecoderException" in data:
+                # TorchServe's frontend could not parse the request (it says 500): it is the client's fault.
+                return self._json(400, "malformed_request", "the request body does not match its Content-Type")
             extra = {"Retry-After": "2"} if resp.status == 503 else None
             self._send(resp.status, data, kind, extra)
 
