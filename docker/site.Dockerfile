@@ -3,7 +3,7 @@ FROM python:3.11-slim-bookworm AS build
 RUN pip install --no-cache-dir Jinja2==3.1.6
 WORKDIR /src
 COPY site/ site/
-COPY release/meta.json release/meta.json
+COPY release/meta.json release/model_card.md release/
 RUN python site/build.py --meta release/meta.json --api-base "" --out /dist
 
 FROM nginx:1.27-alpine

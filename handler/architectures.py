@@ -38,3 +38,23 @@ class ProbabilityEnsemble(nn.Module):
     def forward(self, x):
         probs = torch.stack([m(x).softmax(dim=1) for m in self.members]).mean(dim=0)
         return probs.clamp_min(1e-8).log()
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (what the classifier sees) and logits, in one pass. ResNets only: their head is a
+    single Linear on the pooled features; other architectures return no features."""
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        return None, model(x)
+    m = model
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    feats = torch.flatten(m.avgpool(x), 1)
+    return feats, fc(feats)
+
+
+def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Smallest class-conditional Mahalanobis distance (shared covariance), per row of feats."""
+    diff = feats[:, None, :] - means[None, :, :]
+    d2 = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
+    return d2.clamp_min(0).min(dim=1).values.sqrt()

@@ -57,13 +57,36 @@ def extract_image_bytes(row) -> bytes:
     raise InputError(400, "bad_payload", f"unsupported request payload of type {type(payload).__name__}")
 
 
-def format_prediction(probabilities, meta: dict, request_id: str | None = None) -> dict:
-    """All classes sorted by probability, the top one, the model identity and the notice."""
+VERDICT_REASONS = {
+    "ok": "the image looks like the dermoscopy images the model was trained on",
+    "uncertain": "the model is unsure: no class stands out, so treat the ranking as weak",
+    "not_dermoscopy": "this does not look like a dermoscopy image of a skin lesion; the probabilities are "
+                      "meaningless for it",
+}
+
+
+def verdict(top_probability: float, ood_distance: float | None, abstention: dict | None) -> str:
+    """'not_dermoscopy' beats 'uncertain' beats 'ok'; thresholds come from meta.json (chosen on validation)."""
+    if not abstention:
+        return "ok"
+    if ood_distance is not None and ood_distance > abstention["ood_distance_above"]:
+        return "not_dermoscopy"
+    if top_probability < abstention["uncertain_below"]:
+        return "uncertain"
+    return "ok"
+
+
+def format_prediction(probabilities, meta: dict, request_id: str | None = None, ood_distance: float | None = None) -> dict:
+    """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, the model
+    identity and the notice."""
     codes, names = meta["class_names"], meta["class_full_names"]
     ranked = sorted(zip(codes, names, (float(p) for p in probabilities)), key=lambda t: -t[2])
     predictions = [{"code": c, "name": n, "probability": round(p, 6)} for c, n, p in ranked]
+    v = verdict(predictions[0]["probability"], ood_distance, meta.get("abstention"))
     return {
-        "top": predictions[0],
+        "top": None if v == "not_dermoscopy" else predictions[0],
+        "verdict": v,
+        "verdict_reason": VERDICT_REASONS[v],
         "predictions": predictions,
         "model": {"name": meta["name"], "version": meta["version"]},
         "request_id": request_id,
@@ -76,7 +99,7 @@ def format_error(error: InputError, request_id: str | None = None) -> dict:
 
 
 def make_event(request_id, meta: dict, model_sha256: str, image: dict, latency_ms: float,
-               probabilities=None, error: InputError | None = None) -> dict:
+               probabilities=None, error: InputError | None = None, answer: dict | None = None) -> dict:
     """One audit record: who (model + hash) said what about which image (hash only, never pixels)."""
     from datetime import datetime, timezone
 
@@ -91,5 +114,5 @@ def make_event(request_id, meta: dict, model_sha256: str, image: dict, latency_m
         probs = {c: round(float(p), 6) for c, p in zip(meta["class_names"], probabilities)}
         top = max(probs, key=probs.get)
         event.update(status=200, probabilities=probs, top_class=top, top_probability=probs[top],
-                     uncertain=None)
+                     uncertain=(answer or {}).get("verdict", "ok") != "ok", verdict=(answer or {}).get("verdict"))
     return event

@@ -16,15 +16,17 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # flat inside the .mar
-    from architectures import build_model, load_state_dict_file
+    from architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
     from event_spool import EventSpool
+    from gradcam import grad_cam, overlay_png
     from prediction import extract_image_bytes, format_error, format_prediction, make_event
-    from preprocessing import InputError, PreprocessConfig, preprocess_bytes
+    from preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
 except ImportError:  # imported from the repository (tests, benchmarks)
-    from handler.architectures import build_model, load_state_dict_file
+    from handler.architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
     from handler.event_spool import EventSpool
+    from handler.gradcam import grad_cam, overlay_png
     from handler.prediction import extract_image_bytes, format_error, format_prediction, make_event
-    from handler.preprocessing import InputError, PreprocessConfig, preprocess_bytes
+    from handler.preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ class SkinLesionHandler(BaseHandler):
         self.model = build_model(self.meta["arch"], self.meta["num_classes"])
         self.model.load_state_dict(load_state_dict_file(weights))
         self.model.eval()
+        self.ood_stats = None
+        abstention = self.meta.get("abstention")
+        if abstention and abstention.get("ood_stats_file"):
+            stats = torch.load(os.path.join(model_dir, abstention["ood_stats_file"]), weights_only=True)
+            self.ood_stats = {k: v.float() for k, v in stats.items()}
         self.spool = EventSpool.from_env()
         self.initialized = True
         logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta["name"], self.meta["version"],
@@ -72,11 +79,14 @@ class SkinLesionHandler(BaseHandler):
         if tensor is None:
             return None, slots
         with torch.inference_mode():
-            probabilities = torch.softmax(self.model(tensor) / self.temperature, dim=1)
-        return probabilities, slots
+            feats, logits = features_and_logits(self.model, tensor)
+            probabilities = torch.softmax(logits / self.temperature, dim=1)
+            distances = (mahalanobis_distance(feats, self.ood_stats["means"], self.ood_stats["precision"]).tolist()
+                         if self.ood_stats is not None and feats is not None else [None] * len(tensor))
+        return (probabilities, distances), slots
 
     def postprocess(self, output):
-        probabilities, slots = output
+        (probabilities, distances), slots = output if output[0] is not None else ((None, None), output[1])
         latency_ms = (time.perf_counter() - getattr(self, "_started", time.perf_counter())) * 1000
         answers, events = [], []
         for idx, (slot, image) in enumerate(slots):
@@ -90,7 +100,37 @@ class SkinLesionHandler(BaseHandler):
                 events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, error=slot))
             else:
                 probs = probabilities[slot].tolist()
-                answers.append(format_prediction(probs, self.meta, request_id))
-                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, probs))
+                answer = format_prediction(probs, self.meta, request_id, distances[slot])
+                answers.append(answer)
+                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, probs,
+                                         answer=answer))
         self.spool.append(events)
+        return answers
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """POST /explanations/<model>: the prediction plus a Grad-CAM overlay (PNG, base64) per valid image.
+        A JSON body may name the class to explain: {"data": "<base64>", "target": "mel"}."""
+        import base64
+
+        tensor, slots = data_preprocess
+        answers = []
+        for idx, (slot, image) in enumerate(slots):
+            request_id = self.context.get_request_id(idx)
+            self.context.set_response_content_type(idx, "application/json")
+            if isinstance(slot, InputError):
+                self.context.set_response_status(slot.status, slot.reason, idx)
+                answers.append(format_error(slot, request_id))
+                continue
+            row = raw_data[idx]
+            body = row.get("body") if isinstance(row, dict) else None
+            wanted = body.get("target") if isinstance(body, dict) else None
+            target = self.meta["class_names"].index(wanted) if wanted in self.meta["class_names"] else None
+            cam, explained, logits = grad_cam(self.model, tensor[slot:slot + 1], target)
+            png, box = overlay_png(decode_image(extract_image_bytes(row), self.cfg.max_pixels), cam,
+                                   self.cfg.resize_size, self.cfg.crop_size)
+            answer = format_prediction(torch.softmax(logits[0] / self.temperature, 0).tolist(), self.meta, request_id)
+            answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
+                                     "class": self.meta["class_names"][explained], "image_png_base64":
+                                     base64.b64encode(png).decode(), "model_input_box": list(box)}
+            answers.append(answer)
         return answers

@@ -9,7 +9,7 @@ from pathlib import Path
 SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
 COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
            "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
-           "probabilities", "uncertain", "error_code", "error_reason", "latency_ms", "inserted_at")
+           "probabilities", "uncertain", "verdict", "error_code", "error_reason", "latency_ms", "inserted_at")
 
 
 def now() -> str:

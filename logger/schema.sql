@@ -15,7 +15,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     top_class       TEXT,
     top_probability DOUBLE PRECISION,
     probabilities   TEXT,                      -- JSON object {class: probability}
-    uncertain       BOOLEAN,
+    uncertain       BOOLEAN,                   -- verdict was 'uncertain' or 'not_dermoscopy'
+    verdict         TEXT,
     error_code      TEXT,
     error_reason    TEXT,
     latency_ms      DOUBLE PRECISION,

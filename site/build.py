@@ -22,7 +22,7 @@ REPO = HERE.parent
 CONCERNING = ("mel", "bcc", "akiec")
 
 
-def render(meta: dict, api_base: str, out: Path) -> Path:
+def render(meta: dict, api_base: str, out: Path, card: Path | None = None) -> Path:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html", "j2"]))
     classes = [{"code": c, "name": n, "description": d, "concerning": c in CONCERNING}
@@ -31,11 +31,13 @@ def render(meta: dict, api_base: str, out: Path) -> Path:
               "classes": classes, "concerning": [c for c in CONCERNING if c in meta["class_names"]]}
     metrics = (meta.get("metrics") or {}).get("test") or {}
     html = env.get_template("index.html.j2").render(meta=meta, classes=classes, config_json=json.dumps(config).replace("</", "<\\/"),
-                                                    metrics=metrics)
+                                                    metrics=metrics, has_card=card is not None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(html)
     for f in (HERE / "static").iterdir():
         shutil.copy(f, out / f.name)
+    if card:
+        shutil.copy(card, out / "model_card.md")
     return out / "index.html"
 
 
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     if not meta_path.exists():
         print(f"error: {meta_path} does not exist (export a model or pass --meta)", file=sys.stderr)
         return 1
-    index = render(json.loads(meta_path.read_text()), args.api_base, Path(args.out))
+    card = meta_path.parent / "model_card.md"
+    index = render(json.loads(meta_path.read_text()), args.api_base, Path(args.out), card if card.exists() else None)
     print(f"rendered {index}")
     return 0
 

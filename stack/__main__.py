@@ -20,7 +20,7 @@ from stack.torchserve import REPO, ServeError, TorchServe, mar_version
 
 STATE = Path(os.environ.get("SKIN_STATE_DIR", REPO / ".stack"))
 HANDLER_FILES = ["handler/skin_handler.py", "handler/preprocessing.py", "handler/architectures.py",
-                 "handler/prediction.py", "handler/event_spool.py", "handler/model-config.yaml"]
+                 "handler/prediction.py", "handler/event_spool.py", "handler/gradcam.py", "handler/model-config.yaml"]
 
 
 def env(name: str, default: str) -> str:

@@ -71,7 +71,8 @@ def make_handler(dist: Path, upstream: str):
             file = (root / rel).resolve()
             if root not in file.parents or not file.is_file():
                 return self._json(404, "not_found", f"no such page: {path}")
-            kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+            kind = "text/plain" if file.suffix == ".md" else (mimetypes.guess_type(file.name)[0]
+                                                              or "application/octet-stream")
             self._send(200, file.read_bytes(), kind + ("; charset=utf-8" if kind.startswith("text/") or
                                                         kind.endswith("javascript") else ""))
 

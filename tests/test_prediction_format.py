@@ -42,3 +42,12 @@ def test_prediction_lists_every_class_sorted():
 def test_error_body():
     body = format_error(InputError(415, "not_an_image", "nope"), "x")
     assert body == {"error": "not_an_image", "reason": "nope", "status": 415, "request_id": "x"}
+
+
+def test_verdicts_follow_the_thresholds_in_meta():
+    meta = {**META, "abstention": {"uncertain_below": 0.45, "ood_distance_above": 10.0}}
+    assert format_prediction([0.2, 0.5, 0.3], meta, ood_distance=3.0)["verdict"] == "ok"
+    assert format_prediction([0.3, 0.4, 0.3], meta, ood_distance=3.0)["verdict"] == "uncertain"
+    far = format_prediction([0.1, 0.8, 0.1], meta, ood_distance=12.0)
+    assert far["verdict"] == "not_dermoscopy" and far["top"] is None and len(far["predictions"]) == 3
+    assert format_prediction([0.3, 0.4, 0.3], META)["verdict"] == "ok"  # no thresholds: no abstention

@@ -199,3 +199,22 @@ def test_archive_script_versions_and_refuses_missing_inputs(tiny_release, tmp_pa
     r = subprocess.run([f"{REPO}/archive.sh", "--weights-dir", str(tmp_path / "nothing")], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 1 and "meta.json is missing" in r.stderr
+
+
+def test_explanations_return_a_png_of_the_input_size(server, meta, sample_images):
+    from PIL import Image
+
+    data = sample_images[0].read_bytes()
+    r = requests.post(f"{server.inference_url}/explanations/{NAME}", data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    png = base64.b64decode(body["explanation"]["image_png_base64"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 400_000
+    assert Image.open(io.BytesIO(png)).size == Image.open(sample_images[0]).size
+    assert body["explanation"]["class"] == body["predictions"][0]["code"]
+    wanted = meta["class_names"][0]
+    r = requests.post(f"{server.inference_url}/explanations/{NAME}", timeout=60,
+                      json={"data": base64.b64encode(data).decode(), "target": wanted})
+    assert r.status_code == 200 and r.json()["explanation"]["class"] == wanted
+    bad = requests.post(f"{server.inference_url}/explanations/{NAME}", data=b"nope", timeout=60)
+    assert bad.status_code == 415 and bad.json()["error"] == "not_an_image"

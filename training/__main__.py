@@ -11,6 +11,8 @@ COMMANDS = {
     "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
     "export": ("training.export", "write the release state_dict + meta.json pair"),
     "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
+    "trust": ("training.trust", "choose 'uncertain' / 'not dermoscopy' thresholds, measure OOD AUROC"),
+    "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
     "all": ("training.pipeline", "the whole study end to end (resumable)"),
 }
 

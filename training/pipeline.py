@@ -18,7 +18,7 @@ import numpy as np
 from handler.architectures import ProbabilityEnsemble
 from handler.preprocessing import PreprocessConfig
 from training import data as D
-from training import calibrate, evaluate, export, grid
+from training import calibrate, evaluate, export, grid, model_card, trust
 from training import train as T
 from training.checkpoint import model_from_checkpoint
 from training.engine import classification_metrics, predict_logits
@@ -139,12 +139,18 @@ def main(args) -> dict:
         + [x for flag, v in (("--data", args.data), ("--limit-per-class", args.limit_per_class)) if v is not None
            for x in (flag, str(v))]))
     meta["temperature"], meta["calibration"] = calibration["temperature"], calibration
+    data_argv = ["--split-seed", str(args.split_seed), "--cache-dir", args.cache_dir] + [
+        x for flag, v in (("--data", args.data), ("--limit-per-class", args.limit_per_class)) if v is not None
+        for x in (flag, str(v))]
+    trust.main(trust.get_args_parser().parse_args(["--checkpoint", str(runs["kd"] / "best.pt"), "--release",
+                                                   str(release), *data_argv]))
     for png in [*report_dir.glob("*.png"), runs["kd"] / "history.png"]:
         shutil.copy(png, release / ("history_kd.png" if png.name == "history.png" else png.name))
     for name in ("report.md", "results.json"):
         shutil.copy(report_dir / name, release / name)
     if (out / "grid" / "grid.png").exists():
         shutil.copy(out / "grid" / "grid.png", release / "kd_grid.png")
+    model_card.main(model_card.get_args_parser().parse_args(["--release", str(release)]))
     print(f"release model: {release}")
     return meta
 

@@ -9,20 +9,30 @@
   const endpoint = `${config.apiBase}/predictions/${encodeURIComponent(config.model)}`;
   const TIMEOUT_MS = 30000;
   let previewUrl = null;
+  let currentFile = null;
+  const explainButton = $("explain");
 
   function setStatus(text, kind) {
+    if (kind === "ok") statusBox.dataset.last = text;
     statusBox.textContent = text;
     statusBox.className = kind || "";
   }
 
   function clearResult() {
     bars.replaceChildren();
+    explainButton.hidden = true;
+    $("explanation-box").hidden = true;
     concern.hidden = true;
     answeredBy.textContent = "";
   }
 
   function showPrediction(body) {
     clearResult();
+    if (body.verdict === "not_dermoscopy") {
+      setStatus(`Not analysed: ${body.verdict_reason}.`, "error");
+      answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}.`;
+      return;
+    }
     body.predictions.forEach((p, rank) => {
       const li = document.createElement("li");
       li.className = "bar" + (rank < 3 ? " top" : "");
@@ -41,7 +51,9 @@
       body.predictions.some((p) => config.concerning.includes(p.code) && p.probability >= 0.25);
     concern.hidden = !worrying;
     answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}. ${body.notice}`;
-    setStatus(`Most similar to: ${body.top.name} (${(100 * body.top.probability).toFixed(1)}%).`, "ok");
+    explainButton.hidden = false;
+    const unsure = body.verdict === "uncertain" ? ` The model is unsure: ${body.verdict_reason}.` : "";
+    setStatus(`Most similar to: ${body.top.name} (${(100 * body.top.probability).toFixed(1)}%).${unsure}`, "ok");
   }
 
   async function classify(file) {
@@ -78,8 +90,31 @@
     }
   }
 
+  async function explain() {
+    explainButton.disabled = true;
+    setStatus("Computing the heat map…", "busy");
+    try {
+      const response = await fetch(`${config.apiBase}/explanations/${encodeURIComponent(config.model)}`, {
+        method: "POST", body: currentFile, headers: { "Content-Type": "application/octet-stream" },
+      });
+      const body = await response.json();
+      if (!response.ok || !body.explanation) throw new Error(body.reason || `HTTP ${response.status}`);
+      $("explanation").src = `data:image/png;base64,${body.explanation.image_png_base64}`;
+      $("explanation-caption").textContent = `Regions that raised the score of ${body.explanation.class} ` +
+        "(Grad-CAM; red = strongest). The dimmed border was not seen by the model.";
+      $("explanation-box").hidden = false;
+      setStatus(statusBox.dataset.last || "", "ok");
+    } catch (err) {
+      setStatus(`No heat map: ${err.message}`, "error");
+    } finally {
+      explainButton.disabled = false;
+    }
+  }
+  explainButton.addEventListener("click", explain);
+
   function take(file) {
     if (!file) return;
+    currentFile = file;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     $("preview").src = previewUrl;

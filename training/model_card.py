@@ -1,0 +1,137 @@
+"""Render release/model_card.md (Mitchell et al., 2019 sections) from meta.json and results.json: every number
+in the card comes from those two files, which the study wrote."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from training.data import CLASS_FULL_NAMES
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def confusions(matrix, names, top: int = 4) -> list[str]:
+    pairs = [(matrix[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j]
+    return [f"{true} predicted as {pred}: {n} test images" for n, true, pred in sorted(pairs, reverse=True)[:top] if n]
+
+
+def render(meta: dict, results: dict, key: str) -> str:
+    m = results["models"][key]
+    names = meta["class_names"]
+    cm = m["confusion_matrix"]
+    rows = []
+    for i, c in enumerate(names):
+        n, hit = sum(cm[i]), cm[i][i]
+        lo, hi = wilson(hit, n)
+        rows.append(f"| {c} | {CLASS_FULL_NAMES[c]} | {n} | {hit / n if n else float('nan'):.2f} | {lo:.2f}-{hi:.2f} |")
+    cal = meta.get("calibration") or {}
+    ab = meta.get("abstention") or {}
+    baseline = results["models"].get("majority class (always nv)", {})
+    others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
+                       for name, r in results["models"].items())
+    ood_rows = "\n".join(f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
+                         for name, v in (ab.get("non_skin_sets") or {}).items())
+    t = meta.get("training", {}).get("args", {})
+    return f"""# Model card: {meta['name']} {meta['version']}
+
+## Model details
+- {meta['arch']} trained from scratch on HAM10000 at {meta['input_size']} px, {'distilled from a teacher' if
+  meta.get('training', {}).get('distilled') else 'no teacher'}; weights stored as {meta.get('weights_dtype')}
+  (sha256 `{meta.get('weights_sha256', '')[:16]}...`). Trained with `{meta.get('training', {}).get('command', '')}`
+  (git {meta.get('training', {}).get('git_sha', '')[:10]}), {t.get('epochs', '?')} epochs, best epoch
+  {meta.get('training', {}).get('best_epoch', '?')} chosen on validation macro-F1.
+- Output: probabilities over {len(names)} classes ({', '.join(names)}), temperature-scaled (T =
+  {meta.get('temperature', 1.0):.3f}), plus a verdict: `ok`, `uncertain` or `not_dermoscopy`.
+
+## Intended use
+Research and teaching: exploring how a small CNN ranks dermoscopy images of pigmented lesions, and as a
+reference implementation of a calibrated, audited serving stack. A clinician may look at its ranking as one
+more input, never as a decision.
+
+## Out-of-scope use
+Diagnosis, triage or reassurance of patients; any use without a clinician; photographs that are not
+dermoscopy (phone snapshots, non-skin images: the service tries to refuse these); lesion types outside the
+7 classes (e.g. squamous cell carcinoma other than Bowen's, Merkel cell carcinoma); children; nails and mucosa.
+
+## Data
+HAM10000 (Tschandl, Rosendahl & Kittler, Sci. Data 2018; CC BY-NC 4.0): 10,015 dermoscopy images of 7,470
+pigmented lesions from the Medical University of Vienna (Austria) and Cliff Rosendahl's practice in Queensland
+(Australia), about half confirmed by histopathology, the rest by follow-up, expert consensus or confocal
+microscopy. The dataset does not record skin type; its Central-European and Australian patients are
+predominantly fair-skinned, so performance on darker skin is unknown and likely worse. Images used at 200x150 (a 1/3 downscale of the originals).
+
+Split: 60/20/20 by `lesion_id`, stratified by diagnosis (split sha256 `{meta['split_hash'][:16]}...`), so no
+lesion has images in two splits. Test: {results['n_test_images']} images of {results['n_test_lesions']} lesions.
+
+## Test metrics ({results['n_test_images']} images, never used for any choice)
+| model | accuracy | balanced accuracy | macro-F1 |
+|---|---|---|---|
+{others}
+
+Per-class recall of this model with 95 % Wilson intervals (small classes are very uncertain):
+
+| code | class | test images | recall | 95 % CI |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Always answering `nv` scores accuracy {baseline.get('accuracy', float('nan')):.3f}: accuracy alone says little
+on this data; look at balanced accuracy and per-class recall.
+
+## Calibration
+Temperature scaling fitted on validation: test ECE {cal.get('test_ece_before', float('nan')):.3f} ->
+{cal.get('test_ece_after', float('nan')):.3f} (15 bins), test NLL {cal.get('test_nll_before', float('nan')):.3f} ->
+{cal.get('test_nll_after', float('nan')):.3f}. Reliability diagram: `reliability.png`. Class weights in training
+push probability towards rare classes, so probabilities are not prevalence-calibrated per class.
+
+## Abstention and non-dermoscopy inputs
+- `uncertain` when the calibrated top probability is below {ab.get('uncertain_below', float('nan')):.3f}
+  ({ab.get('test_uncertain_share', float('nan')):.0%} of test lesions; accuracy {ab.get('test_accuracy_confident') or float('nan'):.2f}
+  on the rest vs {ab.get('test_accuracy_uncertain') or float('nan'):.2f} on the flagged ones).
+- `not_dermoscopy` when the Mahalanobis distance of the penultimate features exceeds
+  {ab.get('ood_distance_above', float('nan')):.1f}: {ab.get('test_lesions_rejected_as_ood', float('nan')):.1%} of real test
+  lesions are wrongly rejected; AUROC lesions vs all non-skin images {ab.get('test_ood_auroc_all', float('nan')):.3f}.
+
+| non-skin set | images | rejected | AUROC vs test lesions |
+|---|---|---|---|
+{ood_rows}
+
+## Known failure modes
+{chr(10).join('- ' + line for line in confusions(cm, names))}
+- Trained from scratch on a CPU budget at low resolution: far below published ImageNet-pretrained results.
+- Not evaluated on other dermatoscopes, clinics, skin types or image qualities than HAM10000's.
+
+## Ethical considerations
+A wrong "benign" answer can delay care; the page therefore always shows all classes, a persistent
+"not a diagnosis" notice and stronger wording when a malignant class ranks high, and never stores images.
+"""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write model_card.md from meta.json + results.json.", add_help=add_help)
+    p.add_argument("--release", required=True, help="folder with meta.json and results.json")
+    p.add_argument("--results-key", default="resnet18 distilled")
+    return p
+
+
+def main(args) -> Path:
+    release = Path(args.release)
+    meta = json.loads((release / "meta.json").read_text())
+    results = json.loads((release / "results.json").read_text())
+    out = release / "model_card.md"
+    out.write_text(render(meta, results, args.results_key))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
