@@ -9,20 +9,44 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("resnet18", "resnet50", "convnext_tiny")
+INT8_ENGINE = "x86"
+
+
+def quantizable_resnet18(num_classes: int) -> nn.Module:
+    """torchvision's quantizable ResNet18 (same tensors as resnet18), fused and prepared for int8."""
+    from torchvision.models.quantization import resnet18 as qresnet18
+
+    torch.backends.quantized.engine = INT8_ENGINE
+    model = qresnet18(weights=None, num_classes=num_classes, quantize=False).eval()
+    model.fuse_model(is_qat=False)
+    model.qconfig = torch.ao.quantization.get_default_qconfig(INT8_ENGINE)
+    return torch.ao.quantization.prepare(model)
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A network by name. 'resnet18_int8' is the converted int8 structure its saved state_dict loads into."""
     import torchvision.models as tvm
 
+    if arch == "resnet18_int8":
+        import warnings
+
+        with warnings.catch_warnings():  # empty observers: the real scales come with the state_dict
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.ao.quantization.convert(quantizable_resnet18(num_classes))
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return getattr(tvm, arch)(weights=None, num_classes=num_classes)
 
 
 def load_state_dict_file(path, map_location="cpu") -> dict:
-    """Plain state_dict (weights_only) stored in fp16 or fp32; returned as fp32 tensors."""
+    """Plain state_dict (weights_only) stored in fp16 or fp32 (returned as fp32), or an int8 one (as is)."""
+    from collections import OrderedDict
+
     state = torch.load(path, map_location=map_location, weights_only=True)
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state.items()}
+    out = OrderedDict((k, v.float() if torch.is_tensor(v) and v.is_floating_point() and not v.is_quantized else v)
+                      for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # quantized modules read their format version from it
+    return out
 
 
 class ProbabilityEnsemble(nn.Module):
@@ -43,10 +67,15 @@ class ProbabilityEnsemble(nn.Module):
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features (what the classifier sees) and logits, in one pass. ResNets only: their head is a
     single Linear on the pooled features; other architectures return no features."""
-    fc = getattr(model, "fc", None)
+    m = model
+    if hasattr(m, "quant") and hasattr(m, "fc"):  # int8 ResNet: the same path between quant and dequant stubs
+        x = m.quant(x)
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        feats = torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(x))))), 1)
+        return m.dequant(feats), m.dequant(m.fc(feats))
+    fc = getattr(m, "fc", None)
     if not isinstance(fc, nn.Linear):
         return None, model(x)
-    m = model
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
     x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
     feats = torch.flatten(m.avgpool(x), 1)

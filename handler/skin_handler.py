@@ -121,6 +121,11 @@ class SkinLesionHandler(BaseHandler):
                 self.context.set_response_status(slot.status, slot.reason, idx)
                 answers.append(format_error(slot, request_id))
                 continue
+            if self.meta["arch"].endswith("_int8"):  # no gradients through int8 kernels
+                err = InputError(501, "not_supported", "explanations need the fp32 model; this one is int8")
+                self.context.set_response_status(err.status, err.reason, idx)
+                answers.append(format_error(err, request_id))
+                continue
             row = raw_data[idx]
             body = row.get("body") if isinstance(row, dict) else None
             wanted = body.get("target") if isinstance(body, dict) else None

@@ -131,6 +131,9 @@ def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_
     assert api["model"]["version"] in browser.find_element(By.ID, "answered-by").text
     out = REPO / "tests" / "output"
     out.mkdir(exist_ok=True)
+    browser.find_element(By.ID, "explain").click()
+    _wait(browser, lambda: browser.find_element(By.ID, "explanation-box").is_displayed())
+    assert browser.execute_script("return document.getElementById('explanation').naturalWidth") == 200
     browser.save_screenshot(str(out / "site_prediction.png"))
 
     fake = tmp_path / "not-really.jpg"

@@ -13,6 +13,7 @@ COMMANDS = {
     "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
     "trust": ("training.trust", "choose 'uncertain' / 'not dermoscopy' thresholds, measure OOD AUROC"),
     "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
+    "quantize": ("training.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.pipeline", "the whole study end to end (resumable)"),
 }
 
