@@ -45,6 +45,12 @@ def ensure_archive(release: Path, store: Path, force: bool = False) -> tuple[str
     return meta["name"], mar
 
 
+def audit_env() -> dict:
+    """Where the handler spools audit events and where the embedded database lives, unless set already."""
+    return {**os.environ, "SKIN_SPOOL_DIR": os.environ.get("SKIN_SPOOL_DIR", str(STATE / "spool")),
+            "SKIN_DATA_DIR": os.environ.get("SKIN_DATA_DIR", str(STATE / "data"))}
+
+
 def build_site(release: Path) -> Path:
     """Render the page from the release's meta.json into the state folder (the API is same-origin)."""
     out = STATE / "site"
@@ -60,9 +66,8 @@ def cmd_up(args) -> int:
         print(f"the stack is already running (pid {pid_file.read_text().strip()}); ./skin down stops it")
         return 1
     name, mar = ensure_archive(Path(args.release), Path(args.model_store), args.rebuild)
-    spool = Path(os.environ.get("SKIN_SPOOL_DIR", STATE / "spool"))
-    side_env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "SKIN_DATA_DIR": os.environ.get("SKIN_DATA_DIR",
-                                                                                         str(STATE / "data"))}
+    side_env = audit_env()
+    spool = Path(side_env["SKIN_SPOOL_DIR"])
     ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
                     inference_port=int(args.inference_port), management_port=int(args.management_port),
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
@@ -160,9 +165,7 @@ def cmd_test(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    env = {**os.environ, "SKIN_SPOOL_DIR": os.environ.get("SKIN_SPOOL_DIR", str(STATE / "spool")),
-           "SKIN_DATA_DIR": os.environ.get("SKIN_DATA_DIR", str(STATE / "data"))}
-    return subprocess.call([sys.executable, "-m", "logger", *args.logger_args], cwd=REPO, env=env)
+    return subprocess.call([sys.executable, "-m", "logger", *args.logger_args], cwd=REPO, env=audit_env())
 
 
 def _interrupt(*_args):
