@@ -76,9 +76,18 @@ class TorchServeAdmin:
             time.sleep(0.5)
         raise SwapError(f"{name} {version} has no {workers} READY worker(s) after {timeout:.0f} s")
 
+    def predict(self, url: str, data: bytes, attempts: int = 3) -> requests.Response:
+        """The clients' retry policy: 503 (queue full) and 507 (worker died) are retried after 1 s, then 2 s."""
+        for attempt in range(attempts):
+            r = requests.post(url, data=data, timeout=60)
+            if r.status_code not in CLIENT_RETRY_STATUSES or attempt == attempts - 1:
+                return r
+            time.sleep(float(r.headers.get("Retry-After", attempt + 1)))
+        return r
+
     def canary(self, name: str, version: str, images: list[bytes]) -> None:
         for i, data in enumerate(images):
-            r = requests.post(f"{self.inference_url}/predictions/{name}/{version}", data=data, timeout=60)
+            r = self.predict(f"{self.inference_url}/predictions/{name}/{version}", data)
             ok = r.status_code == 200
             body = r.json() if ok else {}
             probs = [p["probability"] for p in body.get("predictions", [])]

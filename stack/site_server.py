@@ -108,16 +108,24 @@ def make_handler(dist: Path, upstream: str):
             if resp.status == 500 and b"DecoderException" in data:
                 # TorchServe's frontend could not parse the request (it says 500): it is the client's fault.
                 return self._json(400, "malformed_request", "the request body does not match its Content-Type")
-            extra = {"Retry-After": "2"} if resp.status == 503 else None
-            self._send(resp.status, data, kind, extra)
+            if resp.status == 503:
+                # TorchServe's own 503 text ("use scale workers API") misleads users: the queue is full.
+                body = {"error": "busy", "status": 503, "retry_after_s": 2,
+                        "reason": "the service is at capacity right now; retry in 2 seconds"}
+                return self._send(503, json.dumps(body).encode(), "application/json", {"Retry-After": "2"})
+            self._send(resp.status, data, kind)
 
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default listen backlog of 5 resets connections under a burst of clients
+    daemon_threads = True
+
+
 class SiteServer:
     def __init__(self, dist: Path, upstream: str, host: str = "127.0.0.1", port: int = 8000):
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(Path(dist), upstream))
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), make_handler(Path(dist), upstream))
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

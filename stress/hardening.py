@@ -132,6 +132,37 @@ def kill_worker_under_load(ts: TorchServe, url: str, images: list[bytes], client
     return {"requests": load.n, "failed": failed, "failed_bodies": load.bodies[:3], **info}
 
 
+def full_queue(mar: Path, work: Path, jpeg: bytes, clients: int = 32) -> dict:
+    """A server with a 2-slot job queue, flooded through the page proxy with large photos (slow to decode, so
+    the queue really fills): refusals must be clear and retryable."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").resize((3000, 2250)).save(buf, "JPEG", quality=92)
+    jpeg = buf.getvalue()
+    ts = TorchServe(mar.parent, {NAME: mar.name}, work / "ts-queue", free_port(), free_port(), free_port(),
+                    extra_config={"job_queue_size": "2"}).start()
+    site = None
+    try:
+        ts.wait_ready()
+        site = SiteServer(work / "dist", ts.inference_url, port=free_port()).start()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(clients) as pool:
+            answers = list(pool.map(lambda _: requests.post(f"{site.url}/predictions/{NAME}", data=jpeg, timeout=60),
+                                    range(clients * 3)))
+        busy = [r for r in answers if r.status_code == 503]
+        return {"requests": len(answers), "ok": sum(r.status_code == 200 for r in answers), "busy_503": len(busy),
+                "busy_clear": all(r.headers.get("Retry-After") and r.json().get("error") == "busy" for r in busy),
+                "other": sorted({r.status_code for r in answers} - {200, 503})}
+    finally:
+        if site:
+            site.stop()
+        ts.stop()
+
+
 def pg_cluster(action: str) -> None:
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
@@ -310,6 +341,8 @@ def run_all(release: Path, fuzz_n: int, clients: int, seconds: float, fault_seco
             if site:
                 site.stop()
             ts.stop()
+        log("fault: full queue ...")
+        results["full_queue"] = full_queue(mar, work, jpegs[0])
         log("fault: PostgreSQL and the logger restarted under load ...")
         results["db_restart"] = db_restart_under_load(admin_url, mar, work, jpegs, clients, fault_seconds)
         log("fault: stopping the whole stack under load ...")
@@ -330,6 +363,10 @@ def table(r: dict) -> str:
                            f"p50/p95/p99 {ld['p50_ms']:.0f}/{ld['p95_ms']:.0f}/{ld['p99_ms']:.0f} ms; {mem}"),
         ("worker killed", f"{wk['requests']} requests, failed {wk['failed'] or 0}, recovered in "
                           f"{wk.get('recovery_s', float('nan')):.1f} s"),
+        ("full queue (2-slot job queue)", f"{r['full_queue']['requests']} requests: {r['full_queue']['ok']} answered, "
+                                           f"{r['full_queue']['busy_503']} refused with 503 + Retry-After + JSON "
+                                           f"reason ({'all' if r['full_queue']['busy_clear'] else 'NOT all'}); "
+                                           f"other statuses {r['full_queue']['other'] or 'none'}"),
         ("PostgreSQL + logger restarted", f"{db['answered']} answered, {db['rows']} rows, data lost = {db['lost']}, "
                                           f"failed requests {db['failed'] or 0}"),
         ("stack stopped under load", f"exit code {st.get('exit_code')}, orphan processes {len(st.get('orphans', []))}, "

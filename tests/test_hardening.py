@@ -36,6 +36,12 @@ def test_a_killed_worker_fails_only_in_flight_requests_and_recovers(figures):
     assert k["recovery_s"] < 60
 
 
+def test_a_full_queue_answers_a_clear_retryable_503(figures):
+    q = figures["full_queue"]
+    assert q["busy_503"] > 0, "the flood never filled the queue: the test did not test it"
+    assert q["busy_clear"] and not q["other"] and q["ok"] > 0
+
+
 def test_database_and_logger_restart_lose_nothing(figures):
     d = figures["db_restart"]
     assert d["lost"] == 0 and d["rows"] == d["answered"] and not d["failed"], d

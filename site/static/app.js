@@ -63,10 +63,19 @@
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
     try {
-      const response = await fetch(endpoint, {
-        method: "POST", body: file, signal: controller.signal,
-        headers: { "Content-Type": "application/octet-stream" },
-      });
+      // Retry policy (also ops'): 503 (queue full) and 507 (worker died) are retried twice, after the
+      // server's Retry-After or 1 s then 2 s; any other answer is final.
+      let response;
+      for (let attempt = 0; ; attempt++) {
+        response = await fetch(endpoint, {
+          method: "POST", body: file, signal: controller.signal,
+          headers: { "Content-Type": "application/octet-stream" },
+        });
+        if (![503, 507].includes(response.status) || attempt >= 2) break;
+        const wait = 1000 * (Number(response.headers.get("Retry-After")) || attempt + 1);
+        setStatus("The service is busy; retrying…", "busy");
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
       let body = null;
       try { body = await response.json(); } catch (_) { /* not JSON: handled below */ }
       if (response.ok && body && body.predictions) {
