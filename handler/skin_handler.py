@@ -72,6 +72,9 @@ class SkinLesionHandler(BaseHandler):
                 slots.append((len(tensors) - 1, image))
             except InputError as err:
                 slots.append((err, image))
+            except Exception:  # noqa: BLE001 - an unforeseen decoder failure must not fail the whole batch
+                logger.exception("unexpected error while preprocessing one request")
+                slots.append((InputError(422, "unprocessable_image", "the image could not be processed"), image))
         return (torch.stack(tensors) if tensors else None), slots
 
     def inference(self, batch, *args, **kwargs):
