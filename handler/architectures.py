@@ -12,12 +12,15 @@ ARCHITECTURES = ("resnet18", "resnet50", "convnext_tiny")
 INT8_ENGINE = "x86"
 
 
-def quantizable_resnet18(num_classes: int) -> nn.Module:
-    """torchvision's quantizable ResNet18 (same tensors as resnet18), fused and prepared for int8."""
+def quantizable_resnet18(num_classes: int, fp32_state_dict: dict | None = None) -> nn.Module:
+    """torchvision's quantizable ResNet18 (same tensors as resnet18), fused and prepared for int8. The fp32
+    weights must go in before fusion: fusing folds BatchNorm into the convolutions and renames the tensors."""
     from torchvision.models.quantization import resnet18 as qresnet18
 
     torch.backends.quantized.engine = INT8_ENGINE
     model = qresnet18(weights=None, num_classes=num_classes, quantize=False).eval()
+    if fp32_state_dict is not None:
+        model.load_state_dict(fp32_state_dict)  # strict: every tensor must land
     model.fuse_model(is_qat=False)
     model.qconfig = torch.ao.quantization.get_default_qconfig(INT8_ENGINE)
     return torch.ao.quantization.prepare(model)

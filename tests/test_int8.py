@@ -31,3 +31,6 @@ def test_int8_export_is_served_by_the_handler(tiny_release, tmp_path, data_dir, 
     p8 = {p["code"]: p["probability"] for p in a8["predictions"]}
     p32 = {p["code"]: p["probability"] for p in a32["predictions"]}
     assert max(abs(p8[c] - p32[c]) for c in p8) < 0.1, "int8 strays far from the fp32 model it quantizes"
+    assert a8["predictions"][0]["code"] == a32["predictions"][0]["code"]
+    rows = comparison["rows"]
+    assert abs(rows["int8"]["accuracy"] - rows["fp32"]["accuracy"]) < 0.2, rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import time
 from collections import Counter
@@ -42,6 +43,11 @@ def _load(spec: str):
     models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.split("+")))
     model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models)).eval()
     return model, ckpts[0], sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20
+
+
+def slug(name: str) -> str:
+    """'teacher: resnet18' -> 'teacher_resnet18': file names without spaces, colons or brackets."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def cpu_latency_ms(model, crop: int, runs: int) -> float:
@@ -87,7 +93,7 @@ def main(args) -> dict:
                  arch=ckpt["arch"], checkpoint=paths, input_size=cfg.crop_size, preprocessing=dataclasses.asdict(cfg),
                  test_nll=float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_test))))
         results["models"][name] = m
-        plot_confusion(m["confusion_matrix"], D.CLASS_NAMES, name, out / f"confusion_{name.replace(' ', '_')}.png")
+        plot_confusion(m["confusion_matrix"], D.CLASS_NAMES, name, out / f"confusion_{slug(name)}.png")
         print(f"{name:28} acc {m['accuracy']:.3f}  bal-acc {m['balanced_accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(render_report(results))

@@ -63,8 +63,7 @@ def main(args) -> dict:
     cache = Path(args.cache_dir) if args.cache_dir else None
     train = [r for r in records if r.split == "train"][: args.calibration_images]
     test = [r for r in records if r.split == "test"]
-    model = quantizable_resnet18(meta["num_classes"])
-    model.load_state_dict({k: v for k, v in fp32.state_dict().items()}, strict=False)
+    model = quantizable_resnet18(meta["num_classes"], fp32.state_dict())
     with torch.inference_mode():  # observers record activation ranges on training images
         x_cal = normalize(D.build_cache(train, "eval", cfg, cache, "decode calibration"), cfg.mean, cfg.std)
         for i in range(0, len(x_cal), 64):
