@@ -50,7 +50,7 @@ def test_quick_study_end_to_end(tmp_path, data_dir):
     assert majority["per_class_recall"]["nv"] == 1.0 and majority["per_class_recall"]["mel"] == 0.0
     report = (release / "report.md").read_text()
     assert "| resnet18 distilled |" in report and "lesion" in report
-    for png in ("confusion_resnet18_distilled.png", "confusion_resnet18_scratch.png", "history_kd.png", "kd_grid.png"):
+    for png in ("confusion_resnet18_distilled.png", "confusion_resnet18_scratch.png", "history_kd.png", "history_resnet18.png", "kd_grid.png"):
         assert (release / png).read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(open(study / "grid" / "grid.csv")))
     assert len(rows) == 4 and {"alpha", "temperature", "val_macro_f1"} <= set(rows[0])

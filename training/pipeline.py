@@ -144,8 +144,14 @@ def main(args) -> dict:
         for x in (flag, str(v))]
     trust.main(trust.get_args_parser().parse_args(["--checkpoint", str(runs["kd"] / "best.pt"), "--release",
                                                    str(release), *data_argv]))
-    for png in [*report_dir.glob("*.png"), runs["kd"] / "history.png"]:
-        shutil.copy(png, release / ("history_kd.png" if png.name == "history.png" else png.name))
+    for png in report_dir.glob("*.png"):
+        shutil.copy(png, release / png.name)
+    for key, run in runs.items():  # every run's per-epoch CSV and plot travel with the release
+        for name in ("history.csv", "history.png"):
+            shutil.copy(run / name, release / name.replace("history", f"history_{key}"))
+    shutil.copy(out / "teacher.json", release / "teacher.json")
+    if (out / "grid" / "grid.csv").exists():
+        shutil.copy(out / "grid" / "grid.csv", release / "kd_grid.csv")
     for name in ("report.md", "results.json"):
         shutil.copy(report_dir / name, release / name)
     if (out / "grid" / "grid.png").exists():
