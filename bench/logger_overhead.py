@@ -1,9 +1,10 @@
 """Inference latency with the audit trail on (spool + fsync + sidecar inserting into PostgreSQL) vs off.
 
-    .venv/bin/python bench/logger_overhead.py [--requests 300] [--database-url postgresql://postgres@127.0.0.1/postgres]
+    .venv/bin/python bench/logger_overhead.py [--requests 300] [--pg-admin-url postgresql://postgres@127.0.0.1/postgres]
 
 Two TorchServes serve the same archive side by side; requests alternate between them one at a time, so both
-see the same machine noise. Without --database-url the sidecar writes to a temporary SQLite file.
+see the same machine noise. With --pg-admin-url the sidecar writes to a temporary database created (and dropped) there; without it, to a
+temporary SQLite file.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--release", default=str(REPO / "release"))
     p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--database-url", default=None)
+    p.add_argument("--pg-admin-url", default=None, help="PostgreSQL server to create a scratch database on")
     args = p.parse_args()
     images = [f.read_bytes() for f in sorted((default_data_dir() / "images").glob("*.jpg"))[:50]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,8 +46,15 @@ def main() -> int:
         off = TorchServe(tmp, {name: mar.name}, tmp / "off", free_port(), free_port(), free_port(),
                          env={"SKIN_SPOOL_DIR": ""})
         side_env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "SKIN_DATA_DIR": str(tmp / "data")}
-        if args.database_url:
-            side_env["DATABASE_URL"] = args.database_url
+        scratch = None
+        if args.pg_admin_url:
+            import psycopg2
+
+            scratch = f"skin_bench_{os.getpid()}"
+            admin = psycopg2.connect(args.pg_admin_url)
+            admin.autocommit = True
+            admin.cursor().execute(f"CREATE DATABASE {scratch}")
+            side_env["DATABASE_URL"] = args.pg_admin_url.rsplit("/", 1)[0] + f"/{scratch}"
         else:
             side_env.pop("DATABASE_URL", None)
         sidecar = subprocess.Popen([sys.executable, "-m", "logger", "run", "--interval", "0.2"], cwd=REPO,
@@ -73,8 +81,11 @@ def main() -> int:
             sidecar.wait(timeout=20)
             for ts in (on, off):
                 ts.stop()
+            if scratch:
+                admin.cursor().execute(f"DROP DATABASE IF EXISTS {scratch} WITH (FORCE)")
+                admin.close()
     print(f"{args.requests} sequential requests per setup, interleaved; real HAM10000 JPEGs; "
-          f"sidecar database: {'PostgreSQL' if args.database_url else 'SQLite'}")
+          f"sidecar database: {'PostgreSQL' if args.pg_admin_url else 'SQLite'}")
     print("| audit trail | p50 ms | p95 ms | mean ms |\n|---|---|---|---|")
     for label in ("off", "on"):
         v = lat[label]
