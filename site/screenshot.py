@@ -18,6 +18,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--explain", action="store_true", help="also open the Grad-CAM heat map")
     args = p.parse_args(argv)
+    from pathlib import Path
+
+    if not Path(args.image).is_file():
+        print(f"error: {args.image} does not exist", file=sys.stderr)
+        return 1
+    args.image = str(Path(args.image).resolve())
     if not shutil.which("chromium") or not shutil.which("chromedriver"):
         print("error: needs Debian's chromium and chromium-driver", file=sys.stderr)
         return 1

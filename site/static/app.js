@@ -29,7 +29,8 @@
   function showPrediction(body) {
     clearResult();
     if (body.verdict === "not_dermoscopy") {
-      setStatus(`Not analysed: ${body.verdict_reason}.`, "error");
+      setStatus(`Not analysed: ${body.verdict_reason}. If this is a skin lesion, have it examined by a ` +
+        "clinician: the model also turns away some unusual real lesions.", "error");
       answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}.`;
       return;
     }
