@@ -80,7 +80,9 @@ def cmd_up(args) -> int:
         stopping.append(signum)
         raise KeyboardInterrupt
 
+    # Both explicitly: a parent shell that ran us in the background may have left SIGINT ignored.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     pid_file.write_text(str(os.getpid()))
     try:
         sidecars.append(subprocess.Popen([sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env,
@@ -180,6 +182,7 @@ def cmd_serve(args) -> int:
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
                     enable_model_api=args.enable_model_api)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         ts.start()
         ts.wait_ready()

@@ -37,6 +37,9 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
     assert 0 < test["balanced_accuracy"] <= 1 and meta["temperature"] > 0
     for name in ("report.md", "results.json", "model_card.md", "reliability.png", "ood_stats.pt"):
         assert (RELEASE / name).exists(), name
+    card = (RELEASE / "model_card.md").read_text()
+    assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
+    assert "Out-of-scope use" in card and "lesion_id" in card
 
 
 @pytest.fixture(scope="module")
