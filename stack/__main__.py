@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
+        return cmd_test(argparse.Namespace(pytest_args=argv[1:]))  # everything after 'test' belongs to pytest
     args = build_parser().parse_args(argv)
     return args.func(args)
 
