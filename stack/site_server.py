@@ -94,11 +94,14 @@ def make_handler(dist: Path, upstream: str):
                 return self._json(400, "malformed_multipart", problem)
             self._forward(body)
 
+        do_PUT = do_POST  # curl -T uploads with PUT; TorchServe accepts both
+
         def _forward(self, body: bytes) -> None:
             headers = {"Content-Type": self.headers.get("Content-Type", "application/octet-stream")}
             try:
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-                conn.request(self.command, self.path, body=body if self.command == "POST" else None, headers=headers)
+                conn.request(self.command, self.path, body=body if self.command in ("POST", "PUT") else None,
+                             headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 kind = resp.getheader("Content-Type") or "application/json"

@@ -68,6 +68,8 @@ def test_proxy_forwards_only_the_inference_paths(stack, sample_images):
     r = requests.post(f"{site.url}/predictions/skin-lesion", data=sample_images[0].read_bytes(), timeout=30)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 7
     assert "Content-Security-Policy" in r.headers and "Python" not in r.headers.get("Server", "")
+    put = requests.put(f"{site.url}/predictions/skin-lesion", data=sample_images[0].read_bytes(), timeout=30)
+    assert put.status_code == 200 and put.json()["top"] == r.json()["top"]  # curl -T through the page
     assert requests.get(f"{site.url}/models", timeout=5).status_code == 404  # no management through the page
     assert requests.post(f"{site.url}/models?url=x.mar", timeout=5).status_code == 404
     assert requests.get(f"{site.url}/../config.properties", timeout=5).status_code == 404
