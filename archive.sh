@@ -82,7 +82,7 @@ if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
   exit 1
 fi
 
-extra="$here/handler/preprocessing.py,$here/handler/architectures.py,$here/handler/prediction.py,$here/handler/event_spool.py,$here/handler/gradcam.py,$stage/meta.json"
+extra="$here/handler/formats.py,$here/handler/preprocessing.py,$here/handler/architectures.py,$here/handler/prediction.py,$here/handler/event_spool.py,$here/handler/gradcam.py,$stage/meta.json"
 for optional in model_card.md ood_stats.pt; do
   [[ -f "$weights_dir/$optional" ]] && extra="$extra,$weights_dir/$optional"
 done

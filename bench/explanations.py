@@ -44,7 +44,7 @@ def main() -> int:
             for i, data in enumerate(images + images[:5]):
                 for kind in ("predictions", "explanations"):
                     t0 = time.perf_counter()
-                    r = s.post(f"{ts.inference_url}/{kind}/{meta['name']}", data=data, timeout=60)
+                    r = s.post(f"{ts.inference_url}/{kind}/{meta['name']}", data=data, timeout=60, headers=ts.headers())
                     r.raise_for_status()
                     if i >= 5:
                         lat[kind].append((time.perf_counter() - t0) * 1000)

@@ -69,7 +69,8 @@ def main() -> int:
             for i in range(args.requests + 20):
                 for label, ts in (("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on)):
                     t0 = time.perf_counter()
-                    r = session.post(f"{ts.inference_url}/predictions/{name}", data=images[i % len(images)], timeout=60)
+                    r = session.post(f"{ts.inference_url}/predictions/{name}", data=images[i % len(images)], timeout=60,
+                                     headers=ts.headers())
                     r.raise_for_status()
                     if i >= 20:  # warm-up excluded
                         lat[label].append((time.perf_counter() - t0) * 1000)

@@ -57,12 +57,12 @@ def in_process(meta, weights, images, batch):
     return lat, time.perf_counter() - started
 
 
-def over_http(url, images, clients):
+def over_http(url, images, clients, headers=None):
     session = requests.Session()
 
     def one(data):
         t0 = time.perf_counter()
-        r = (session if clients == 1 else requests).post(url, data=data, timeout=60)
+        r = (session if clients == 1 else requests).post(url, data=data, timeout=60, headers=headers)
         r.raise_for_status()
         return (time.perf_counter() - t0) * 1000
 
@@ -94,7 +94,8 @@ def main() -> int:
         try:
             ts.wait_ready(min_workers=2)
             url = f"{ts.inference_url}/predictions/{meta['name']}"
-            over_http(url, images[:16], 2)  # warm-up
+            auth = ts.headers()
+            over_http(url, images[:16], 2, auth)  # warm-up
             weights = release / meta["weights_file"]
             torch.set_num_threads(1)  # what one TorchServe worker gets (OMP_NUM_THREADS=1)
             in_process(meta, weights, images[:16], 1)
@@ -102,8 +103,9 @@ def main() -> int:
             torch.set_num_threads(os.cpu_count() or 1)
             rows = [summarize("in-process, 1 at a time", *in_process(meta, release / meta["weights_file"], images, 1), len(images)),
                     summarize("in-process, batches of 8", *in_process(meta, release / meta["weights_file"], images, 8), len(images)),
-                    summarize("TorchServe, 1 client", *over_http(url, images, 1), len(images)),
-                    summarize(f"TorchServe, {args.clients} clients", *over_http(url, images, args.clients), len(images))]
+                    summarize("TorchServe, 1 client", *over_http(url, images, 1, auth), len(images)),
+                    summarize(f"TorchServe, {args.clients} clients", *over_http(url, images, args.clients, auth),
+                              len(images))]
         finally:
             ts.stop()
     rows.append(one_thread)

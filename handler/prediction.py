@@ -9,13 +9,14 @@ import base64
 import binascii
 
 try:  # inside a .mar the modules sit flat; in the repository they form the handler package
+    from formats import JSON_IMAGE_KEYS
     from preprocessing import InputError
 except ImportError:  # pragma: no cover - import path depends on where we run
+    from handler.formats import JSON_IMAGE_KEYS
     from handler.preprocessing import InputError
 
 NOTICE = ("Research software, not a medical device. This is not a diagnosis: consult a dermatologist or other "
           "qualified clinician about any skin lesion.")
-_JSON_IMAGE_KEYS = ("data", "image", "b64", "image_base64", "file")
 
 
 def _decode_base64(text: str) -> bytes:
@@ -41,7 +42,7 @@ def extract_image_bytes(row) -> bytes:
     else:
         payload = row
     if isinstance(payload, dict):  # JSON body: {"data": "<base64>"} or one of the aliases
-        for key in _JSON_IMAGE_KEYS:
+        for key in JSON_IMAGE_KEYS:
             if isinstance(payload.get(key), str):
                 return _decode_base64(payload[key])
         raise InputError(400, "bad_json", "JSON bodies must carry the image as base64 in a 'data' field")

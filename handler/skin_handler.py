@@ -18,13 +18,13 @@ from ts.torch_handler.base_handler import BaseHandler
 try:  # flat inside the .mar
     from architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
     from event_spool import EventSpool
-    from gradcam import grad_cam, overlay_png
+    from gradcam import MAX_SIDE, grad_cam, overlay_png
     from prediction import extract_image_bytes, format_error, format_prediction, make_event
     from preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
 except ImportError:  # imported from the repository (tests, benchmarks)
     from handler.architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
     from handler.event_spool import EventSpool
-    from handler.gradcam import grad_cam, overlay_png
+    from handler.gradcam import MAX_SIDE, grad_cam, overlay_png
     from handler.prediction import extract_image_bytes, format_error, format_prediction, make_event
     from handler.preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
 
@@ -134,8 +134,8 @@ class SkinLesionHandler(BaseHandler):
             wanted = body.get("target") if isinstance(body, dict) else None
             target = self.meta["class_names"].index(wanted) if wanted in self.meta["class_names"] else None
             cam, explained, logits = grad_cam(self.model, tensor[slot:slot + 1], target)
-            png, box = overlay_png(decode_image(extract_image_bytes(row), self.cfg.max_pixels), cam,
-                                   self.cfg.resize_size, self.cfg.crop_size)
+            upload = decode_image(extract_image_bytes(row), self.cfg.max_pixels, min_side=MAX_SIDE)
+            png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
             answer = format_prediction(torch.softmax(logits[0] / self.temperature, 0).tolist(), self.meta, request_id)
             answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
                                      "class": self.meta["class_names"][explained], "image_png_base64":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +29,11 @@ class Database:
             self.conn = psycopg2.connect(url, connect_timeout=5)
         else:
             path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.kind, self.param, self.path = "sqlite", "?", path
+            # The audit trail is the owner's alone, whatever the umask of whoever created it first.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
             self.conn = sqlite3.connect(path, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
 

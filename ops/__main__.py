@@ -3,7 +3,8 @@
 Settings from the environment: SKIN_S3_BUCKET, SKIN_S3_ENDPOINT (MinIO / S3-compatible; unset for AWS),
 SKIN_S3_PREFIX (default "models"), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION,
 SKIN_MANAGEMENT_URL (default http://127.0.0.1:8081), SKIN_INFERENCE_URL (default http://127.0.0.1:8080),
-SKIN_MODEL_STORE (default model_store/).
+SKIN_KEY_FILE (TorchServe's key_file.json; default .stack/torchserve/key_file.json, the one ./skin up's
+TorchServe writes), SKIN_MODEL_STORE (default model_store/).
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _admin():
     from ops.swap import TorchServeAdmin
+    from stack.tokens import KEY_FILE, TokenFile
 
+    key_file = Path(os.environ.get("SKIN_KEY_FILE", REPO / ".stack" / "torchserve" / KEY_FILE))
     return TorchServeAdmin(os.environ.get("SKIN_MANAGEMENT_URL", "http://127.0.0.1:8081"),
-                           os.environ.get("SKIN_INFERENCE_URL", "http://127.0.0.1:8080"))
+                           os.environ.get("SKIN_INFERENCE_URL", "http://127.0.0.1:8080"),
+                           TokenFile(key_file) if key_file.exists() else None)
 
 
 def _canary_images(args) -> list[bytes]:

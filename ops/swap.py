@@ -15,8 +15,11 @@ from pathlib import Path
 import requests
 
 from ops.store import ArchiveStore, StoreError
+from stack.tokens import TokenFile
 
 CLIENT_RETRY_STATUSES = (503, 507)  # queue full / worker died: retry after a short back-off
+MODEL_API_OFF = ("the management API refuses model changes: start TorchServe with enable_model_api=true "
+                 "(./skin up --enable-model-api); keep it on loopback")
 
 
 class SwapError(RuntimeError):
@@ -27,10 +30,20 @@ class SwapError(RuntimeError):
 class TorchServeAdmin:
     management_url: str
     inference_url: str
+    tokens: TokenFile | None = None  # TorchServe's key file, when token authorization is on
     timeout: float = 30.0
 
+    def _headers(self, kind: str) -> dict:
+        return self.tokens.header(kind) if self.tokens else {}
+
     def _call(self, method: str, path: str, **kw):
-        r = requests.request(method, self.management_url + path, timeout=kw.pop("timeout", self.timeout), **kw)
+        timeout = kw.pop("timeout", self.timeout)
+        r = requests.request(method, self.management_url + path, timeout=timeout, headers=self._headers("management"),
+                             **kw)
+        if r.status_code == 400 and "InvalidKeyException" in r.text and self.tokens:
+            self.tokens.reload()  # the stack renewed the keys since we read them
+            r = requests.request(method, self.management_url + path, timeout=timeout,
+                                 headers=self._headers("management"), **kw)
         try:
             body = r.json()
         except ValueError:
@@ -40,8 +53,7 @@ class TorchServeAdmin:
     def versions(self, name: str) -> list[dict]:
         status, body = self._call("GET", f"/models/{name}/all")
         if status == 405:
-            raise SwapError("the management API refuses model changes: start TorchServe with enable_model_api=true "
-                            "(./skin up --enable-model-api); keep it on loopback")
+            raise SwapError(MODEL_API_OFF)
         if status != 200:
             raise SwapError(f"cannot list {name}: HTTP {status} {body}")
         return body
@@ -54,6 +66,8 @@ class TorchServeAdmin:
     def register(self, mar_file: str, workers: int) -> None:
         query = urllib.parse.urlencode({"url": mar_file, "initial_workers": workers, "synchronous": "true"})
         status, body = self._call("POST", f"/models?{query}", timeout=300)
+        if status == 405:
+            raise SwapError(MODEL_API_OFF)
         if status != 200:
             raise SwapError(f"registering {mar_file} failed: HTTP {status} {body}")
 
@@ -79,7 +93,7 @@ class TorchServeAdmin:
     def predict(self, url: str, data: bytes, attempts: int = 3) -> requests.Response:
         """The clients' retry policy: 503 (queue full) and 507 (worker died) are retried after 1 s, then 2 s."""
         for attempt in range(attempts):
-            r = requests.post(url, data=data, timeout=60)
+            r = requests.post(url, data=data, timeout=60, headers=self._headers("inference"))
             if r.status_code not in CLIENT_RETRY_STATUSES or attempt == attempts - 1:
                 return r
             time.sleep(float(r.headers.get("Retry-After", attempt + 1)))

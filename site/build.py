@@ -35,9 +35,9 @@ def render(meta: dict, api_base: str, out: Path, card: Path | None = None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(html)
     for f in (HERE / "static").iterdir():
-        shutil.copy(f, out / f.name)
+        shutil.copyfile(f, out / f.name)  # not copy(): the mode comes from the umask, not the source
     if card:
-        shutil.copy(card, out / "model_card.md")
+        shutil.copyfile(card, out / "model_card.md")
     return out / "index.html"
 
 

@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from stack.site_server import SiteServer
-from stack.torchserve import REPO, ServeError, TorchServe, mar_version
+from stack.supervisor import Child, Supervisor, process_child
+from stack.tokens import renew
+from stack.torchserve import REPO, ServeError, TorchServe, config_value, mar_version
 
 STATE = Path(os.environ.get("SKIN_STATE_DIR", REPO / ".stack"))
-HANDLER_FILES = ["handler/skin_handler.py", "handler/preprocessing.py", "handler/architectures.py",
-                 "handler/prediction.py", "handler/event_spool.py", "handler/gradcam.py", "handler/model-config.yaml"]
 
 
 def env(name: str, default: str) -> str:
@@ -35,7 +34,9 @@ def ensure_archive(release: Path, store: Path, force: bool = False) -> tuple[str
                          "(or train one: python -m training all --quick --release-dir release)")
     meta = json.loads(meta_path.read_text())
     mar = store / f"{meta['name']}.mar"
-    inputs = [meta_path, release / meta.get("weights_file", "model.pt"), *(REPO / f for f in HANDLER_FILES)]
+    # Every file of handler/ counts (archive.sh decides which of them go in): a changed one rebuilds the .mar.
+    handler = [p for p in (REPO / "handler").iterdir() if p.suffix in (".py", ".yaml")]
+    inputs = [meta_path, release / meta.get("weights_file", "model.pt"), *handler]
     stale = (not mar.exists() or force or mar.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
              or mar_version(mar) != meta["version"])
     if stale:
@@ -59,25 +60,57 @@ def build_site(release: Path) -> Path:
     return out
 
 
+def _private_state() -> None:
+    """Everything the stack writes (audit database, spool, logs, TorchServe's key file) is the owner's alone."""
+    os.umask(0o077)
+    STATE.mkdir(mode=0o700, exist_ok=True)
+    for root, dirs, files in os.walk(STATE):  # tighten what an older version left readable
+        os.chmod(root, 0o700)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & 0o700)
+
+
+def _wait_port(host: str, port: int, timeout: float) -> bool:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 def cmd_up(args) -> int:
-    STATE.mkdir(exist_ok=True)
+    _private_state()
     pid_file = STATE / "stack.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
         print(f"the stack is already running (pid {pid_file.read_text().strip()}); ./skin down stops it")
         return 1
     name, mar = ensure_archive(Path(args.release), Path(args.model_store), args.rebuild)
     side_env = audit_env()
-    spool = Path(side_env["SKIN_SPOOL_DIR"])
     ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
                     inference_port=int(args.inference_port), management_port=int(args.management_port),
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
-                    enable_model_api=args.enable_model_api, env={"SKIN_SPOOL_DIR": str(spool)})
-    sidecars: list[subprocess.Popen] = []
-    servers: list = []
-    stopping = []
+                    enable_model_api=args.enable_model_api, env={"SKIN_SPOOL_DIR": side_env["SKIN_SPOOL_DIR"]},
+                    token_auth=args.token_auth)
+    site_host = "127.0.0.1" if args.site_host == "0.0.0.0" else args.site_host
+    gate_argv = [sys.executable, "-m", "stack.gate", "--dist", str(build_site(Path(args.release))),
+                 "--upstream", ts.inference_url, "--host", args.site_host, "--port", str(args.site_port),
+                 "--max-body", config_value("max_request_size")]
+    if ts.tokens:
+        gate_argv += ["--key-file", str(ts.tokens.path)]
+    sup = Supervisor()
+    sup.add(process_child("the logger sidecar", [sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env))
+    torchserve = sup.add(Child("TorchServe", ts.start, lambda: ts.proc is not None and ts.proc.poll() is None,
+                               ts.stop, ts.exit_reason))
+    sup.add(process_child("the page's gate", gate_argv, cwd=REPO))
 
-    def _stop(signum, _frame):
-        stopping.append(signum)
+    def _stop(_signum, _frame):
         raise KeyboardInterrupt
 
     # Both explicitly: a parent shell that ran us in the background may have left SIGINT ignored.
@@ -85,29 +118,34 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGINT, _stop)
     pid_file.write_text(str(os.getpid()))
     try:
-        sidecars.append(subprocess.Popen([sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env,
-                                         start_new_session=True))
-        ts.start()
+        for child in sup.children:
+            child.launch()
         print(f"starting TorchServe (logs: {ts.workdir / 'logs'}) ...", flush=True)
         took = ts.wait_ready()
-        site = SiteServer(build_site(Path(args.release)), ts.inference_url, args.site_host, int(args.site_port)).start()
-        servers.append(site)
+        if not _wait_port(site_host, int(args.site_port), 30):
+            raise ServeError(f"the page's gate did not start listening on port {args.site_port}")
+        page = f"http://{site_host}:{args.site_port}"
         print(f"ready in {took:.1f} s: {len(ts.workers(name))} worker(s) READY for {name}\n"
-              f"  page       : open {site.url}/\n"
-              f"  predictions: curl -T lesion.jpg {ts.inference_url}/predictions/{name}\n"
-              f"  management : {ts.management_url} (loopback only)\n"
+              f"  page       : open {page}/\n"
+              f"  predictions: curl -T lesion.jpg {page}/predictions/{name}\n"
+              f"  management : {ts.management_url} (loopback only"
+              f"{', key in ' + str(ts.tokens.path) if ts.tokens else ''})\n"
               f"  metrics    : {ts.metrics_url}/metrics\n"
               f"  audit log  : {'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded SQLite in ' + side_env['SKIN_DATA_DIR']}"
               f" (./skin logs show)\n"
               "Ctrl-C or ./skin down stops the stack.", flush=True)
-        while ts.proc.poll() is None:
-            if sidecars[0].poll() is not None:
-                print("the logger sidecar exited; restarting it (nothing is lost: the spool waits)", file=sys.stderr)
-                sidecars[0] = subprocess.Popen([sys.executable, "-m", "logger", "run"], cwd=REPO, env=side_env,
-                                               start_new_session=True)
-            time.sleep(1)
-        print(f"TorchServe exited unexpectedly (code {ts.proc.returncode})\n{ts.log_tail()}", file=sys.stderr)
-        return 1
+        renew_every = 60 * float(config_value("token_expiration_min") or 60) / 3
+        renewed = time.monotonic()
+        while True:
+            sup.tick()
+            if ts.tokens and torchserve.alive() and time.monotonic() - max(renewed, torchserve.started_at) > renew_every:
+                try:
+                    renew(ts.management_url, ts.tokens)
+                    renewed = time.monotonic()
+                except OSError as exc:
+                    print(f"renewing TorchServe's keys failed ({exc}); trying again in 30 s", file=sys.stderr)
+                    renewed += 30
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
@@ -115,15 +153,10 @@ def cmd_up(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        for server in servers:
-            server.stop()
-        ts.stop()
-        for side in sidecars:  # after TorchServe, so the last predictions' events are drained
-            side.send_signal(signal.SIGTERM)
-            try:
-                side.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                side.kill()
+        # A second Ctrl-C (or SIGTERM) during the clean-up must not cut it short and leave orphans behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sup.stop_all()  # the gate, then TorchServe, then the logger: the last predictions' events are drained
         pid_file.unlink(missing_ok=True)
         print("stopped: TorchServe and its workers have exited", flush=True)
 
@@ -180,7 +213,7 @@ def cmd_serve(args) -> int:
     ts = TorchServe(Path(args.model_store), {name: mar.name}, STATE / "torchserve",
                     inference_port=int(args.inference_port), management_port=int(args.management_port),
                     metrics_port=int(args.metrics_port), inference_host=args.inference_host,
-                    enable_model_api=args.enable_model_api)
+                    enable_model_api=args.enable_model_api, token_auth=args.token_auth)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
@@ -196,13 +229,19 @@ def cmd_serve(args) -> int:
 
 def cmd_ready(args) -> int:
     """Exit 0 when the model has a READY worker (a health check that /ping cannot give)."""
-    ts = TorchServe(Path("."), {}, STATE, management_port=int(args.management_port))
+    ts = TorchServe(Path("."), {}, STATE / "torchserve", management_port=int(args.management_port),
+                    token_auth=args.token_auth)
     try:
         ready = any(w.get("status") == "READY" for w in ts.workers(args.name))
     except OSError:
         ready = False
     print("READY" if ready else "NOT READY")
     return 0 if ready else 1
+
+
+def _token_auth_env() -> bool | None:
+    value = os.environ.get("SKIN_TOKEN_AUTH")
+    return None if value is None else value.lower() in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--site-port", default=env("SITE_PORT", "8000"))
     up.add_argument("--enable-model-api", action="store_true", default=env("ENABLE_MODEL_API", "false") == "true",
                     help="allow register/unregister, for python -m ops swap (loopback only)")
+    up.add_argument("--token-auth", action=argparse.BooleanOptionalAction, default=_token_auth_env(),
+                    help="TorchServe's token authorization (default: on, from config.properties; turn it off only "
+                         "where a network namespace isolates TorchServe, e.g. its own container; env SKIN_TOKEN_AUTH)")
     up.add_argument("--rebuild", action="store_true", help="rebuild the .mar even if it is up to date")
     up.set_defaults(func=cmd_up)
     serve = sub.add_parser("serve", help="TorchServe only, in the foreground (what the container runs)",
@@ -230,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ready = sub.add_parser("ready", help="exit 0 if the model has a READY worker (container health check)")
     ready.add_argument("--name", default="skin-lesion")
     ready.add_argument("--management-port", default=env("MANAGEMENT_PORT", "8081"))
+    ready.add_argument("--token-auth", action=argparse.BooleanOptionalAction, default=_token_auth_env())
     ready.set_defaults(func=cmd_ready)
     down = sub.add_parser("down", help="stop a stack started by ./skin up")
     down.set_defaults(func=cmd_down)

@@ -14,7 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stack.tokens import KEY_FILE, TokenFile
+
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config.properties"
 
 
 class ServeError(RuntimeError):
@@ -27,8 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(method: str, url: str, timeout: float = 10.0):
-    req = urllib.request.Request(url, method=method)
+def config_value(key: str, base: Path = CONFIG) -> str | None:
+    """A setting of config.properties (the one place TorchServe's limits are defined)."""
+    for line in base.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#") and name.strip() == key:
+            return value.strip()
+    return None
+
+
+def http_json(method: str, url: str, timeout: float = 10.0, headers: dict | None = None):
+    req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -59,7 +71,8 @@ class TorchServe:
     def __init__(self, model_store: Path, models: dict[str, str], workdir: Path, inference_port: int = 8080,
                  management_port: int = 8081, metrics_port: int = 8082, inference_host: str = "127.0.0.1",
                  enable_model_api: bool = False, extra_config: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None, grpc_ports: tuple[int, int] | None = None):
+                 env: dict[str, str] | None = None, grpc_ports: tuple[int, int] | None = None,
+                 token_auth: bool | None = None):
         self.model_store, self.models, self.workdir = Path(model_store), models, Path(workdir)
         self.inference_url = f"http://{'127.0.0.1' if inference_host == '0.0.0.0' else inference_host}:{inference_port}"
         self.management_url = f"http://127.0.0.1:{management_port}"
@@ -67,25 +80,35 @@ class TorchServe:
         self.overrides = {"inference_address": f"http://{inference_host}:{inference_port}",
                           "management_address": self.management_url, "metrics_address": self.metrics_url,
                           "enable_model_api": str(enable_model_api).lower(),
-                          # gRPC cannot be switched off in 0.12: give it its own loopback ports so that two
-                          # servers (the stack and the tests) never collide on 7070/7071.
+                          # gRPC cannot be switched off in 0.12 (ModelServer.startAndWait starts both gRPC
+                          # servers unconditionally): loopback, ports of their own so that two servers never
+                          # collide on 7070/7071, and with token authorization on its interceptor refuses
+                          # calls without a key like the REST APIs do.
                           "grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1",
                           "grpc_inference_port": str(grpc_ports[0] if grpc_ports else free_port()),
                           "grpc_management_port": str(grpc_ports[1] if grpc_ports else free_port()),
                           **(extra_config or {})}
+        if token_auth is not None:
+            self.overrides["disable_token_authorization"] = str(not token_auth).lower()
+        disabled = self.overrides.get("disable_token_authorization", config_value("disable_token_authorization"))
+        # TorchServe writes the key file into the folder it is started in (its working directory).
+        self.tokens = None if disabled == "true" else TokenFile(self.workdir / KEY_FILE)
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "TorchServe":
         exe = Path(sys.executable).with_name("torchserve")
         if not exe.exists():
-            raise ServeError(f"{exe} not found: install requirements.txt (./skin setup)")
+            raise ServeError(f"{exe} not found: install requirements.txt (./skin up does it)")
         if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
             raise ServeError("TorchServe needs Java 11+ (java on PATH or JAVA_HOME)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        config = render_config(REPO / "config.properties", self.workdir / "config.properties", self.overrides)
+        config = render_config(CONFIG, self.workdir / "config.properties", self.overrides)
+        if self.tokens:  # a key file left by an earlier run would hand out dead keys until TorchServe rewrites it
+            self.tokens.path.unlink(missing_ok=True)
+            self.tokens.reload()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LOG_LOCATION": str(logs),
                "METRICS_LOCATION": str(logs), "TEMP": str(self.workdir), "TMPDIR": str(self.workdir),
                "PYTHONUNBUFFERED": "1", **self.env}
@@ -108,8 +131,20 @@ class TorchServe:
                 lines += [f"--- {name}"] + p.read_text(errors="replace").splitlines()[-n:]
         return "\n".join(lines)
 
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        """The Authorization header for the inference or management API ({} with token authorization off)."""
+        return self.tokens.header(kind) if self.tokens else {}
+
+    def exit_reason(self) -> str:
+        """Why the JVM ended, in one line, when its output says (an OutOfMemoryError, an exception)."""
+        out = self.workdir / "logs" / "torchserve.out"
+        lines = out.read_text(errors="replace").splitlines()[-200:] if out.exists() else []
+        hits = [line for line in lines if re.search(r"OutOfMemoryError|Terminating|Exception|Error:", line)]
+        return f"exit code {self.proc.returncode if self.proc else '?'}" + (f"; {hits[-1].strip()[:200]}" if hits else "")
+
     def workers(self, model: str) -> list[dict]:
-        status, body = http_json("GET", f"{self.management_url}/models/{model}", timeout=5)
+        status, body = http_json("GET", f"{self.management_url}/models/{model}", timeout=5,
+                                 headers=self.headers("management"))
         if status != 200 or not isinstance(body, list):
             return []
         return [w for version in body for w in version.get("workers", [])]

@@ -28,9 +28,10 @@ from pathlib import Path
 import psutil
 import requests
 
-from stack.site_server import SiteServer
+from stack.gate import GateLimits, GateThread
 from stack.torchserve import REPO, TorchServe, free_port
 from stress.fuzz import Case, fuzz_cases, judge
+from stress.local_stack import LocalStack
 
 NAME = "skin-lesion"
 
@@ -51,7 +52,7 @@ class Load:
         return v[min(len(v) - 1, int(q / 100 * len(v)))] if v else float("nan")
 
 
-def run_load(url: str, images: list[bytes], clients: int, seconds: float, during=None) -> Load:
+def run_load(url: str, images: list[bytes], clients: int, seconds: float, during=None, headers=None) -> Load:
     """Closed-loop clients for `seconds`; `during(load)` runs in the foreground meanwhile (fault injection)."""
     out, stop, lock = Load(), threading.Event(), threading.Lock()
 
@@ -61,7 +62,7 @@ def run_load(url: str, images: list[bytes], clients: int, seconds: float, during
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                r = s.post(url, data=images[k % len(images)], timeout=60)
+                r = s.post(url, data=images[k % len(images)], timeout=60, headers=headers)
                 status, body = r.status_code, (r.text[:200] if r.status_code != 200 else "")
             except requests.RequestException as exc:
                 status, body = "connection error", str(exc)[:200]
@@ -147,7 +148,8 @@ def full_queue(mar: Path, work: Path, jpeg: bytes, clients: int = 32) -> dict:
     site = None
     try:
         ts.wait_ready()
-        site = SiteServer(work / "dist", ts.inference_url, port=free_port()).start()
+        # One client address floods here: lift the gate's per-client cap so that TorchServe's queue fills.
+        site = GateThread(work / "dist", ts.inference_url, ts.tokens, limits=GateLimits(per_client=10 * clients)).start()
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(clients) as pool:
@@ -217,7 +219,7 @@ def db_restart_under_load(admin_url: str, mar: Path, work: Path, images: list[by
             pg_cluster("start")
             sidecar = side()
 
-        load = run_load(f"{ts.inference_url}/predictions/{NAME}", images, clients, seconds, fault)
+        load = run_load(f"{ts.inference_url}/predictions/{NAME}", images, clients, seconds, fault, ts.headers())
         rows = count_rows(url, load.n)
         return {"answered": load.n, "rows": rows, "lost": load.n - rows, "failed": {k: v for k, v in
                                                                                    load.statuses.items() if k != 200}}
@@ -236,29 +238,21 @@ def db_restart_under_load(admin_url: str, mar: Path, work: Path, images: list[by
 
 
 def stop_stack_mid_load(release: Path, work: Path, images: list[bytes], clients: int) -> dict:
-    """./skin up, load, Ctrl-C: clean exit, no process left, no partial spool line."""
-    port = free_port()
-    env = {**os.environ, "SKIN_RELEASE_DIR": str(release), "SKIN_MODEL_STORE": str(work / "store-up"),
-           "SKIN_STATE_DIR": str(work / "state"), "SKIN_INFERENCE_PORT": str(port),
-           "SKIN_MANAGEMENT_PORT": str(free_port()), "SKIN_METRICS_PORT": str(free_port()),
-           "SKIN_SITE_PORT": str(free_port())}
-    proc = subprocess.Popen([str(REPO / "skin"), "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    while "Ctrl-C" not in (line := proc.stdout.readline()):
-        if not line:
-            return {"error": "stack did not start"}
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    """./skin up, load through the page, Ctrl-C: clean exit, no process left, no partial spool line."""
+    stack = LocalStack(release, work).start()
+    tree = stack.processes()
 
     def fault(_load):
         time.sleep(2)
-        proc.send_signal(signal.SIGINT)
+        stack.proc.send_signal(signal.SIGINT)
 
-    run_load(f"http://127.0.0.1:{port}/predictions/{NAME}", images, clients, 4, fault)
-    proc.communicate(timeout=90)
+    run_load(stack.page_url + f"/predictions/{NAME}", images, clients, 4, fault)
+    stack.proc.wait(timeout=90)
+    code = stack.stop()
     time.sleep(0.5)
     orphans = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     partial = 0
-    for f in (work / "state" / "spool").glob("*.jsonl"):
+    for f in (stack.state / "spool").glob("*.jsonl"):
         data = f.read_bytes()
         partial += 0 if not data or data.endswith(b"\n") else 1
         for line in data.splitlines():
@@ -266,18 +260,21 @@ def stop_stack_mid_load(release: Path, work: Path, images: list[bytes], clients:
                 json.loads(line)
             except ValueError:
                 partial += 1
-    return {"exit_code": proc.returncode, "orphans": orphans, "partial_spool_lines": partial}
+    return {"exit_code": code, "orphans": orphans, "partial_spool_lines": partial}
 
 
-def security(ts_api: TorchServe, site: SiteServer, jpeg: bytes, work: Path) -> dict:
+def security(ts_api: TorchServe, site: GateThread, jpeg: bytes, work: Path) -> dict:
     out = {}
     listening = {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port) for p in ts_api.group_processes()
                  for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
     out["non_loopback_listeners"] = sorted(f"{ip}:{port}" for ip, port in listening if not ip.startswith("127."))
-    r = requests.post(f"{ts_api.management_url}/models", params={"url": "https://example.invalid/evil.mar"}, timeout=30)
+    # With the management key: what must refuse it is allowed_urls, not the missing key.
+    r = requests.post(f"{ts_api.management_url}/models", params={"url": "https://example.invalid/evil.mar"}, timeout=30,
+                      headers=ts_api.headers("management"))
     out["foreign_url_registration"] = r.status_code
     headers = requests.post(f"{site.url}/predictions/{NAME}", data=jpeg, timeout=30).headers
-    direct = requests.post(f"{ts_api.inference_url}/predictions/{NAME}", data=jpeg, timeout=30).headers
+    direct = requests.post(f"{ts_api.inference_url}/predictions/{NAME}", data=jpeg, timeout=30,
+                           headers=ts_api.headers()).headers
     out["version_headers"] = [f"{k}: {v}" for h in (headers, direct) for k, v in h.items()
                               if k.lower() in ("server", "x-powered-by") and re.search(r"\d", v)]
     needle = jpeg[200:264]
@@ -323,7 +320,8 @@ def run_all(release: Path, fuzz_n: int, clients: int, seconds: float, fault_seco
             dist = work / "dist"
             subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(release / "meta.json"),
                             "--out", str(dist)], check=True, capture_output=True)
-            site = SiteServer(dist, ts.inference_url, port=free_port()).start()
+            # The load below is `clients` concurrent users from one address: let the gate's per-client cap admit them.
+            site = GateThread(dist, ts.inference_url, ts.tokens, limits=GateLimits(per_client=max(clients, 4))).start()
             url = f"{site.url}/predictions/{NAME}"
             log(f"fuzzing with {fuzz_n} generated payloads ...")
             results["fuzz"] = fuzz(site.url, ts, jpegs, fuzz_n)

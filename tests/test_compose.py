@@ -14,14 +14,16 @@ SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.I)
 
 
 def test_the_services_are_there():
-    assert {"torchserve", "postgres", "logger", "site", "minio", "minio-init"} <= set(SERVICES)
+    assert {"torchserve", "postgres", "logger", "gate", "site", "minio", "minio-init"} <= set(SERVICES)
 
 
 def test_long_running_services_have_healthchecks_and_dependencies_wait_for_health():
     for name in ("torchserve", "postgres", "logger", "site", "minio"):
         assert SERVICES[name].get("healthcheck", {}).get("test"), name
+    assert "HEALTHCHECK" in (REPO / "docker" / "gate.Dockerfile").read_text()
     assert SERVICES["logger"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert SERVICES["site"]["depends_on"]["torchserve"]["condition"] == "service_healthy"
+    assert SERVICES["site"]["depends_on"]["gate"]["condition"] == "service_healthy"
+    assert SERVICES["gate"]["depends_on"]["torchserve"]["condition"] == "service_healthy"
     assert SERVICES["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     # readiness, not /ping: the torchserve check asks for READY workers
     assert SERVICES["torchserve"]["healthcheck"]["test"][-1] == "ready"
@@ -47,6 +49,8 @@ def test_no_secret_value_is_committed():
     for name, svc in SERVICES.items():
         env = svc.get("environment", {})
         for key, value in env.items():
+            if value in ("true", "false"):  # a switch such as SKIN_TOKEN_AUTH, not a secret
+                continue
             if SECRET_KEY.search(key) or (isinstance(value, str) and "@" in value and "://" in value):
                 assert "${" in str(value), f"{name}.{key} holds a literal secret"
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
@@ -69,3 +73,6 @@ def test_dockerfiles_exist_and_run_as_non_root():
     ts = (REPO / "docker" / "torchserve.Dockerfile").read_text()
     assert "USER skin" in ts and "-r requirements.txt" in ts and "HEALTHCHECK" in ts
     assert (REPO / "docker" / "site.Dockerfile").exists() and (REPO / "docker" / "nginx.conf").exists()
+    gate = (REPO / "docker" / "gate.Dockerfile").read_text()
+    assert "USER skin" in gate and "stack.gate" in gate and "X-Real-IP" in gate
+    assert "backend" in SERVICES["gate"]["networks"] and not SERVICES["gate"].get("ports")

@@ -154,7 +154,7 @@ def start_sidecar(spool, url) -> subprocess.Popen:
 def send(ts, payloads, clients=4):
     url = f"{ts.inference_url}/predictions/skin-lesion"
     with ThreadPoolExecutor(clients) as pool:
-        return list(pool.map(lambda d: requests.post(url, data=d, timeout=60), payloads))
+        return list(pool.map(lambda d: requests.post(url, data=d, timeout=60, headers=ts.headers()), payloads))
 
 
 def wait_rows(url, n, timeout=60):

@@ -48,7 +48,8 @@ def server(tiny_mar, tmp_path_factory):
 
 
 def predict(ts, data=None, **kw):
-    return requests.post(f"{ts.inference_url}/predictions/{NAME}", data=data, timeout=30, **kw)
+    headers = {**ts.headers(), **kw.pop("headers", {})}  # TorchServe's inference key
+    return requests.post(f"{ts.inference_url}/predictions/{NAME}", data=data, timeout=30, headers=headers, **kw)
 
 
 def assert_valid_prediction(r, meta):
@@ -107,7 +108,8 @@ def test_upload_shapes(server, meta, sample_images):
     assert_valid_prediction(predict(server, files={"data": ("x.jpg", data, "image/jpeg")}), meta)
     assert_valid_prediction(predict(server, files={"file": ("x.jpg", data, "image/jpeg")}), meta)
     assert_valid_prediction(predict(server, json={"data": base64.b64encode(data).decode()}), meta)
-    r = requests.put(f"{server.inference_url}/predictions/{NAME}", data=data, timeout=30)  # curl -T
+    r = requests.put(f"{server.inference_url}/predictions/{NAME}", data=data, timeout=30,  # curl -T
+                     headers=server.headers())
     assert_valid_prediction(r, meta)
 
 
@@ -205,7 +207,7 @@ def test_explanations_return_a_png_of_the_input_size(server, meta, sample_images
     from PIL import Image
 
     data = sample_images[0].read_bytes()
-    r = requests.post(f"{server.inference_url}/explanations/{NAME}", data=data, timeout=60)
+    r = requests.post(f"{server.inference_url}/explanations/{NAME}", data=data, timeout=60, headers=server.headers())
     assert r.status_code == 200, r.text
     body = r.json()
     png = base64.b64decode(body["explanation"]["image_png_base64"])
@@ -213,8 +215,9 @@ def test_explanations_return_a_png_of_the_input_size(server, meta, sample_images
     assert Image.open(io.BytesIO(png)).size == Image.open(sample_images[0]).size
     assert body["explanation"]["class"] == body["predictions"][0]["code"]
     wanted = meta["class_names"][0]
-    r = requests.post(f"{server.inference_url}/explanations/{NAME}", timeout=60,
+    r = requests.post(f"{server.inference_url}/explanations/{NAME}", timeout=60, headers=server.headers(),
                       json={"data": base64.b64encode(data).decode(), "target": wanted})
     assert r.status_code == 200 and r.json()["explanation"]["class"] == wanted
-    bad = requests.post(f"{server.inference_url}/explanations/{NAME}", data=b"nope", timeout=60)
+    bad = requests.post(f"{server.inference_url}/explanations/{NAME}", data=b"nope", timeout=60,
+                        headers=server.headers())
     assert bad.status_code == 415 and bad.json()["error"] == "not_an_image"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from stack.site_server import SiteServer
+from stack.gate import GateThread
 from stack.torchserve import TorchServe, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def stack(tiny_mar, tiny_release, tmp_path_factory):
     site = None
     try:
         ts.wait_ready()
-        site = SiteServer(build(tiny_release / "meta.json", work / "dist"), ts.inference_url, port=free_port()).start()
+        site = GateThread(build(tiny_release / "meta.json", work / "dist"), ts.inference_url, ts.tokens).start()
         yield ts, site
     finally:
         if site:
@@ -71,18 +71,17 @@ def test_proxy_forwards_only_the_inference_paths(stack, sample_images):
     put = requests.put(f"{site.url}/predictions/skin-lesion", data=sample_images[0].read_bytes(), timeout=30)
     assert put.status_code == 200 and put.json()["top"] == r.json()["top"]  # curl -T through the page
     assert requests.get(f"{site.url}/models", timeout=5).status_code == 404  # no management through the page
-    assert requests.post(f"{site.url}/models?url=x.mar", timeout=5).status_code == 404
+    assert requests.post(f"{site.url}/models?url=x.mar", timeout=5).status_code == 405  # the page takes no POST there
     assert requests.get(f"{site.url}/../config.properties", timeout=5).status_code == 404
     big = requests.post(f"{site.url}/predictions/skin-lesion", data=b"\0" * (11 * 2**20), timeout=30)
     assert big.status_code == 413 and big.json()["error"] == "too_large"
 
 
 def test_proxy_reports_a_stopped_api_clearly(tiny_release, tmp_path):
-    site = SiteServer(build(tiny_release / "meta.json", tmp_path / "dist"), f"http://127.0.0.1:{free_port()}",
-                      port=free_port()).start()
+    site = GateThread(build(tiny_release / "meta.json", tmp_path / "dist"), f"http://127.0.0.1:{free_port()}").start()
     try:
         r = requests.post(f"{site.url}/predictions/skin-lesion", data=b"x", timeout=30)
-        assert r.status_code == 502 and r.json()["error"] == "api_unavailable"
+        assert r.status_code == 503 and r.json()["error"] == "unavailable" and int(r.headers["Retry-After"]) > 0
     finally:
         site.stop()
 
@@ -121,7 +120,8 @@ def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_
 
     ts, site = stack
     image = sample_images[4]
-    api = requests.post(f"{ts.inference_url}/predictions/skin-lesion", data=image.read_bytes(), timeout=30).json()
+    api = requests.post(f"{ts.inference_url}/predictions/skin-lesion", data=image.read_bytes(), timeout=30,
+                        headers=ts.headers()).json()
     browser.get(site.url + "/")
     assert "Not a diagnosis" in browser.find_element(By.ID, "notice").text
     browser.find_element(By.ID, "file").send_keys(str(image))

@@ -1,74 +1,98 @@
-"""`./skin up` as a user runs it: builds the archive, waits for real readiness, answers, stops cleanly."""
+"""`./skin up` as a user runs it: builds the archive, waits for real readiness, answers through the page,
+restarts what dies instead of tearing down, keeps its files private, stops cleanly."""
 from __future__ import annotations
 
 import os
-import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
-from stack.torchserve import free_port
+from stress.local_stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
+API = "/predictions/skin-lesion"
 
 
-def _start(tiny_release, tmp_path, port):
-    env = {**os.environ, "SKIN_RELEASE_DIR": str(tiny_release), "SKIN_MODEL_STORE": str(tmp_path / "store"),
-           "SKIN_INFERENCE_PORT": str(port), "SKIN_MANAGEMENT_PORT": str(free_port()),
-           "SKIN_METRICS_PORT": str(free_port()), "SKIN_STATE_DIR": str(tmp_path / "state"),
-           "SKIN_SITE_PORT": str(free_port())}
-    proc = subprocess.Popen([str(REPO / "skin"), "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "Ctrl-C" in line:
-            return proc, env, lines
-    proc.kill()
-    raise AssertionError("stack did not become ready:\n" + "".join(lines))
+@pytest.fixture
+def stack(tiny_release, tmp_path):
+    s = LocalStack(tiny_release, tmp_path).start()
+    yield s
+    s.stop()
 
 
-def _descendants(pid):
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def test_up_serves_and_ctrl_c_stops_everything(tiny_release, tmp_path, sample_images):
-    port = free_port()
-    proc, _env, lines = _start(tiny_release, tmp_path, port)
-    children = _descendants(proc.pid)
-    try:
-        assert any("READY" in line for line in lines)
-        assert (tmp_path / "store" / "skin-lesion.mar").exists(), "the archive was not built"
-        r = requests.put(f"http://127.0.0.1:{port}/predictions/skin-lesion", data=sample_images[0].read_bytes(),
-                         timeout=30)
-        assert r.status_code == 200 and len(r.json()["predictions"]) == 7
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "stopped" in out
-    time.sleep(0.5)
+def test_up_serves_through_the_page_and_ctrl_c_stops_everything(stack, tmp_path, sample_images):
+    children = stack.processes()
+    assert any("READY" in line for line in stack.lines)
+    assert f"curl -T lesion.jpg {stack.page_url}{API}" in stack.output(), "the printed URL must go through the page"
+    assert (tmp_path / "store" / "skin-lesion.mar").exists(), "the archive was not built"
+    r = requests.put(stack.page_url + API, data=sample_images[0].read_bytes(), timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 7
+    assert requests.put(stack.inference_url + API, data=sample_images[0].read_bytes(), timeout=30).status_code == 400
+    assert stack.stop() == 0, stack.output()
+    assert "stopped" in stack.output()
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left running: {alive}"
 
 
+def test_dead_children_are_restarted_while_the_page_answers(stack, sample_images):
+    image = sample_images[0].read_bytes()
+    jvm = stack.find("org.pytorch.serve.ModelServer")
+    jvm.kill()
+    statuses, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = requests.post(stack.page_url + API, data=image, timeout=60)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"] in ("unavailable", "busy") and int(r.headers["Retry-After"]) >= 1
+        elif r.status_code == 200 and len(statuses) > 1:
+            break
+        else:
+            assert r.status_code == 200, r.text
+        time.sleep(0.2)
+    assert 503 in statuses and statuses[-1] == 200 and stack.running(), (statuses, stack.output())
+    assert "TorchServe exited" in stack.output() and "TorchServe restarted" in stack.output()
+    new_jvm = stack.find("org.pytorch.serve.ModelServer")
+    assert new_jvm is not None and new_jvm.pid != jvm.pid
+    for marker, name in (("stack.gate", "the page's gate"), ("-m logger", "the logger sidecar")):
+        before = stack.find(marker)
+        before.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not ((p := stack.find(marker)) and p.pid != before.pid):
+            time.sleep(0.2)
+        assert p is not None and p.pid != before.pid, f"{name} was not restarted:\n{stack.output()}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.post(stack.page_url + API, data=image, timeout=30).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the page did not come back after its gate was restarted")
+
+
+def test_state_is_private_to_its_owner(stack):
+    for root, dirs, files in os.walk(stack.state):
+        assert stat.S_IMODE(os.stat(root).st_mode) & 0o077 == 0, root
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, path
+    assert (stack.state / "data" / "predictions.sqlite3").exists() and stack.tokens.path.exists()
+
+
 def test_down_stops_a_running_stack(tiny_release, tmp_path):
-    proc, env, _ = _start(tiny_release, tmp_path, free_port())
-    children = _descendants(proc.pid)
-    r = subprocess.run([str(REPO / "skin"), "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    s = LocalStack(tiny_release, tmp_path).start()
+    children = s.processes()
+    r = subprocess.run([str(REPO / "skin"), "down"], cwd=REPO, env=s.env, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0 and "stopped" in r.stdout
-    proc.wait(timeout=30)
+    s.proc.wait(timeout=30)
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    r = subprocess.run([str(REPO / "skin"), "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(REPO / "skin"), "down"], cwd=REPO, env=s.env, capture_output=True, text=True, timeout=60)
     assert "not running" in r.stdout

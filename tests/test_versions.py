@@ -91,7 +91,7 @@ def serving_v1(published, tmp_path):
                     enable_model_api=True).start()
     try:
         ts.wait_ready(min_workers=2)
-        yield ts, store, model_store, TorchServeAdmin(ts.management_url, ts.inference_url)
+        yield ts, store, model_store, TorchServeAdmin(ts.management_url, ts.inference_url, ts.tokens)
     finally:
         ts.stop()
 
@@ -103,7 +103,8 @@ def test_swap_under_load_then_rollback(serving_v1, sample_images):
 
     def client(i):
         while not stop.is_set():
-            r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[i % len(images)], timeout=60)
+            r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[i % len(images)], timeout=60,
+                              headers=ts.headers())
             if r.status_code == 200:
                 seen.append(r.json()["model"]["version"])
             else:
@@ -129,7 +130,7 @@ def test_swap_under_load_then_rollback(serving_v1, sample_images):
 
     assert previous_version(model_store, NAME) == "1.0"
     swap(admin, store, model_store, NAME, "1.0", images[:1], workers=1, drain_seconds=0.5, log=lambda *_: None)
-    r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[0], timeout=30)
+    r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=images[0], timeout=30, headers=ts.headers())
     assert r.status_code == 200 and r.json()["model"]["version"] == "1.0"
 
 
@@ -144,7 +145,8 @@ def test_corrupted_archive_is_refused_and_v1_keeps_serving(serving_v1, published
             swap(admin, store, model_store, NAME, "2.0", [sample_images[0].read_bytes()], log=lambda *_: None)
         assert not (model_store / f"{NAME}-2.0.mar").exists()
         assert [v["modelVersion"] for v in admin.versions(NAME)] == ["1.0"]
-        r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=sample_images[0].read_bytes(), timeout=30)
+        r = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=sample_images[0].read_bytes(), timeout=30,
+                          headers=ts.headers())
         assert r.status_code == 200 and r.json()["model"]["version"] == "1.0"
     finally:
         store.client.upload_file(str(build / f"{NAME}-2.0.mar"), store.bucket, store.key(NAME, "2.0", f"{NAME}.mar"))
@@ -164,10 +166,12 @@ def test_swap_needs_the_model_api(published, tiny_mar, tmp_path, sample_images):
                     free_port()).start()
     try:
         ts.wait_ready()
-        admin = TorchServeAdmin(ts.management_url, ts.inference_url)
-        with pytest.raises(SwapError):
+        admin = TorchServeAdmin(ts.management_url, ts.inference_url, ts.tokens)
+        with pytest.raises(SwapError, match="enable_model_api"):
             swap(admin, store, tmp_path, NAME, "2.0", [sample_images[0].read_bytes()], workers=1, log=lambda *_: None)
-        r = requests.post(f"{ts.management_url}/models?url=https://example.invalid/evil.mar", timeout=30)
-        assert r.status_code >= 400
+        # with the management key, so that what refuses it is the model API being off, not the missing key
+        r = requests.post(f"{ts.management_url}/models?url=https://example.invalid/evil.mar", timeout=30,
+                          headers=ts.headers("management"))
+        assert r.status_code == 405, r.text
     finally:
         ts.stop()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from handler.architectures import features_and_logits, mahalanobis_distance
+from handler.formats import sniff
 from handler.preprocessing import PreprocessConfig, normalize, preprocess_bytes
 from training import data as D
 from training.checkpoint import atomic_save, model_from_checkpoint
@@ -38,7 +39,9 @@ def non_skin_images(seed: int = 0, generated: int = 100) -> dict[str, list[bytes
     data_dir = Path(skimage.__file__).parent / "data"
     for f in sorted(data_dir.iterdir()):
         if f.suffix.lower() in (".png", ".jpg", ".gif") and f.stat().st_size > 2000:
-            out["scikit-image photographs"].append(f.read_bytes())
+            data = f.read_bytes()
+            # The service decodes only the formats the page lists; a GIF keeps its pixels as a PNG.
+            out["scikit-image photographs"].append(data if sniff(data) else png(np.asarray(Image.open(f).convert("RGB"))))
     faces = np.load(data_dir / "lfw_subset.npy")
     out["LFW faces (scikit-image)"] = [png((face * 255).astype(np.uint8)) for face in faces[:100]]
     rng = np.random.default_rng(seed)

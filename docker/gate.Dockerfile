@@ -1,0 +1,17 @@
+# The gate (python -m stack.gate): the body policy between nginx and TorchServe. Small: aiohttp and the
+# standard library, no torch. Built from the repository root: docker compose build gate
+FROM python:3.11-slim-bookworm
+RUN useradd --create-home --uid 10001 skin
+WORKDIR /app
+COPY requirements.txt .
+# Exactly the aiohttp release requirements.txt pins, nothing else of it.
+RUN pip install --no-cache-dir "$(grep -E '^aiohttp==' requirements.txt)"
+COPY stack/ stack/
+COPY handler/__init__.py handler/formats.py handler/
+USER skin
+ENV PYTHONUNBUFFERED=1
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 \
+  CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8000), timeout=3).close()"]
+CMD ["python", "-m", "stack.gate", "--upstream", "http://torchserve:8080", "--host", "0.0.0.0", "--port", "8000", \
+     "--client-ip-header", "X-Real-IP"]

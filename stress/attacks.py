@@ -1,0 +1,454 @@
+"""Hostile traffic against a real `./skin up`: every finding of the hostile-traffic review replayed from one
+address while a normal user sends real lesion photos from another; prints one table.
+
+    .venv/bin/python -m stress.attacks                    # every attack, 30 s each (about 8 minutes)
+    .venv/bin/python -m stress.attacks --quick            # the CI-sized run (tests/test_attacks.py)
+    .venv/bin/python -m stress.attacks --only form-bomb scan-bomb --seconds 10
+
+For each attack: what the attacker got (statuses, median time to answer), what the normal user got
+(answered / sent, median latency next to the median at rest), whether the stack stayed up without a
+TorchServe restart, and peak memory of the gate and TorchServe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import requests
+
+from stack.torchserve import REPO
+from stress import bombs
+from stress.local_stack import LocalStack
+
+API = "/predictions/skin-lesion"
+ATTACKER, USER = "127.0.0.1", "127.0.0.2"  # all of 127/8 is loopback: two clients the gate can tell apart
+
+
+class SourceAdapter(requests.adapters.HTTPAdapter):
+    """A requests adapter whose connections leave from a chosen local address."""
+
+    def __init__(self, source: str):
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kw):
+        kw["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kw)
+
+
+def session_from(source: str) -> requests.Session:
+    s = requests.Session()
+    s.mount("http://", SourceAdapter(source))
+    return s
+
+
+@dataclass
+class Outcome:
+    name: str
+    attacker: Counter = field(default_factory=Counter)
+    attacker_ms: list = field(default_factory=list)
+    user: Counter = field(default_factory=Counter)
+    user_ms: list = field(default_factory=list)
+    peak_mb: dict = field(default_factory=dict)
+    torchserve_restarts: int = 0
+    stack_up: bool = True
+    note: str = ""
+
+    def record(self, status, ms: float) -> None:
+        self.attacker[status] += 1
+        self.attacker_ms.append(ms)
+
+    def summary(self) -> dict:
+        p50 = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
+        return {"attack": self.name, "attacker": dict(self.attacker), "attacker_p50_ms": p50(self.attacker_ms),
+                "user_ok": self.user.get(200, 0), "user_sent": sum(self.user.values()),
+                "user_statuses": dict(self.user), "user_p50_ms": p50(self.user_ms), "peak_mb": self.peak_mb,
+                "torchserve_restarts": self.torchserve_restarts, "stack_up": self.stack_up, "note": self.note}
+
+
+def _timed_post(session, url, out: Outcome, stop: threading.Event, **kw) -> None:
+    t0 = time.perf_counter()
+    try:
+        r = session.post(url, timeout=120, **kw)
+        status = r.status_code
+    except requests.RequestException as exc:
+        status = type(exc).__name__
+    if not stop.is_set() or status != "ConnectionError":
+        out.record(status, (time.perf_counter() - t0) * 1000)
+
+
+def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), source_address=(ATTACKER, 0))
+    s.settimeout(wait)
+    out = b""
+    try:
+        s.sendall(data)
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return out
+
+
+# ---- the attacks: each one runs until `stop` is set and records what the attacker got ---------------------
+
+def form_bomb(stack, out, stop):
+    s, body = session_from(ATTACKER), bombs.form_field_bomb()
+    while not stop.is_set():
+        _timed_post(s, stack.page_url + API, out, stop, data=body,
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def multipart_bomb(stack, out, stop):
+    s, (body, ct) = session_from(ATTACKER), bombs.multipart_part_bomb()
+    while not stop.is_set():
+        _timed_post(s, stack.page_url + API, out, stop, data=body, headers={"Content-Type": ct})
+
+
+def _flood(url, body, clients, out, stop, headers=None):
+    def client():
+        s = session_from(ATTACKER)
+        while not stop.is_set():
+            _timed_post(s, url, out, stop, data=body, headers=headers)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(timeout=130)
+
+
+def flood_page(stack, out, stop, clients=32):
+    _flood(stack.page_url + API, bombs.large_jpeg(), clients, out, stop)
+
+
+def flood_direct(stack, out, stop, clients=32):
+    """The owner (who holds the key) floods TorchServe itself: only its own sizing protects it here."""
+    _flood(stack.inference_url + API, bombs.large_jpeg(), clients, out, stop, headers=stack.tokens.header("inference"))
+
+
+def random_bodies(stack, out, stop, clients=90):
+    rng = random.Random(0)
+    bodies = [rng.randbytes(rng.randint(1, 10) * 2**20 - 1) for _ in range(6)]
+
+    def client(i):
+        s = session_from(ATTACKER)
+        while not stop.is_set():
+            _timed_post(s, stack.page_url + API, out, stop, data=bodies[i % len(bodies)])
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+
+
+def scan_bomb(stack, out, stop):
+    s, body = session_from(ATTACKER), bombs.progressive_scan_bomb()
+    while not stop.is_set():
+        _timed_post(s, stack.page_url + API, out, stop, data=body, headers={"Content-Type": "image/jpeg"})
+
+
+def decoder_bombs(stack, out, stop):
+    s = session_from(ATTACKER)
+    payloads = [bombs.float_tiff(), bombs.png_with_size(7300, 5470), *bombs.unpromised_formats().values()]
+    while not stop.is_set():
+        for body in payloads:
+            _timed_post(s, stack.page_url + API, out, stop, data=body, headers={"Content-Type": "image/tiff"})
+
+
+FRAMING = [b"Content-Length: -1\r\n\r\n", b"Content-Length: 12abc\r\n\r\n",
+           b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+           b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
+
+
+def framing(stack, out, stop):
+    port = stack.ports["site"]
+    while not stop.is_set():
+        for tail in FRAMING:
+            t0 = time.perf_counter()
+            raw = raw_exchange(port, f"POST {API} HTTP/1.1\r\nHost: x\r\n".encode() + tail)
+            answers = raw.count(b"HTTP/1.")
+            out.record(int(raw[9:12]) if answers == 1 else f"{answers} answers", (time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()  # oversize, no Expect: the client is already sending when the 413 comes
+        s = socket.create_connection(("127.0.0.1", port), source_address=(ATTACKER, 0))
+        s.settimeout(10)
+        answer = b""
+        try:
+            s.sendall(f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {11 * 2**20}\r\n\r\n".encode())
+            for _ in range(176):
+                s.sendall(b"\0" * 2**16)
+        except OSError:
+            pass
+        try:
+            answer = s.recv(4096)
+        except OSError:
+            pass
+        s.close()
+        out.record(int(answer[9:12]) if answer.startswith(b"HTTP/1.") else "reset", (time.perf_counter() - t0) * 1000)
+
+
+def slow_bodies(stack, out, stop, uploads=60, idle=300):
+    """60 uploads of 10 MiB trickling at 4 KB/s, 300 connections that never finish their headers; all
+    released at once at the end (that release used to crash the JVM)."""
+    port, socks = stack.ports["site"], []
+    for i in range(uploads + idle):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), source_address=(ATTACKER, 0))
+            s.setblocking(False)
+            head = f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * 2**20}\r\n\r\n" if i < uploads \
+                else "GET / HTTP/1.1\r\nHost: x\r\n"
+            s.send(head.encode())
+            socks.append((s, i < uploads, time.perf_counter()))
+        except OSError as exc:
+            out.record(type(exc).__name__, 0)
+    while not stop.is_set():
+        for s, uploading, _ in socks:
+            if uploading:
+                try:
+                    s.send(b"\0" * 1024)
+                except OSError:
+                    pass
+        time.sleep(0.25)
+    # Unfinished headers are closed after the gate's idle timeout (15 s): give it that long to do so.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(_answered(sock) for sock, uploading, _ in socks if not uploading):
+        time.sleep(0.5)
+    for s, _, t0 in socks:
+        try:
+            data = s.recv(4096)
+            out.record(int(data[9:12]) if data.startswith(b"HTTP/1.") else "closed by the gate",
+                       (time.perf_counter() - t0) * 1000)
+        except BlockingIOError:
+            out.record("still open", (time.perf_counter() - t0) * 1000)
+        except OSError:
+            out.record("closed by the gate", (time.perf_counter() - t0) * 1000)
+        s.close()
+
+
+def _answered(sock: socket.socket) -> bool:
+    """A non-blocking socket the server has written to or closed."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def kill_jvm(stack, out, stop):
+    """Not an attack from outside: the JVM dies (kill -9) and the supervisor must bring it back."""
+    victim = stack.find("org.pytorch.serve.ModelServer")
+    t0 = time.perf_counter()
+    victim.kill()
+    out.record("JVM killed", 0)
+    s = session_from(ATTACKER)
+    while not stop.is_set():
+        r = s.get(stack.page_url + "/ping", timeout=30)
+        if r.status_code == 200:
+            out.record("back", (time.perf_counter() - t0) * 1000)
+            break
+        time.sleep(0.2)
+    stop.wait()
+
+
+ATTACKS = {"form-bomb": form_bomb, "multipart-bomb": multipart_bomb, "flood-page": flood_page,
+           "flood-direct": flood_direct, "random-bodies": random_bodies, "scan-bomb": scan_bomb,
+           "decoder-bombs": decoder_bombs, "framing": framing, "slow-bodies": slow_bodies, "kill-jvm": kill_jvm}
+QUICK = ["form-bomb", "multipart-bomb", "scan-bomb", "decoder-bombs", "framing", "slow-bodies", "flood-page"]
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+def _sample_memory(stack: LocalStack, peak: dict, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for label, marker in (("gate", "stack.gate"), ("torchserve", "org.pytorch.serve.ModelServer"),
+                              ("workers", "model_service_worker")):
+            total = 0
+            for p in stack.processes():
+                try:
+                    if marker in " ".join(p.cmdline()):
+                        total += p.memory_info().rss
+                except psutil.Error:
+                    continue
+            peak[label] = max(peak.get(label, 0), total >> 20)
+        time.sleep(0.2)
+
+
+def _normal_user(stack: LocalStack, images: list[bytes], out: Outcome, stop: threading.Event, period: float) -> None:
+    """One person using the page from another address: an image, then a pause, with the page's retry policy
+    (retry 503/507 after Retry-After, twice)."""
+    s, i = session_from(USER), 0
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        status = None
+        for attempt in range(3):
+            try:
+                r = s.post(stack.page_url + API, data=images[i % len(images)], timeout=60)
+                status = r.status_code
+            except requests.RequestException as exc:
+                status = type(exc).__name__
+            if status not in (503, 507) or attempt == 2:
+                break
+            time.sleep(float(r.headers.get("Retry-After", 1)))
+        out.user[status] += 1
+        if status == 200:
+            out.user_ms.append((time.perf_counter() - t0) * 1000)
+        i += 1
+        stop.wait(period)
+
+
+def run_attack(stack: LocalStack, name: str, images: list[bytes], seconds: float, period: float = 0.5) -> Outcome:
+    out, stop, peak = Outcome(name), threading.Event(), {}
+    jvm = stack.find("org.pytorch.serve.ModelServer")
+    helpers = [threading.Thread(target=_sample_memory, args=(stack, peak, stop), daemon=True),
+               threading.Thread(target=_normal_user, args=(stack, images, out, stop, period), daemon=True)]
+    attacker = threading.Thread(target=ATTACKS[name], args=(stack, out, stop), daemon=True)
+    for t in (*helpers, attacker):
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    attacker.join(timeout=150)
+    for t in helpers:
+        t.join(timeout=70)
+    out.peak_mb = peak
+    out.stack_up = stack.running()
+    after = stack.find("org.pytorch.serve.ModelServer")
+    out.torchserve_restarts = int(jvm is None or after is None or after.pid != jvm.pid)
+    if name == "kill-jvm":
+        _wait_ready(stack)
+    return out
+
+
+def _wait_ready(stack: LocalStack, timeout: float = 120) -> None:
+    s, deadline = session_from(USER), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if s.get(stack.page_url + "/ping", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+
+
+def owner_only(stack: LocalStack) -> dict:
+    """What another local user (nobody) can do to TorchServe: nothing without the keys."""
+    import grpc
+
+    url = f"{stack.management_url}/models/skin-lesion?min_worker=0&max_worker=0&synchronous=true"
+    as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    rest = subprocess.run([*as_nobody, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", url],
+                          capture_output=True, text=True, timeout=60).stdout
+    key = subprocess.run([*as_nobody, "cat", str(stack.tokens.path)], capture_output=True).returncode
+    config = (stack.state / "torchserve" / "config.properties").read_text()
+    port = next(line.split("=")[1] for line in config.splitlines() if line.startswith("grpc_management_port="))
+    name = b"skin-lesion"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            channel.unary_unary("/org.pytorch.serve.grpc.management.ManagementAPIsService/ScaleWorker")(
+                b"\x0a" + bytes([len(name)]) + name + b"\x18\x01\x20\x01", timeout=30)
+            grpc_answer = "OK"
+        except grpc.RpcError as err:
+            grpc_answer = err.code().name
+    names = {**{v: k for k, v in stack.ports.items()}, int(port): "grpc-management"}
+    names[int(next(line.split("=")[1] for line in config.splitlines()
+                   if line.startswith("grpc_inference_port=")))] = "grpc-inference"
+    listeners = sorted({f"{names.get(c.laddr.port, '?')} {c.laddr.ip.removeprefix('::ffff:')}:{c.laddr.port}"
+                        for p in stack.processes() for c in p.net_connections(kind="tcp")
+                        if c.status == psutil.CONN_LISTEN})
+    return {"as": "nobody" if as_nobody else os.environ.get("USER", "this user"), "rest_scale_http": rest,
+            "key_file_readable": key == 0, "grpc_scale": grpc_answer, "listeners": listeners}
+
+
+def rest_latency(stack: LocalStack, images: list[bytes], seconds: float) -> list[float]:
+    out, stop = Outcome("rest"), threading.Event()
+    t = threading.Thread(target=_normal_user, args=(stack, images, out, stop, 0.5), daemon=True)
+    t.start()
+    time.sleep(seconds)
+    stop.set()
+    t.join(timeout=70)
+    return out.user_ms
+
+
+def run_all(release: Path, names: list[str], seconds: float, log=print) -> dict:
+    from training.data import default_data_dir
+
+    images = [p.read_bytes() for p in sorted((default_data_dir() / "images").glob("*.jpg"))[:20]]
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = LocalStack(release, Path(tmp)).start()
+        try:
+            log("normal user at rest ...")
+            rest = rest_latency(stack, images, max(5.0, seconds / 2))
+            results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "machine": f"{os.uname().machine}, {os.cpu_count()} cores", "rest_p50_ms": statistics.median(rest),
+                       "rest_requests": len(rest), "attacks": [], "owner_only": owner_only(stack)}
+            for name in names:
+                log(f"attack: {name} for {seconds:.0f} s ...")
+                results["attacks"].append(run_attack(stack, name, images, seconds).summary())
+                if not stack.running():
+                    break
+        finally:
+            results_exit = stack.stop()
+        results["exit_code"] = results_exit
+        results["supervisor_log"] = [line.strip() for line in stack.lines if "restart" in line or "exited" in line]
+    return results
+
+
+def table(r: dict) -> str:
+    rows = [f"Measured {r['date']} on {r['machine']}. Normal user at rest: p50 {r['rest_p50_ms']:.0f} ms "
+            f"({r['rest_requests']} requests, one image every 0.5 s from another address).\n",
+            "| attack (from one address) | attacker got | attacker p50 ms | normal user answered | user p50 ms "
+            "(at rest) | stack | peak MiB gate / JVM / workers |", "|---|---|---|---|---|---|---|"]
+    for a in r["attacks"]:
+        got = ", ".join(f"{k}: {v}" for k, v in sorted(a["attacker"].items(), key=lambda kv: -kv[1]))
+        mem = a["peak_mb"]
+        stack = "up" if a["stack_up"] else "DOWN"
+        stack += f", TorchServe restarted {a['torchserve_restarts']}x" if a["torchserve_restarts"] else ", no restart"
+        rows.append(f"| {a['attack']} | {got} | {a['attacker_p50_ms']:.0f} | {a['user_ok']}/{a['user_sent']} | "
+                    f"{a['user_p50_ms']:.0f} ({r['rest_p50_ms']:.0f}) | {stack} | {mem.get('gate', 0)} / "
+                    f"{mem.get('torchserve', 0)} / {mem.get('workers', 0)} |")
+    o = r["owner_only"]
+    rows.append(f"\nAs {o['as']}: REST scale-to-0 HTTP {o['rest_scale_http']}, gRPC ScaleWorker {o['grpc_scale']}, "
+                f"key file readable: {o['key_file_readable']}. Listeners: {', '.join(o['listeners'])}. "
+                f"Stack exit code {r['exit_code']}.")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stress.attacks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--release", default=os.environ.get("SKIN_RELEASE_DIR", str(REPO / "release")))
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--only", nargs="+", choices=sorted(ATTACKS), help="run these attacks only")
+    p.add_argument("--quick", action="store_true", help=f"CI size: {', '.join(QUICK)}; 8 s each")
+    p.add_argument("--json", help="also write the raw figures here")
+    args = p.parse_args(argv)
+    names = args.only or (QUICK if args.quick else list(ATTACKS))
+    seconds = 8 if args.quick and args.seconds == 30 else args.seconds
+    r = run_all(Path(args.release), names, seconds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2, default=str))
+    print(table(r))
+    return 0 if all(a["stack_up"] for a in r["attacks"]) else 1
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""docker/nginx.conf, run in a real nginx in front of the gate as compose does, answers what the gate alone
+(`./skin up`) answers: the same status and error code for every policy case, one JSON answer with the
+security headers for every framing attack."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from stack.gate import GateThread
+from stack.torchserve import TorchServe, config_value, free_port
+from stress import bombs
+from tests.test_gate import assert_one_json_refusal, exchange, responses
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "skin-lesion"
+API = f"/predictions/{NAME}"
+CONF = (REPO / "docker" / "nginx.conf").read_text()
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or str(REPO / ".venv" / "nginx" / "usr" / "sbin" / "nginx")
+    if not os.access(found, os.X_OK):
+        pytest.fail("nginx is needed (./skin test unpacks Debian's nginx package into .venv/nginx)")
+    return found
+
+
+def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
+    """The compose file with its three deployment facts (listen port, gate address, document root) made local."""
+    conf = CONF
+    for old, new in (("listen 8080;", f"listen 127.0.0.1:{port};"), ("server gate:8000;", f"server 127.0.0.1:{gate_port};"),
+                     ("root /usr/share/nginx/html;", f"root {dist};")):
+        assert conf.count(old) == 1, old
+        conf = conf.replace(old, new)
+    (work / "default.conf").write_text(conf)
+    temp = "".join(f"{kind}_temp_path {work / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    main = (f"daemon off;\nworker_processes 1;\npid {work / 'nginx.pid'};\nerror_log {work / 'error.log'} warn;\n"
+            + ("user root;\n" if os.geteuid() == 0 else "")
+            + f"events {{ worker_connections 1024; }}\nhttp {{\naccess_log off;\n{temp}include {work / 'default.conf'};\n}}\n")
+    (work / "nginx.conf").write_text(main)
+    return work / "nginx.conf"
+
+
+@pytest.fixture(scope="module")
+def entries(tiny_mar, tiny_release, tmp_path_factory):
+    work = tmp_path_factory.mktemp("nginx")
+    dist = work / "dist"
+    subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(tiny_release / "meta.json"),
+                    "--out", str(dist)], check=True, capture_output=True)
+    ts = TorchServe(tiny_mar.parent, {NAME: tiny_mar.name}, work / "ts", free_port(), free_port(), free_port()).start()
+    direct = behind = proc = None
+    try:
+        ts.wait_ready(min_workers=2)
+        direct = GateThread(dist, ts.inference_url, ts.tokens).start()
+        behind = GateThread(None, ts.inference_url, ts.tokens, client_ip_header="X-Real-IP").start()
+        port = free_port()
+        conf = local_conf(work, port, behind.gate.port, dist)
+        binary = nginx_binary()
+        check = subprocess.run([binary, "-t", "-c", str(conf), "-p", str(work)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield {"gate": (direct.url, direct.gate.port), "nginx": (f"http://127.0.0.1:{port}", port)}
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=15)
+        for g in (direct, behind):
+            if g:
+                g.stop()
+        ts.stop()
+
+
+def test_the_body_cap_is_torchserves(entries):
+    cap = int(config_value("max_request_size"))
+    assert cap == 10 * 2**20 and "client_max_body_size 10m;" in CONF and str(cap) in CONF
+
+
+def _cases(jpeg: bytes) -> dict:
+    body, multipart_ct = bombs.multipart_part_bomb()
+    return {
+        "image": dict(data=jpeg),
+        "image as form (curl --data-binary)": dict(data=jpeg, headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        "multipart": dict(files={"data": ("x.jpg", jpeg, "image/jpeg")}),
+        "json": dict(json={"data": base64.b64encode(jpeg).decode()}),
+        "form field bomb": dict(data=bombs.form_field_bomb(), headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        "multipart part bomb": dict(data=body, headers={"Content-Type": multipart_ct}),
+        "nested json": dict(data=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"}),
+        "text": dict(data=b"hello", headers={"Content-Type": "text/plain"}),
+        "oversize": dict(data=b"\0" * (11 * 2**20)),
+    }
+
+
+def test_policy_cases_get_the_same_answer(entries, sample_images):
+    jpeg = sample_images[0].read_bytes()
+    for name, kw in _cases(jpeg).items():
+        got = {}
+        for entry, (url, _) in entries.items():
+            r = requests.post(url + API, timeout=60, **kw)
+            got[entry] = (r.status_code, r.json().get("error") if r.status_code != 200 else r.json()["top"])
+            assert r.headers["X-Content-Type-Options"] == "nosniff", (entry, name)
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], (entry, name)
+        assert got["gate"] == got["nginx"], (name, got)
+
+
+@pytest.mark.parametrize("method,path", [("GET", API), ("DELETE", API), ("GET", "/nope"), ("GET", "/models"),
+                                         ("POST", "/models"), ("PUT", "/"), ("GET", "/"), ("GET", "/app.js"),
+                                         ("POST", "/ping"), ("GET", "/ping")])
+def test_routes_get_the_same_status(entries, method, path):
+    got = {entry: requests.request(method, url + path, timeout=30).status_code for entry, (url, _) in entries.items()}
+    assert got["gate"] == got["nginx"], got
+
+
+POST = f"POST {API} HTTP/1.1\r\nHost: x\r\n".encode()
+
+
+@pytest.mark.parametrize("name,raw,status", [
+    ("chunked", POST + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+    ("no length", POST + b"Connection: close\r\n\r\n", 411),
+    ("negative length", POST + b"Content-Length: -1\r\n\r\n", 400),
+    ("non-numeric length", POST + b"Content-Length: 12abc\r\n\r\n", 400),
+    ("duplicate length", POST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400),
+    ("length and chunked", POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("line too long", b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("header too large", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n", 400),
+])
+def test_framing_attacks_get_one_json_refusal_from_both(entries, name, raw, status):
+    for entry, (_, port) in entries.items():
+        body = assert_one_json_refusal(exchange(port, raw, first_only=True), status)
+        assert re.fullmatch(r"[a-z_]+", body["error"]), (entry, body)
+
+
+def test_a_per_client_cap_on_both(entries, sample_images):
+    """Four uploads in flight from one address: the fifth is refused 429 by both, another address is served."""
+    for entry, (url, port) in entries.items():
+        held = []
+        try:
+            for _ in range(4):
+                s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0))
+                s.sendall(POST + b"Content-Length: 100000\r\n\r\n" + b"\0" * 10)
+                held.append(s)
+            time.sleep(0.5)
+            raw = exchange(port, POST + b"Content-Length: 3\r\n\r\nabc", source="127.0.0.5", first_only=True)
+            got = responses(raw)
+            assert got and got[0][0] == 429 and got[0][2]["error"] == "too_many_requests", (entry, raw[:300])
+            assert got[0][1].get("retry-after"), entry
+            r = requests.post(url + API, data=sample_images[1].read_bytes(), timeout=30)
+            assert r.status_code == 200, (entry, r.text)
+        finally:
+            for s in held:
+                s.close()
