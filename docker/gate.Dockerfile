@@ -7,6 +7,7 @@ COPY requirements.txt .
 # Exactly the aiohttp release requirements.txt pins, nothing else of it.
 RUN pip install --no-cache-dir "$(grep -E '^aiohttp==' requirements.txt)"
 COPY stack/ stack/
+COPY config.properties .
 COPY handler/__init__.py handler/formats.py handler/
 USER skin
 ENV PYTHONUNBUFFERED=1

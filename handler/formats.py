@@ -48,11 +48,15 @@ def sniff(data: bytes) -> str | None:
 def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     """Start-of-scan segments of a JPEG stream, counted by walking the segment lengths (so bytes inside APPn
     or COM payloads, an EXIF thumbnail included, are never mistaken for markers). Stops counting once past
-    stop_after; a malformed stream ends the walk and is left to the decoder to refuse."""
+    stop_after. Junk where a marker should be is skipped up to the next 0xFF, as libjpeg does (it only warns):
+    stopping there instead would let one stray byte hide every scan behind it."""
     n, pos, scans = len(data), 2, 0
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            break
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1

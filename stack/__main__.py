@@ -85,6 +85,10 @@ def _wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def _interrupt(*_args):
+    raise KeyboardInterrupt
+
+
 def cmd_up(args) -> int:
     _private_state()
     pid_file = STATE / "stack.pid"
@@ -110,12 +114,9 @@ def cmd_up(args) -> int:
                                ts.stop, ts.exit_reason))
     sup.add(process_child("the page's gate", gate_argv, cwd=REPO))
 
-    def _stop(_signum, _frame):
-        raise KeyboardInterrupt
-
     # Both explicitly: a parent shell that ran us in the background may have left SIGINT ignored.
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     pid_file.write_text(str(os.getpid()))
     try:
         for child in sup.children:
@@ -201,10 +202,6 @@ def cmd_test(args) -> int:
 
 def cmd_logs(args) -> int:
     return subprocess.call([sys.executable, "-m", "logger", *args.logger_args], cwd=REPO, env=audit_env())
-
-
-def _interrupt(*_args):
-    raise KeyboardInterrupt
 
 
 def cmd_serve(args) -> int:

@@ -9,9 +9,10 @@ keep-alive timeout, drains refused bodies before closing (so a client sees the 4
 and keeps a pool of keep-alive connections to TorchServe.
 
 What this module adds, in the order a request meets it (limits in GateLimits):
-connection cap -> route -> header checks (stack/gate_policy.py) -> a per-client in-flight cap -> body read
-against a deadline and a byte budget shared by all connections -> body policy -> TorchServe (with the
-inference token when token authorization is on) -> answer. Every answer, the parser's own error pages
+connection caps (in all, per address) -> route -> a per-client cap on requests in flight -> header checks
+(stack/gate_policy.py) -> body read against a deadline and a byte budget shared by all connections -> body
+policy -> TorchServe (with the inference key when token authorization is on) -> TorchServe's answer, or the
+gate's own refusal in its place. Every answer, the parser's own error pages
 included, is JSON or a static file with the security headers.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import mimetypes
 import re
 import signal
@@ -33,6 +35,7 @@ from aiohttp.web_server import Server
 
 from stack import gate_policy as policy
 from stack.tokens import TokenFile
+from stack.torchserve import config_value
 
 SECURITY_HEADERS = {
     "Server": "skin-gate",  # aiohttp would otherwise announce its and Python's versions
@@ -43,34 +46,41 @@ SECURITY_HEADERS = {
                                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
 }
+log = logging.getLogger("gate")
 
 
 @dataclass(frozen=True)
 class GateLimits:
-    max_body: int = 10 * 2**20          # = TorchServe's max_request_size (./skin passes it from config.properties)
+    max_body: int = int(config_value("max_request_size") or 10 * 2**20)  # TorchServe's own cap, config.properties
     inflight_bytes: int = 64 * 2**20    # request bodies held at once, all connections together
     per_client: int = 4                 # API requests in flight per client address: at most half of what
                                         # 2 workers x batch 4 take at once (a page sends 1 at a time)
     max_connections: int = 512
+    per_address_connections: int = 64   # open connections per client address (off behind a proxy)
     idle_s: float = 15.0                # keep-alive, and how long a client may take to send its headers
     body_s: float = 60.0                # to send the whole body (10 MiB needs >= 175 KB/s)
     upstream_s: float = 60.0
     retry_after_s: int = 2              # what a busy answer tells clients to wait
-    restart_retry_after_s: int = 5      # ... and while TorchServe restarts
+    restart_retry_after_s: int = 5      # ... and while TorchServe restarts or renews its keys
 
 
-def _json_response(status: int, code: str, reason: str, retry_after: int | None = None) -> web.Response:
+def _error_body(status: int, code: str, reason: str, retry_after: int | None) -> tuple[bytes, dict]:
     body = {"error": code, "reason": reason, "status": status}
-    headers = dict(SECURITY_HEADERS)
+    headers = {**SECURITY_HEADERS, "Content-Type": "application/json"}
     if retry_after is not None:
         body["retry_after_s"] = retry_after
         headers["Retry-After"] = str(retry_after)
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
-                        headers=headers)
+    return json.dumps(body).encode(), headers
 
 
-def refuse(r: policy.Refusal, retry_after: int | None = None) -> web.Response:
-    return _json_response(r.status, r.code, r.reason, retry_after)
+def refuse(r: policy.Refusal, retry_after: int | None = None, close: bool = False) -> web.Response:
+    """A refusal as JSON with the security headers; close=True also ends the connection (after aiohttp has
+    drained what the client was still sending, so the client reads this answer instead of a reset)."""
+    body, headers = _error_body(r.status, r.code, r.reason, retry_after)
+    resp = web.Response(status=r.status, body=body, headers=headers)
+    if close:
+        resp.force_close()
+    return resp
 
 
 class _Budget:
@@ -105,31 +115,51 @@ def _parser_reason(exc) -> str:
 
 class _Protocol(RequestHandler):
     def handle_error(self, request, status=500, exc=None, message=None):
-        """The parser's own refusals (bad framing, oversize headers, unknown methods) as JSON with the headers."""
+        """The parser's own refusals (bad framing, oversize headers, unknown methods) and any unforeseen
+        failure, as JSON with the headers; failures are logged, refusals are not (they are the clients')."""
         if status >= 500:
-            resp = _json_response(500, "server_error", "internal error")
-        else:
-            resp = _json_response(status, "bad_request", _parser_reason(exc))
-        resp.force_close()
-        return resp
+            log.error("unexpected failure answering a request", exc_info=exc)
+            return refuse(policy.Refusal(500, "server_error", "internal error"), close=True)
+        return refuse(policy.Refusal(status, "bad_request", _parser_reason(exc)), close=True)
 
 
 class _Server(Server):
-    def __init__(self, handler, max_connections: int, **kw):
+    """aiohttp's low-level server with two connection caps: in all, and per client address."""
+
+    def __init__(self, handler, limits: GateLimits, per_address: bool, **kw):
         super().__init__(handler, **kw)
-        self.max_connections = max_connections
+        self.limits, self.per_address = limits, per_address
+        self.addresses: dict[str, int] = {}
+        self.address_of: dict = {}
 
     def __call__(self):
         return _Protocol(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler, transport) -> None:
         super().connection_made(handler, transport)
-        if len(self._connections) > self.max_connections:
-            body = json.dumps({"error": "busy", "status": 503, "reason": "too many connections; retry shortly"})
-            head = "".join(f"{k}: {v}\r\n" for k, v in SECURITY_HEADERS.items())
-            transport.write(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n{head}"
-                            f"Retry-After: 2\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
-            transport.close()
+        address = (transport.get_extra_info("peername") or ("?",))[0]
+        self.address_of[handler] = address
+        self.addresses[address] = self.addresses.get(address, 0) + 1
+        if len(self._connections) > self.limits.max_connections:
+            self._refuse(transport, "too many connections; retry shortly")
+        elif self.per_address and self.addresses[address] > self.limits.per_address_connections:
+            self._refuse(transport, "too many connections from this address; retry shortly")
+
+    def connection_lost(self, handler, exc=None) -> None:
+        address = self.address_of.pop(handler, None)
+        if address is not None:
+            self.addresses[address] -= 1
+            if not self.addresses[address]:
+                del self.addresses[address]
+        super().connection_lost(handler, exc)
+
+    def _refuse(self, transport, reason: str) -> None:
+        """Before a request is even parsed: a complete 503 written straight to the socket, then close."""
+        body, headers = _error_body(503, "busy", reason, self.limits.retry_after_s)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        transport.write(f"HTTP/1.1 503 Service Unavailable\r\n{head}Content-Length: {len(body)}\r\n"
+                        f"Connection: close\r\n\r\n".encode() + body)
+        transport.close()
 
 
 class Gate:
@@ -161,12 +191,12 @@ class Gate:
         if isinstance(where, policy.Refusal):
             resp = refuse(where)
             if where.status == 405:
-                resp.headers["Allow"] = "POST, PUT" if policy.API_PATH.match(request.path) else "GET, HEAD"
+                resp.headers["Allow"] = "POST, PUT" if policy.API_PATH.fullmatch(request.path) else "GET, HEAD"
             return resp
         if where == "static":
             found = self.files.get(request.path)
             if found is None:
-                return refuse(policy.Refusal(404, "not_found", f"no such page: {request.path[:200]}"))
+                return refuse(policy.Refusal(404, "not_found", "no such page"))
             return web.Response(body=found[0], headers={**SECURITY_HEADERS, "Content-Type": found[1]})
         client = (request.headers.get(self.client_ip_header) if self.client_ip_header else None) or request.remote or "?"
         if self.per_client.get(client, 0) >= self.limits.per_client:
@@ -186,9 +216,7 @@ class Gate:
     async def _api(self, request: web.BaseRequest) -> web.StreamResponse:
         length = policy.check_headers(request.headers, self.limits.max_body)
         if isinstance(length, policy.Refusal):
-            resp = refuse(length)
-            resp.force_close()  # aiohttp still drains what was sent (lingering), so the client reads this answer
-            return resp
+            return refuse(length, close=True)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # headers passed: send the body
         body, held = bytearray(), 0
@@ -201,22 +229,19 @@ class Gate:
                             return refuse(policy.Refusal(400, "incomplete_body", "the connection ended before "
                                                                                  "Content-Length bytes arrived"))
                         if not self.budget.take(len(chunk)):
-                            resp = refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads "
+                            return refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads "
                                                                       "right now; retry shortly"),
-                                          self.limits.retry_after_s)
-                            resp.force_close()
-                            return resp
+                                          self.limits.retry_after_s, close=True)
                         held += len(chunk)
                         body += chunk
             except TimeoutError:
-                resp = refuse(policy.Refusal(408, "body_timeout", f"the upload took longer than "
-                                                                  f"{self.limits.body_s:.0f} s"))
-                resp.force_close()
-                return resp
+                return refuse(policy.Refusal(408, "body_timeout", f"the upload took longer than "
+                                                                  f"{self.limits.body_s:.0f} s"), close=True)
             decision = policy.check_body(request.headers.get("Content-Type"), body)
             if isinstance(decision, policy.Refusal):
                 return refuse(decision)
-            return await self._forward(request.method, request.path, body, decision.content_type)
+            forwarded = decision.body if decision.body is not None else body
+            return await self._forward(request.method, request.path, forwarded, decision.content_type)
         finally:
             self.budget.give(held)
 
@@ -237,17 +262,11 @@ class Gate:
         if status == 400 and b"InvalidKeyException" in data and self.tokens is not None and retry_auth:
             self.tokens.reload()  # the stack renewed the keys between our read and this request
             return await self._forward(method, path, body, content_type, retry_auth=False)
-        if status == 500 and b"DecoderException" in data:
-            return refuse(policy.Refusal(400, "malformed_request", "the request body does not match its Content-Type"))
-        if status == 503:
-            # TorchServe's own 503 text ("use scale workers API") misleads users: its queue is full.
-            return refuse(policy.Refusal(503, "busy", "the service is at capacity right now; retry shortly"),
-                          self.limits.retry_after_s)
-        if status == 413:
-            return refuse(policy.Refusal(413, "too_large", f"the upload is larger than {self.limits.max_body} bytes"))
-        if status >= 400 and not kind.startswith("application/json"):
-            return refuse(policy.Refusal(status if status < 600 else 502, "upstream_error",
-                                         f"the model server answered HTTP {status}"))
+        refusal = policy.upstream_refusal(status, data)
+        if refusal is not None:
+            retry = {503: self.limits.restart_retry_after_s if refusal.code == "unavailable"
+                     else self.limits.retry_after_s, 507: 1}.get(refusal.status)
+            return refuse(refusal, retry)
         return web.Response(status=status, body=data, headers={**SECURITY_HEADERS, "Content-Type": kind})
 
     async def start(self, host: str, port: int) -> web.BaseSite:
@@ -255,9 +274,9 @@ class Gate:
             connector=TCPConnector(limit=64, keepalive_timeout=30), cookie_jar=DummyCookieJar(),
             timeout=ClientTimeout(total=self.limits.upstream_s), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        server = _Server(self.handle, self.limits.max_connections, keepalive_timeout=self.limits.idle_s,
-                         lingering_time=5.0, auto_decompress=False, access_log=None, max_headers=64,
-                         handler_cancellation=True)
+        server = _Server(self.handle, self.limits, per_address=self.client_ip_header is None,
+                         keepalive_timeout=self.limits.idle_s, lingering_time=5.0, auto_decompress=False,
+                         access_log=None, max_headers=64, handler_cancellation=True)
         self.runner = web.ServerRunner(server, shutdown_timeout=10)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, backlog=1024, reuse_address=True)
@@ -311,6 +330,7 @@ def main(argv=None) -> int:
         print(f"error: {args.dist}/index.html is missing (render the page with site/build.py)", file=sys.stderr)
         return 1
     tokens = TokenFile(Path(args.key_file)) if args.key_file else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gate %(levelname)s %(message)s")
 
     async def serve() -> None:
         gate = Gate(Path(args.dist) if args.dist else None, args.upstream, tokens,

@@ -35,7 +35,7 @@ class TokenFile:
             try:
                 self._keys = {k: v["key"] for k, v in json.loads(self.path.read_text()).items()}
                 self._stamp = stamp
-            except (ValueError, KeyError, TypeError, OSError):
+            except (ValueError, KeyError, TypeError, AttributeError, OSError):
                 pass  # caught mid-write: keep the previous keys, read again next time
         return self._keys
 

@@ -66,7 +66,7 @@ class Outcome:
     user: Counter = field(default_factory=Counter)
     user_ms: list = field(default_factory=list)
     peak_mb: dict = field(default_factory=dict)
-    torchserve_restarts: int = 0
+    restarts: dict = field(default_factory=dict)  # child -> 1 if its process changed during the attack
     stack_up: bool = True
     note: str = ""
 
@@ -79,7 +79,7 @@ class Outcome:
         return {"attack": self.name, "attacker": dict(self.attacker), "attacker_p50_ms": p50(self.attacker_ms),
                 "user_ok": self.user.get(200, 0), "user_sent": sum(self.user.values()),
                 "user_statuses": dict(self.user), "user_p50_ms": p50(self.user_ms), "peak_mb": self.peak_mb,
-                "torchserve_restarts": self.torchserve_restarts, "stack_up": self.stack_up, "note": self.note}
+                "restarts": self.restarts, "stack_up": self.stack_up, "note": self.note}
 
 
 def _timed_post(session, url, out: Outcome, stop: threading.Event, **kw) -> None:
@@ -166,11 +166,19 @@ def scan_bomb(stack, out, stop):
 
 
 def decoder_bombs(stack, out, stop):
+    """Each payload recorded as 'name: status': the float TIFF and the 40 MP PNG fit the decoding budget
+    (200), the formats the page never promised must be 415."""
     s = session_from(ATTACKER)
-    payloads = [bombs.float_tiff(), bombs.png_with_size(7300, 5470), *bombs.unpromised_formats().values()]
+    payloads = {"float TIFF": bombs.float_tiff(), "40 MP PNG": bombs.png_with_size(7300, 5470),
+                **bombs.unpromised_formats()}
     while not stop.is_set():
-        for body in payloads:
-            _timed_post(s, stack.page_url + API, out, stop, data=body, headers={"Content-Type": "image/tiff"})
+        for label, body in payloads.items():
+            t0 = time.perf_counter()
+            try:
+                status = s.post(stack.page_url + API, data=body, timeout=120).status_code
+            except requests.RequestException as exc:
+                status = type(exc).__name__
+            out.record(f"{label}: {status}", (time.perf_counter() - t0) * 1000)
 
 
 FRAMING = [b"Content-Length: -1\r\n\r\n", b"Content-Length: 12abc\r\n\r\n",
@@ -242,6 +250,32 @@ def slow_bodies(stack, out, stop, uploads=60, idle=300):
         s.close()
 
 
+def connection_flood(stack, out, stop, connections=1000):
+    """1,000 connections from one address that never send a byte: more than the gate's 512 in all."""
+    socks = []
+    for _ in range(connections):
+        t0 = time.perf_counter()
+        try:
+            s = socket.create_connection(("127.0.0.1", stack.ports["site"]), source_address=(ATTACKER, 0))
+            s.setblocking(False)
+            socks.append((s, t0))
+        except OSError as exc:
+            out.record(type(exc).__name__, 0)
+    time.sleep(0.5)
+    for s, t0 in socks:
+        try:
+            data = s.recv(4096)
+            out.record(int(data[9:12]) if data.startswith(b"HTTP/1.") else "closed by the gate",
+                       (time.perf_counter() - t0) * 1000)
+        except BlockingIOError:
+            out.record("held open", (time.perf_counter() - t0) * 1000)
+        except OSError:
+            out.record("closed by the gate", (time.perf_counter() - t0) * 1000)
+    stop.wait()
+    for s, _ in socks:
+        s.close()
+
+
 def _answered(sock: socket.socket) -> bool:
     """A non-blocking socket the server has written to or closed."""
     try:
@@ -271,8 +305,10 @@ def kill_jvm(stack, out, stop):
 
 ATTACKS = {"form-bomb": form_bomb, "multipart-bomb": multipart_bomb, "flood-page": flood_page,
            "flood-direct": flood_direct, "random-bodies": random_bodies, "scan-bomb": scan_bomb,
-           "decoder-bombs": decoder_bombs, "framing": framing, "slow-bodies": slow_bodies, "kill-jvm": kill_jvm}
-QUICK = ["form-bomb", "multipart-bomb", "scan-bomb", "decoder-bombs", "framing", "slow-bodies", "flood-page"]
+           "decoder-bombs": decoder_bombs, "framing": framing, "slow-bodies": slow_bodies,
+           "connection-flood": connection_flood, "kill-jvm": kill_jvm}
+QUICK = ["form-bomb", "multipart-bomb", "scan-bomb", "decoder-bombs", "framing", "slow-bodies", "connection-flood",
+         "flood-page"]
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -315,9 +351,16 @@ def _normal_user(stack: LocalStack, images: list[bytes], out: Outcome, stop: thr
         stop.wait(period)
 
 
+CHILDREN = {"TorchServe": "org.pytorch.serve.ModelServer", "gate": "stack.gate", "logger": "-m logger"}
+
+
+def _pids(stack: LocalStack) -> dict:
+    return {name: getattr(stack.find(marker), "pid", None) for name, marker in CHILDREN.items()}
+
+
 def run_attack(stack: LocalStack, name: str, images: list[bytes], seconds: float, period: float = 0.5) -> Outcome:
     out, stop, peak = Outcome(name), threading.Event(), {}
-    jvm = stack.find("org.pytorch.serve.ModelServer")
+    before = _pids(stack)
     helpers = [threading.Thread(target=_sample_memory, args=(stack, peak, stop), daemon=True),
                threading.Thread(target=_normal_user, args=(stack, images, out, stop, period), daemon=True)]
     attacker = threading.Thread(target=ATTACKS[name], args=(stack, out, stop), daemon=True)
@@ -330,8 +373,8 @@ def run_attack(stack: LocalStack, name: str, images: list[bytes], seconds: float
         t.join(timeout=70)
     out.peak_mb = peak
     out.stack_up = stack.running()
-    after = stack.find("org.pytorch.serve.ModelServer")
-    out.torchserve_restarts = int(jvm is None or after is None or after.pid != jvm.pid)
+    after = _pids(stack)
+    out.restarts = {child: 1 for child in CHILDREN if before[child] is None or after[child] != before[child]}
     if name == "kill-jvm":
         _wait_ready(stack)
     return out
@@ -420,7 +463,7 @@ def table(r: dict) -> str:
         got = ", ".join(f"{k}: {v}" for k, v in sorted(a["attacker"].items(), key=lambda kv: -kv[1]))
         mem = a["peak_mb"]
         stack = "up" if a["stack_up"] else "DOWN"
-        stack += f", TorchServe restarted {a['torchserve_restarts']}x" if a["torchserve_restarts"] else ", no restart"
+        stack += f", restarted: {', '.join(a['restarts'])}" if a["restarts"] else ", no restart"
         rows.append(f"| {a['attack']} | {got} | {a['attacker_p50_ms']:.0f} | {a['user_ok']}/{a['user_sent']} | "
                     f"{a['user_p50_ms']:.0f} ({r['rest_p50_ms']:.0f}) | {stack} | {mem.get('gate', 0)} / "
                     f"{mem.get('torchserve', 0)} / {mem.get('workers', 0)} |")

@@ -17,9 +17,10 @@ import pytest
 import requests
 
 from stack.gate import GateLimits, GateThread
-from stack.tokens import renew
+from stack.tokens import TokenFile, renew
 from stack.torchserve import TorchServe, free_port
 from stress import bombs
+from stress.attacks import session_from
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "skin-lesion"
@@ -48,7 +49,8 @@ def dist(tiny_release, tmp_path_factory):
 @pytest.fixture
 def gate(ts, dist, request):
     limits = getattr(request, "param", GateLimits())
-    g = GateThread(dist, ts.inference_url, ts.tokens, limits=limits).start()
+    # A key file reader of its own, as the separate gate process of ./skin up has.
+    g = GateThread(dist, ts.inference_url, TokenFile(ts.tokens.path), limits=limits).start()
     yield g
     g.stop()
 
@@ -118,6 +120,8 @@ POST = f"POST {API} HTTP/1.1\r\nHost: x\r\n".encode()
     ("management path", b"PUT /models/skin-lesion?min_worker=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                         b"Connection: close\r\n\r\n", 405),
     ("compressed body", POST + b"Content-Length: 4\r\nContent-Encoding: gzip\r\n\r\nabcd", 415),
+    ("non-ASCII boundary", POST + "Content-Type: multipart/form-data; boundary=\"é\"\r\n".encode()
+     + b"Content-Length: 4\r\n\r\nabcd", 400),
 ])
 def test_malformed_framing_gets_exactly_one_json_answer(gate, name, request_bytes, status):
     assert_one_json_refusal(exchange(gate.gate.port, request_bytes), status)
@@ -161,6 +165,12 @@ def test_expect_100_continue(gate, sample_images):
     assert b"HTTP/1.1 200" in out and b'"verdict"' in out
 
 
+def test_nothing_the_client_sent_is_reflected(gate):
+    for path in ("/<script>alert(1)</script>", "/predictions/<b>x</b>", "/predictions/nosuchmodel"):
+        r = requests.post(gate.url + path, data=b"\xff\xd8\xff", timeout=30)
+        assert r.status_code in (404, 405) and "<" not in r.text and "nosuchmodel" not in r.text, r.text
+
+
 def test_keep_alive_and_security_headers_on_every_answer(gate, sample_images):
     with requests.Session() as s:
         for path in ("/", "/app.js", "/nope", "/ping"):
@@ -197,6 +207,20 @@ def test_slow_clients_are_cut_off_and_their_bytes_released(gate):
     t0 = time.monotonic()  # headers never finished: closed after the idle timeout, no thread or slot held
     assert exchange(gate.gate.port, b"GET / HTTP/1.1\r\nHost: x\r\n", wait=10) == b""
     assert time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("gate", [GateLimits(per_address_connections=3)], indirect=True)
+def test_one_address_cannot_take_every_connection(gate):
+    held = [socket.create_connection(("127.0.0.1", gate.gate.port), source_address=("127.0.0.7", 0)) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        raw = exchange(gate.gate.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", source="127.0.0.7")
+        assert assert_one_json_refusal(raw, 503)["error"] == "busy"
+        ok = exchange(gate.gate.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", source="127.0.0.8")
+        assert responses(ok)[0][0] == 200
+    finally:
+        for s in held:
+            s.close()
 
 
 @pytest.mark.parametrize("gate", [GateLimits(max_connections=5)], indirect=True)
@@ -236,8 +260,7 @@ def test_byte_budget_and_per_client_cap(gate, sample_images):
             time.sleep(0.3)
             r = requests.post(gate.url + API, data=data, timeout=30)  # from 127.0.0.1: two already in flight
             assert r.status_code == 429 and r.json()["error"] == "too_many_requests" and r.headers["Retry-After"]
-            other = requests.Session()
-            other.mount("http://", _SourceAdapter("127.0.0.2"))
+            other = session_from("127.0.0.2")
             assert other.post(gate.url + API, data=data, timeout=30).status_code == 200  # another client is served
         finally:
             second.close()
@@ -250,23 +273,15 @@ def test_byte_budget_and_per_client_cap(gate, sample_images):
     assert gate.gate.budget.used == 0
 
 
-class _SourceAdapter(requests.adapters.HTTPAdapter):
-    def __init__(self, source: str):
-        self.source = source
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kw):
-        kw["source_address"] = (self.source, 0)
-        super().init_poolmanager(*args, **kw)
-
-
 def test_renewed_keys_do_not_interrupt_the_gate(gate, ts, sample_images):
+    """The gate reads the key file itself: it notices the renewal (or retries once on a refused key)."""
     data = sample_images[2].read_bytes()
     assert requests.post(gate.url + API, data=data, timeout=30).status_code == 200
-    old = ts.tokens.keys()["inference"]
+    held = gate.gate.tokens.keys()["inference"]
     renew(ts.management_url, ts.tokens)
-    assert ts.tokens.keys()["inference"] != old
+    assert ts.tokens.keys()["inference"] != held
     assert requests.post(gate.url + API, data=data, timeout=30).status_code == 200
+    assert gate.gate.tokens.keys()["inference"] == ts.tokens.keys()["inference"]
 
 
 def test_torchserve_refuses_callers_without_the_keys(ts, sample_images):

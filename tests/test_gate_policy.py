@@ -29,7 +29,7 @@ def _headers(*pairs) -> CIMultiDict:
     ("POST", "/predictions/skin-lesion", "api"), ("PUT", "/predictions/skin-lesion/1.0", "api"),
     ("POST", "/explanations/skin-lesion", "api"), ("GET", "/ping", "ping"), ("GET", "/", "static"),
     ("HEAD", "/app.js", "static"), ("GET", "/predictions/skin-lesion", 405), ("DELETE", "/predictions/x", 405),
-    ("POST", "/models", 405), ("POST", "/ping", 405), ("PROPFIND", "/", 501),
+    ("POST", "/models", 405), ("POST", "/ping", 405), ("PROPFIND", "/", 405),
     ("POST", "/predictions/../models", 405), ("POST", "/predictions/a/b/c", 405),
 ])
 def test_routes(method, path, want):
@@ -55,9 +55,9 @@ def test_header_checks(pairs, want):
     assert (got.status if isinstance(got, policy.Refusal) else got) == want
 
 
-def test_raw_image_bytes_are_forwarded_as_they_are():
+def test_raw_image_bytes_are_forwarded_as_octet_stream():
     for kind in ("image/jpeg", "application/octet-stream", None, "image/png; charset=binary"):
-        assert isinstance(policy.check_body(kind, _jpeg()), policy.Forward)
+        assert policy.check_body(kind, _jpeg()) == policy.Forward("application/octet-stream")
 
 
 def test_a_form_field_bomb_is_refused_with_a_reason():
@@ -73,21 +73,56 @@ def test_image_bytes_under_a_wrong_content_type_are_recognised(kind):
     assert got == policy.Forward("application/octet-stream")
 
 
-def test_multipart_forms_of_at_most_two_parts():
-    b = "XyZ"
-    one = f'--{b}\r\nContent-Disposition: form-data; name="data"; filename="x.jpg"\r\n\r\n'.encode() + _jpeg()
-    two = one + f'\r\n--{b}\r\nContent-Disposition: form-data; name="target"\r\n\r\nmel'.encode()
-    three = two + f'\r\n--{b}\r\nContent-Disposition: form-data; name="x"\r\n\r\n1'.encode()
-    close = f"\r\n--{b}--\r\n".encode()
+def _form(boundary: str, *parts: bytes, newline: bytes = b"\r\n") -> bytes:
+    out = b""
+    for part in parts:
+        out += b"--" + boundary.encode() + newline + part + newline
+    return out + b"--" + boundary.encode() + b"--" + newline
+
+
+def _field(name: str, value: bytes, filename: str | None = None, kind: str | None = None) -> bytes:
+    disposition = f'Content-Disposition: form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return (disposition + (f"\r\nContent-Type: {kind}" if kind else "") + "\r\n\r\n").encode() + value
+
+
+def test_a_multipart_form_is_parsed_here_and_only_its_image_goes_on():
+    """TorchServe never sees a form: the image field goes on as raw bytes."""
+    jpeg, b = _jpeg(), "XyZ"
     ct = f"multipart/form-data; boundary={b}"
-    assert isinstance(policy.check_body(ct, one + close), policy.Forward)
-    assert isinstance(policy.check_body(f'multipart/form-data; boundary="{b}"', two + close), policy.Forward)
-    assert policy.check_body(ct, three + close).code == "too_many_parts"
-    body, bomb_ct = bombs.multipart_part_bomb(parts=1000)
-    assert policy.check_body(bomb_ct, body).code == "too_many_parts"
-    assert policy.check_body("multipart/form-data", one + close).code == "malformed_multipart"
-    assert policy.check_body("multipart/form-data; boundary=other", one + close).code == "malformed_multipart"
-    assert policy.check_body(ct, one).code == "malformed_multipart"  # no closing delimiter
+    for body in (_form(b, _field("data", jpeg, "x.jpg", "image/jpeg")), _form(b, _field("file", jpeg)),
+                 _form(b, _field("target", b"mel"), _field("upload", jpeg, "lesion.jpg"))):
+        assert policy.check_body(ct, body) == policy.Forward("application/octet-stream", jpeg)
+    assert policy.check_body(f'multipart/form-data; boundary="{b}"', _form(b, _field("data", jpeg))).body == jpeg
+    assert policy.check_body(ct, _form(b, _field("target", b"mel"))).code == "no_image_field"
+
+
+@pytest.mark.parametrize("name,content_type,body,code", [
+    ("three parts", "multipart/form-data; boundary=B",
+     _form("B", _field("data", b"x"), _field("a", b"1"), _field("b", b"2")), "too_many_parts"),
+    ("a part bomb", bombs.multipart_part_bomb(parts=1000)[1], bombs.multipart_part_bomb(parts=1000)[0], "too_many_parts"),
+    ("no boundary", "multipart/form-data", _form("B", _field("data", b"x")), "malformed_multipart"),
+    ("another boundary", "multipart/form-data; boundary=other", _form("B", _field("data", b"x")), "malformed_multipart"),
+    # Netty takes the first parameter that starts with "boundary": the gate must not read another one.
+    ("a second boundary-like parameter", "multipart/form-data; xboundary=A; boundary=B",
+     _form("B", _field("data", b"x")), None),
+    ("boundary twice", "multipart/form-data; boundary=A; boundary=B", _form("B", _field("data", b"x")),
+     "malformed_multipart"),
+    ("bare LF delimiters", "multipart/form-data; boundary=B",
+     b"--B\r\n" + _field("data", b"x") + b"\n--B\n" + _field("a", b"1") + b"\n--B\n" + _field("b", b"2") + b"\r\n--B--\r\n",
+     "malformed_multipart"),
+    ("nested multipart", "multipart/form-data; boundary=B",
+     _form("B", _field("data", _form("C", *[_field("f", b"1")] * 50), kind="multipart/mixed; boundary=C")),
+     "malformed_multipart"),
+    ("no closing boundary", "multipart/form-data; boundary=B", b"--B\r\n" + _field("data", b"x") + b"\r\n",
+     "malformed_multipart"),
+    ("non-ASCII boundary", "multipart/form-data; boundary=\udcc3\udca9", b"--\xc3\xa9\r\n", "malformed_multipart"),
+])
+def test_multipart_forms_that_another_parser_could_read_differently_are_refused(name, content_type, body, code):
+    got = policy.check_body(content_type, body)
+    if code is None:
+        assert got == policy.Forward("application/octet-stream", b"x"), name
+    else:
+        assert isinstance(got, policy.Refusal) and got.code == code, (name, got)
 
 
 def test_json_must_be_a_flat_object_with_the_image():
@@ -100,3 +135,21 @@ def test_json_must_be_a_flat_object_with_the_image():
                 json.dumps({"data": [data]}).encode()):
         got = policy.check_body("application/json", bad)
         assert isinstance(got, policy.Refusal) and (got.status, got.code) == (400, "bad_json"), bad[:40]
+
+
+@pytest.mark.parametrize("status,body,want", [
+    (200, b'{"top": {}}', None),
+    (415, b'{"error": "not_an_image", "reason": "...", "status": 415}', None),  # the handler's own refusal
+    (404, b'{"code": 404, "type": "ModelNotFoundException", "message": "Model not found: <script>"}', (404, "model_not_found")),
+    (503, b'{"code": 503, "type": "ServiceUnavailableException", "message": "use scale workers API"}', (503, "busy")),
+    (507, b'{"code": 507, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
+    (400, b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"}', (503, "unavailable")),
+    (500, b'{"code": 500, "type": "DecoderException", "message": "..."}', (400, "malformed_request")),
+    (413, b"", (413, "too_large")),
+    (502, b"<html>bad gateway</html>", (502, "upstream_error")),
+])
+def test_torchserve_answers_are_passed_on_only_when_they_are_the_handlers(status, body, want):
+    got = policy.upstream_refusal(status, body)
+    assert (got if got is None else (got.status, got.code)) == want
+    if got is not None:
+        assert "<script>" not in got.reason and "scale workers" not in got.reason

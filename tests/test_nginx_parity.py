@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from stack.gate import GateThread
+from stack import gate_policy as policy
+from stack.gate import SECURITY_HEADERS, GateLimits, GateThread
 from stack.torchserve import TorchServe, config_value, free_port
 from stress import bombs
 from tests.test_gate import assert_one_json_refusal, exchange, responses
@@ -86,9 +87,28 @@ def entries(tiny_mar, tiny_release, tmp_path_factory):
         ts.stop()
 
 
-def test_the_body_cap_is_torchserves(entries):
+def _directive(name: str) -> str:
+    found = re.findall(rf"^\s*{name}\s+([^;]+);", CONF, re.M)
+    assert len(set(found)) == 1, (name, found)
+    return found[0]
+
+
+def test_nginx_enforces_the_gates_limits():
+    """The limits nginx applies itself are the gate's (GateLimits) and TorchServe's (config.properties)."""
+    limits = GateLimits()
     cap = int(config_value("max_request_size"))
-    assert cap == 10 * 2**20 and "client_max_body_size 10m;" in CONF and str(cap) in CONF
+    assert limits.max_body == cap
+    size = _directive("client_max_body_size")
+    assert int(size.rstrip("m")) * 2**20 == cap and f"larger than {cap} bytes" in CONF
+    assert _directive("limit_conn perclient") == str(limits.per_client)
+    assert _directive("limit_conn everyone") == str(limits.max_connections)
+    for name in ("client_header_timeout", "keepalive_timeout"):
+        assert _directive(name) == f"{limits.idle_s:.0f}s", name
+    api = re.search(r"location ~ \^(\S+)\$ \{", CONF).group(1)
+    assert api == policy.API_PATH.pattern, "nginx's API location and the gate's API_PATH differ"
+    for header, value in SECURITY_HEADERS.items():
+        if header != "Server":
+            assert f'add_header {header} "{value}" always;' in CONF or f"add_header {header} {value} always;" in CONF, header
 
 
 def _cases(jpeg: bytes) -> dict:
@@ -120,7 +140,7 @@ def test_policy_cases_get_the_same_answer(entries, sample_images):
 
 @pytest.mark.parametrize("method,path", [("GET", API), ("DELETE", API), ("GET", "/nope"), ("GET", "/models"),
                                          ("POST", "/models"), ("PUT", "/"), ("GET", "/"), ("GET", "/app.js"),
-                                         ("POST", "/ping"), ("GET", "/ping")])
+                                         ("POST", "/ping"), ("GET", "/ping"), ("PROPFIND", "/"), ("OPTIONS", API)])
 def test_routes_get_the_same_status(entries, method, path):
     got = {entry: requests.request(method, url + path, timeout=30).status_code for entry, (url, _) in entries.items()}
     assert got["gate"] == got["nginx"], got
