@@ -24,22 +24,21 @@ import requests  # noqa: E402
 
 from bench.serving import pct  # noqa: E402
 from stack.torchserve import TorchServe, free_port  # noqa: E402
-from training.data import default_data_dir  # noqa: E402
+from stack.archive import build_mar  # noqa: E402
+from stack.settings import current, sample_images  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", default=str(REPO / "release"))
+    p.add_argument("--release", default=str(current().release_dir), help="the release to serve (SKIN_RELEASE_DIR)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--pg-admin-url", default=None, help="PostgreSQL server to create a scratch database on")
     args = p.parse_args()
-    images = [f.read_bytes() for f in sorted((default_data_dir() / "images").glob("*.jpg"))[:50]]
+    images = sample_images(50)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([str(REPO / "archive.sh"), "--weights-dir", args.release, "--out", str(tmp)], check=True,
-                       capture_output=True, env={**os.environ, "PYTHON": sys.executable})
-        mar = next(tmp.glob("*.mar"))
-        name = mar.stem
+        meta, mar = build_mar(Path(args.release), tmp)
+        name = meta.name
         spool = tmp / "spool"
         on = TorchServe(tmp, {name: mar.name}, tmp / "on", free_port(), free_port(), free_port(),
                         env={"SKIN_SPOOL_DIR": str(spool)})

@@ -22,17 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stress.local_stack import LocalStack  # noqa: E402
-from training.data import default_data_dir  # noqa: E402
+from stack.settings import current, sample_images  # noqa: E402
 
 API = "/predictions/skin-lesion"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", default=str(REPO / "release"))
+    p.add_argument("--release", default=str(current().release_dir), help="the release to serve (SKIN_RELEASE_DIR)")
     p.add_argument("--requests", type=int, default=300)
     args = p.parse_args()
-    images = [f.read_bytes() for f in sorted((default_data_dir() / "images").glob("*.jpg"))[:30]]
+    images = sample_images(30)
     with tempfile.TemporaryDirectory() as tmp:
         stack = LocalStack(Path(args.release), Path(tmp)).start()
         try:

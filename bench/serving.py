@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,11 +23,12 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from handler.architectures import build_model, load_state_dict_file  # noqa: E402
-from handler.prediction import format_prediction  # noqa: E402
-from handler.preprocessing import PreprocessConfig, preprocess_bytes  # noqa: E402
+from skinmodel.answers import format_prediction  # noqa: E402
+from skinmodel.networks import build_model, load_state_dict_file  # noqa: E402
+from skinmodel.preprocessing import preprocess_bytes  # noqa: E402
 from stack.torchserve import TorchServe, free_port  # noqa: E402
-from training.data import default_data_dir  # noqa: E402
+from stack.archive import build_mar  # noqa: E402
+from stack.settings import current, sample_images  # noqa: E402
 
 
 def pct(values, q):
@@ -42,10 +42,10 @@ def summarize(name, latencies_ms, wall_s, n):
 
 
 def in_process(meta, weights, images, batch):
-    model = build_model(meta["arch"], meta["num_classes"])
+    model = build_model(meta.arch, meta.num_classes)
     model.load_state_dict(load_state_dict_file(weights))
     model.eval()
-    cfg = PreprocessConfig.from_meta(meta)
+    cfg = meta.preprocessing
     lat, started = [], time.perf_counter()
     for i in range(0, len(images), batch):
         t0 = time.perf_counter()
@@ -74,42 +74,37 @@ def over_http(url, images, clients, headers=None):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", default=str(REPO / "release"))
+    p.add_argument("--release", default=str(current().release_dir), help="the release to serve (SKIN_RELEASE_DIR)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=240)
     args = p.parse_args()
     release = Path(args.release)
-    meta = json.loads((release / "meta.json").read_text())
-    data_dir = default_data_dir()
-    paths = sorted((data_dir / "images").glob("*.jpg"))[: args.requests] if data_dir else []
-    if not paths:
+    images = sample_images(args.requests)
+    if not images:
         print("HAM10000 images not found (set HAM10000_DIR)", file=sys.stderr)
         return 1
-    images = [p.read_bytes() for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(release), "--out", tmp], check=True,
-                       capture_output=True, env={**os.environ, "PYTHON": sys.executable})
-        ts = TorchServe(Path(tmp), {meta["name"]: f"{meta['name']}.mar"}, Path(tmp) / "ts",
-                        free_port(), free_port(), free_port()).start()
+        meta, mar = build_mar(release, Path(tmp))
+        ts = TorchServe(Path(tmp), {meta.name: mar.name}, Path(tmp) / "ts", free_port(), free_port(), free_port()).start()
         try:
             ts.wait_ready(min_workers=2)
-            url = f"{ts.inference_url}/predictions/{meta['name']}"
+            url = f"{ts.inference_url}/predictions/{meta.name}"
             auth = ts.headers()
             over_http(url, images[:16], 2, auth)  # warm-up
-            weights = release / meta["weights_file"]
+            weights = release / meta.weights_file
             torch.set_num_threads(1)  # what one TorchServe worker gets (OMP_NUM_THREADS=1)
             in_process(meta, weights, images[:16], 1)
             one_thread = summarize("in-process, 1 at a time, 1 thread", *in_process(meta, weights, images, 1), len(images))
             torch.set_num_threads(os.cpu_count() or 1)
-            rows = [summarize("in-process, 1 at a time", *in_process(meta, release / meta["weights_file"], images, 1), len(images)),
-                    summarize("in-process, batches of 8", *in_process(meta, release / meta["weights_file"], images, 8), len(images)),
+            rows = [summarize("in-process, 1 at a time", *in_process(meta, weights, images, 1), len(images)),
+                    summarize("in-process, batches of 8", *in_process(meta, weights, images, 8), len(images)),
                     summarize("TorchServe, 1 client", *over_http(url, images, 1, auth), len(images)),
                     summarize(f"TorchServe, {args.clients} clients", *over_http(url, images, args.clients, auth),
                               len(images))]
         finally:
             ts.stop()
     rows.append(one_thread)
-    print(f"model {meta['name']} {meta['version']} ({meta['arch']}, {meta['input_size']} px), {len(images)} real "
+    print(f"model {meta.name} {meta.version} ({meta.arch}, {meta.input_size} px), {len(images)} real "
           f"HAM10000 JPEGs per row, {os.cpu_count()} cores, torch threads in-process {torch.get_num_threads()}")
     print(f"| {'setup':34} | p50 ms | p95 ms | p99 ms | req/s |\n|---|---|---|---|---|")
     for r in rows:

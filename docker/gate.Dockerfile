@@ -8,7 +8,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir "$(grep -E '^aiohttp==' requirements.txt)"
 COPY stack/ stack/
 COPY config.properties .
-COPY handler/__init__.py handler/formats.py handler/
+COPY skinmodel/__init__.py skinmodel/formats.py skinmodel/
 USER skin
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8000

@@ -1,8 +1,13 @@
-# The upload page rendered from release/meta.json, served by nginx, which also proxies the inference paths.
+# The upload page rendered from release/meta.json, served by nginx, which also passes the API paths to the gate.
 FROM python:3.11-slim-bookworm AS build
-RUN pip install --no-cache-dir Jinja2==3.1.6
+COPY requirements.txt /tmp/
+RUN pip install --no-cache-dir "$(grep -E '^Jinja2==' /tmp/requirements.txt)"
 WORKDIR /src
+# site/build.py reads meta.json through skinmodel.release (standard library only) and the defaults in stack/settings.py.
 COPY site/ site/
+COPY skinmodel/__init__.py skinmodel/inputs.py skinmodel/release.py skinmodel/
+COPY stack/__init__.py stack/settings.py stack/
+COPY config.properties ./
 COPY release/meta.json release/model_card.md release/
 RUN python site/build.py --meta release/meta.json --api-base "" --out /dist
 

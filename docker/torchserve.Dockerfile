@@ -9,6 +9,8 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY handler/ handler/
+COPY skinmodel/ skinmodel/
+COPY site/ site/
 COPY release/ release/
 COPY stack/ stack/
 COPY ops/ ops/

@@ -1,4 +1,5 @@
-"""TorchServe handler: a thin BaseHandler subclass. Everything it knows about the model comes from meta.json.
+"""TorchServe handler: a thin BaseHandler subclass. Everything it knows about the model comes from meta.json
+(ReleaseMeta); everything it does is in skinmodel/, which the .mar carries as a folder beside this file.
 
 Each request in a batch is validated on its own: a bad one gets its own 4xx and JSON reason, the others in
 the same batch are answered normally. Every answer, good or bad, is appended to the audit spool
@@ -7,7 +8,6 @@ the same batch are answered normally. Every answer, good or bad, is appended to 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -15,18 +15,13 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-try:  # flat inside the .mar
-    from architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
-    from event_spool import EventSpool
-    from gradcam import MAX_SIDE, grad_cam, overlay_png
-    from prediction import extract_image_bytes, format_error, format_prediction, make_event
-    from preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
-except ImportError:  # imported from the repository (tests, benchmarks)
-    from handler.architectures import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
-    from handler.event_spool import EventSpool
-    from handler.gradcam import MAX_SIDE, grad_cam, overlay_png
-    from handler.prediction import extract_image_bytes, format_error, format_prediction, make_event
-    from handler.preprocessing import InputError, PreprocessConfig, decode_image, preprocess_bytes
+from skinmodel.answers import format_error, format_prediction
+from skinmodel.audit import EventSpool, make_event
+from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
+from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
+from skinmodel.payload import extract_image_bytes
+from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
+from skinmodel.release import ReleaseMeta
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +30,25 @@ class SkinLesionHandler(BaseHandler):
     def initialize(self, context):
         model_dir = context.system_properties.get("model_dir")
         self.manifest = context.manifest
-        with open(os.path.join(model_dir, "meta.json")) as f:
-            self.meta = json.load(f)
-        self.cfg = PreprocessConfig.from_meta(self.meta)
-        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.meta = ReleaseMeta.load(model_dir)
+        self.cfg = self.meta.preprocessing
+        self.temperature = self.meta.temperature
         self.device = torch.device("cpu")
-        weights = os.path.join(model_dir, self.meta.get("weights_file", "model.pt"))
+        weights = os.path.join(model_dir, self.meta.weights_file)
         with open(weights, "rb") as f:
             self.weights_sha256 = hashlib.sha256(f.read()).hexdigest()
-        self.model = build_model(self.meta["arch"], self.meta["num_classes"])
+        self.model = build_model(self.meta.arch, self.meta.num_classes)
         self.model.load_state_dict(load_state_dict_file(weights))
         self.model.eval()
         self.ood_stats = None
-        abstention = self.meta.get("abstention")
+        abstention = self.meta.abstention
         if abstention and abstention.get("ood_stats_file"):
             stats = torch.load(os.path.join(model_dir, abstention["ood_stats_file"]), weights_only=True)
             self.ood_stats = {k: v.float() for k, v in stats.items()}
         self.spool = EventSpool.from_env()
         self.initialized = True
-        logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta["name"], self.meta["version"],
-                    self.meta["arch"], self.cfg.crop_size, self.temperature, self.spool.directory or "off")
+        logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta.name, self.meta.version,
+                    self.meta.arch, self.cfg.crop_size, self.temperature, self.spool.directory or "off")
 
     def handle(self, data, context):
         self._started = time.perf_counter()
@@ -124,7 +118,7 @@ class SkinLesionHandler(BaseHandler):
                 self.context.set_response_status(slot.status, slot.reason, idx)
                 answers.append(format_error(slot, request_id))
                 continue
-            if self.meta["arch"].endswith("_int8"):  # no gradients through int8 kernels
+            if self.meta.arch.endswith("_int8"):  # no gradients through int8 kernels
                 err = InputError(501, "not_supported", "explanations need the fp32 model; this one is int8")
                 self.context.set_response_status(err.status, err.reason, idx)
                 answers.append(format_error(err, request_id))
@@ -132,13 +126,13 @@ class SkinLesionHandler(BaseHandler):
             row = raw_data[idx]
             body = row.get("body") if isinstance(row, dict) else None
             wanted = body.get("target") if isinstance(body, dict) else None
-            target = self.meta["class_names"].index(wanted) if wanted in self.meta["class_names"] else None
+            target = self.meta.class_names.index(wanted) if wanted in self.meta.class_names else None
             cam, explained, logits = grad_cam(self.model, tensor[slot:slot + 1], target)
             upload = decode_image(extract_image_bytes(row), self.cfg.max_pixels, min_side=MAX_SIDE)
             png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
             answer = format_prediction(torch.softmax(logits[0] / self.temperature, 0).tolist(), self.meta, request_id)
             answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
-                                     "class": self.meta["class_names"][explained], "image_png_base64":
+                                     "class": self.meta.class_names[explained], "image_png_base64":
                                      base64.b64encode(png).decode(), "model_input_box": list(box)}
             answers.append(answer)
         return answers

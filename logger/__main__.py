@@ -8,25 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from stack.settings import current
 
 
 def database_url() -> tuple[str, bool]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url, False
-    data = Path(os.environ.get("SKIN_DATA_DIR", REPO / ".stack" / "data"))
-    return f"sqlite:///{data / 'predictions.sqlite3'}", True
+    """DATABASE_URL, else the embedded SQLite file (stack/settings.py); and whether it is the embedded one."""
+    s = current()
+    return s.audit_database, s.database_url is None
 
 
 def spool_dir() -> Path:
-    return Path(os.environ.get("SKIN_SPOOL_DIR", REPO / ".stack" / "spool"))
+    return current().spool
 
 
 def cmd_run(args) -> int:

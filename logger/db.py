@@ -7,10 +7,10 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+from skinmodel.audit import EVENT_COLUMNS
+
 SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
-COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
-           "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
-           "probabilities", "uncertain", "verdict", "error_code", "error_reason", "latency_ms", "inserted_at")
+COLUMNS = (*EVENT_COLUMNS, "inserted_at")  # schema.sql's predictions table, column for column (tested)
 
 
 def now() -> str:

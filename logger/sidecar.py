@@ -9,30 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from logger.db import Database, now
+from skinmodel.audit import REQUIRED, SEGMENT_GLOB, segment_closed
 
 log = logging.getLogger("logger")
 CHUNK_BYTES = 1 << 20
-REQUIRED = ("request_id", "ts", "model_name", "model_version", "status")
-
-
-def segment_minute(name: str) -> str | None:
-    """'events-host-12-20261125T2130.jsonl' -> '20261125T2130'."""
-    stem = name.removesuffix(".jsonl")
-    minute = stem.rsplit("-", 1)[-1]
-    return minute if len(minute) == 13 and minute[8] == "T" else None
-
-
-def segment_closed(name: str, now_epoch: float | None = None) -> bool:
-    minute = segment_minute(name)
-    current = time.strftime("%Y%m%dT%H%M", time.gmtime(now_epoch))
-    return minute is not None and minute < current
 
 
 @dataclass
@@ -70,7 +56,7 @@ def drain_once(db: Database, spool: Path, stats: Stats) -> int:
     offsets = db.offsets()
     written = 0
     present = set()
-    for path in sorted(spool.glob("events-*.jsonl")):
+    for path in sorted(spool.glob(SEGMENT_GLOB)):
         present.add(path.name)
         offset = offsets.get(path.name, 0)
         size = path.stat().st_size
@@ -97,7 +83,7 @@ def drain_once(db: Database, spool: Path, stats: Stats) -> int:
 
 
 def pending(spool: Path, offsets: dict[str, int]) -> dict:
-    files = sorted(spool.glob("events-*.jsonl"))
+    files = sorted(spool.glob(SEGMENT_GLOB))
     byte_count = sum(max(0, p.stat().st_size - offsets.get(p.name, 0)) for p in files)
     lines = 0
     for p in files:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from skinmodel.release import ReleaseMeta
 
 
 class StoreError(RuntimeError):
@@ -76,16 +79,18 @@ class ArchiveStore:
                     found.add(parts[-2])
         return sorted(found)
 
-    def publish(self, mar: Path, meta_path: Path) -> dict:
-        meta = json.loads(meta_path.read_text())
-        name, version = meta["name"], meta["version"]
+    def publish(self, mar: Path, meta: ReleaseMeta) -> dict:
+        """Upload an archive and the meta.json it carries (name and version from it); never overwrites."""
+        name, version = meta.name, meta.version
         if self.exists(name, version):
             raise StoreError(f"{name} {version} is already published in s3://{self.bucket}/{self.prefix}: versions "
                              "are immutable, publish a new version instead")
-        sums = {"name": name, "version": version, "files": {f"{name}.mar": sha256_file(mar),
-                                                            "meta.json": sha256_file(meta_path)}}
-        self.client.upload_file(str(mar), self.bucket, self.key(name, version, f"{name}.mar"))
-        self.client.upload_file(str(meta_path), self.bucket, self.key(name, version, "meta.json"))
+        with tempfile.TemporaryDirectory() as tmp:
+            meta_path = meta.save(Path(tmp))
+            sums = {"name": name, "version": version, "files": {f"{name}.mar": sha256_file(mar),
+                                                                "meta.json": sha256_file(meta_path)}}
+            self.client.upload_file(str(mar), self.bucket, self.key(name, version, f"{name}.mar"))
+            self.client.upload_file(str(meta_path), self.bucket, self.key(name, version, "meta.json"))
         self.client.put_object(Bucket=self.bucket, Key=self.key(name, version, "checksums.json"),
                                Body=json.dumps(sums, indent=2).encode(), ContentType="application/json")
         return sums

@@ -2,8 +2,9 @@
 
     .venv/bin/python site/build.py [--meta release/meta.json] [--api-base ""] [--out site/dist]
 
-Class codes, names and descriptions, and the model's name and version, come from meta.json; the API base
-comes from the flag or SKIN_API_BASE ("" = same origin, through the site proxy).
+Class codes, names and descriptions, and the model's name and version, come from meta.json (ReleaseMeta); the
+API base comes from the flag or SKIN_API_BASE ("" = same origin, through the page's gate). `./skin up` loads
+this file and calls render() directly.
 """
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(REPO) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(REPO))
+
+from skinmodel.release import ReleaseError, ReleaseMeta  # noqa: E402
+from stack.settings import current  # noqa: E402
 # Classes whose high rank deserves stronger wording on the page (malignant or pre-malignant).
 CONCERNING = ("mel", "bcc", "akiec")
 
 
-def render(meta: dict, api_base: str, out: Path, card: Path | None = None) -> Path:
+def render(meta: ReleaseMeta, api_base: str, out: Path, card: Path | None = None) -> Path:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html", "j2"]))
     classes = [{"code": c, "name": n, "description": d, "concerning": c in CONCERNING}
-               for c, n, d in zip(meta["class_names"], meta["class_full_names"], meta["class_descriptions"])]
-    config = {"apiBase": api_base.rstrip("/"), "model": meta["name"], "version": meta["version"],
-              "classes": classes, "concerning": [c for c in CONCERNING if c in meta["class_names"]]}
-    metrics = (meta.get("metrics") or {}).get("test") or {}
+               for c, n, d in zip(meta.class_names, meta.class_full_names, meta.class_descriptions)]
+    config = {"apiBase": api_base.rstrip("/"), "model": meta.name, "version": meta.version,
+              "classes": classes, "concerning": [c for c in CONCERNING if c in meta.class_names]}
+    metrics = (meta.metrics or {}).get("test") or {}
     html = env.get_template("index.html.j2").render(meta=meta, classes=classes, config_json=json.dumps(config).replace("</", "<\\/"),
                                                     metrics=metrics, has_card=card is not None)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +49,8 @@ def render(meta: dict, api_base: str, out: Path, card: Path | None = None) -> Pa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--meta", default=os.environ.get("SKIN_RELEASE_DIR", str(REPO / "release")) + "/meta.json")
+    p.add_argument("--meta", default=str(current().release_dir / "meta.json"), help="the release's meta.json "
+                                                                                    "(default: SKIN_RELEASE_DIR's)")
     p.add_argument("--api-base", default=os.environ.get("SKIN_API_BASE", ""),
                    help="where the browser sends predictions ('' = same origin via the site proxy)")
     p.add_argument("--out", default=str(HERE / "dist"))
@@ -52,8 +59,13 @@ def main(argv=None) -> int:
     if not meta_path.exists():
         print(f"error: {meta_path} does not exist (export a model or pass --meta)", file=sys.stderr)
         return 1
+    try:
+        meta = ReleaseMeta.load(meta_path)
+    except ReleaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     card = meta_path.parent / "model_card.md"
-    index = render(json.loads(meta_path.read_text()), args.api_base, Path(args.out), card if card.exists() else None)
+    index = render(meta, args.api_base, Path(args.out), card if card.exists() else None)
     print(f"rendered {index}")
     return 0
 

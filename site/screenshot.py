@@ -1,6 +1,6 @@
 """Screenshot the page with a real prediction (and its heat map) in headless Chromium, for the README.
 
-    .venv/bin/python site/screenshot.py --url http://127.0.0.1:8000/ --image lesion.jpg --out docs/screenshot.png
+    .venv/bin/python site/screenshot.py --image lesion.jpg --out docs/screenshot.png   # the page of ./skin up
 """
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+
+from stack.settings import current  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000/")
+    p.add_argument("--url", default=current().page_url + "/", help="the page (default: ./skin up's)")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--explain", action="store_true", help="also open the Grad-CAM heat map")
     args = p.parse_args(argv)
-    from pathlib import Path
-
     if not Path(args.image).is_file():
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ from aiohttp.web_server import Server
 
 from stack import gate_policy as policy
 from stack.tokens import TokenFile
-from stack.torchserve import config_value
+from stack.settings import Settings, torchserve_config
 
 SECURITY_HEADERS = {
     "Server": "skin-gate",  # aiohttp would otherwise announce its and Python's versions
@@ -51,7 +51,7 @@ log = logging.getLogger("gate")
 
 @dataclass(frozen=True)
 class GateLimits:
-    max_body: int = int(config_value("max_request_size") or 10 * 2**20)  # TorchServe's own cap, config.properties
+    max_body: int = int(torchserve_config("max_request_size"))  # TorchServe's own cap, in config.properties
     inflight_bytes: int = 64 * 2**20    # request bodies held at once, all connections together
     per_client: int = 4                 # API requests in flight per client address: at most half of what
                                         # 2 workers x batch 4 take at once (a page sends 1 at a time)
@@ -316,10 +316,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dist", help="the rendered page (site/build.py output); without it only the API is served "
                                    "(behind nginx, which serves the page itself)")
-    p.add_argument("--upstream", required=True, help="TorchServe's inference URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--upstream", required=True, help=f"TorchServe's inference URL, e.g. {Settings().inference_url}")
     p.add_argument("--key-file", help="TorchServe's key_file.json when token authorization is on")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=Settings.site_port)
     p.add_argument("--max-body", type=int, default=GateLimits.max_body)
     p.add_argument("--per-client", type=int, default=GateLimits.per_client,
                    help="API requests in flight per client address")

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from handler.formats import ACCEPTED_LABEL, JSON_IMAGE_KEYS, JSON_OPTION_KEYS, sniff
+from skinmodel.formats import ACCEPTED_LABEL, JSON_IMAGE_KEYS, JSON_OPTION_KEYS, sniff
 
 API_PATH = re.compile(r"/(predictions|explanations)/[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 API_METHODS = ("POST", "PUT")  # PUT: curl -T uploads with it; TorchServe accepts both

@@ -5,17 +5,15 @@ in, with an inference key (REST and gRPC inference, /ping included), a managemen
 management) and an API key that renews the other two. Other local users cannot read the file, so they cannot
 scale workers, register or unregister models, or bypass the page's gate to reach the inference API.
 Keys expire after token_expiration_min and TorchServe never renews them by itself: `./skin up` does
-(`renew`), and every reader re-reads the file when it changes.
+(TorchServeClient.renew_keys), and every reader re-reads the file when it changes.
 """
 from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from pathlib import Path
 
 KEY_FILE = "key_file.json"
-KINDS = ("inference", "management")
 
 
 class TokenFile:
@@ -45,13 +43,3 @@ class TokenFile:
     def header(self, kind: str) -> dict[str, str]:
         key = self.keys().get(kind)
         return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def renew(management_url: str, tokens: TokenFile, timeout: float = 10.0) -> None:
-    """New inference and management keys (TorchServe rewrites the key file); needs the API key."""
-    for kind in KINDS:
-        req = urllib.request.Request(f"{management_url}/token?type={kind}", method="POST",
-                                     headers=tokens.header("API"))
-        with urllib.request.urlopen(req, timeout=timeout):
-            pass
-        tokens.reload()

@@ -1,7 +1,7 @@
-"""Start, wait for and stop one TorchServe, the same way for `./skin up`, the tests and the benchmarks."""
+"""Start, wait for and stop one TorchServe process group, the same way for `./skin up`, the tests and the
+benchmarks. Talking to it goes through its `api` (stack/torchserve_api.py)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -10,14 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from stack.settings import REPO, TORCHSERVE_CONFIG, Settings, torchserve_config
 from stack.tokens import KEY_FILE, TokenFile
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "config.properties"
+from stack.torchserve_api import ManagementError, TorchServeClient
 
 
 class ServeError(RuntimeError):
@@ -28,28 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def config_value(key: str, base: Path = CONFIG) -> str | None:
-    """A setting of config.properties (the one place TorchServe's limits are defined)."""
-    for line in base.read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#") and name.strip() == key:
-            return value.strip()
-    return None
-
-
-def http_json(method: str, url: str, timeout: float = 10.0, headers: dict | None = None):
-    req = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        body = err.read()
-        try:
-            return err.code, json.loads(body or b"null")
-        except ValueError:
-            return err.code, body.decode(errors="replace")
 
 
 def render_config(base: Path, out: Path, overrides: dict[str, str]) -> Path:
@@ -68,8 +43,9 @@ def render_config(base: Path, out: Path, overrides: dict[str, str]) -> Path:
 class TorchServe:
     """One TorchServe process group in its own working folder (logs, pid) with its own ports."""
 
-    def __init__(self, model_store: Path, models: dict[str, str], workdir: Path, inference_port: int = 8080,
-                 management_port: int = 8081, metrics_port: int = 8082, inference_host: str = "127.0.0.1",
+    def __init__(self, model_store: Path, models: dict[str, str], workdir: Path,
+                 inference_port: int = Settings.inference_port, management_port: int = Settings.management_port,
+                 metrics_port: int = Settings.metrics_port, inference_host: str = "127.0.0.1",
                  enable_model_api: bool = False, extra_config: dict[str, str] | None = None,
                  env: dict[str, str] | None = None, grpc_ports: tuple[int, int] | None = None,
                  token_auth: bool | None = None):
@@ -90,11 +66,12 @@ class TorchServe:
                           **(extra_config or {})}
         if token_auth is not None:
             self.overrides["disable_token_authorization"] = str(not token_auth).lower()
-        disabled = self.overrides.get("disable_token_authorization", config_value("disable_token_authorization"))
+        disabled = self.overrides.get("disable_token_authorization", torchserve_config("disable_token_authorization"))
         # TorchServe writes the key file into the folder it is started in (its working directory).
         self.tokens = None if disabled == "true" else TokenFile(self.workdir / KEY_FILE)
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
+        self.api = TorchServeClient(self.management_url, self.inference_url, self.tokens)
 
     def start(self) -> "TorchServe":
         exe = Path(sys.executable).with_name("torchserve")
@@ -105,7 +82,7 @@ class TorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        config = render_config(CONFIG, self.workdir / "config.properties", self.overrides)
+        config = render_config(TORCHSERVE_CONFIG, self.workdir / "config.properties", self.overrides)
         if self.tokens:  # a key file left by an earlier run would hand out dead keys until TorchServe rewrites it
             self.tokens.path.unlink(missing_ok=True)
             self.tokens.reload()
@@ -131,10 +108,6 @@ class TorchServe:
                 lines += [f"--- {name}"] + p.read_text(errors="replace").splitlines()[-n:]
         return "\n".join(lines)
 
-    def headers(self, kind: str = "inference") -> dict[str, str]:
-        """The Authorization header for the inference or management API ({} with token authorization off)."""
-        return self.tokens.header(kind) if self.tokens else {}
-
     def exit_reason(self) -> str:
         """Why the JVM ended, in one line, when its output says (an OutOfMemoryError, an exception)."""
         out = self.workdir / "logs" / "torchserve.out"
@@ -142,26 +115,21 @@ class TorchServe:
         hits = [line for line in lines if re.search(r"OutOfMemoryError|Terminating|Exception|Error:", line)]
         return f"exit code {self.proc.returncode if self.proc else '?'}" + (f"; {hits[-1].strip()[:200]}" if hits else "")
 
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        """The Authorization header for the inference or management API ({} with token authorization off)."""
+        return self.api.headers(kind)
+
     def workers(self, model: str) -> list[dict]:
-        status, body = http_json("GET", f"{self.management_url}/models/{model}", timeout=5,
-                                 headers=self.headers("management"))
-        if status != 200 or not isinstance(body, list):
-            return []
-        return [w for version in body for w in version.get("workers", [])]
+        return self.api.workers(model)
 
     def wait_ready(self, timeout: float = 180.0, min_workers: int = 1) -> float:
-        """Ready means every model has READY workers (not /ping: it says Healthy before any worker loads)."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc and self.proc.poll() is not None:
-                raise ServeError(f"TorchServe exited with code {self.proc.returncode}\n{self.log_tail()}")
-            try:
-                if all(sum(w.get("status") == "READY" for w in self.workers(m)) >= min_workers for m in self.models):
-                    return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise ServeError(f"no READY worker after {timeout:.0f} s\n{self.log_tail()}")
+        """Seconds until every model has READY workers."""
+        try:
+            return self.api.wait_ready(list(self.models), workers=min_workers, timeout=timeout,
+                                       alive=lambda: self.proc is not None and self.proc.poll() is None)
+        except ManagementError as exc:
+            code = self.proc.returncode if self.proc else None
+            raise ServeError(f"{exc} (exit code {code})\n{self.log_tail()}") from None
 
     def worker_pids(self, model: str) -> set[int]:
         return {int(w["pid"]) for w in self.workers(model) if w.get("pid")}
@@ -198,16 +166,3 @@ class TorchServe:
             self.proc.wait(timeout=10)
         self.log.close()
         self.proc = None
-
-
-def mar_version(mar: Path) -> str:
-    import zipfile
-
-    with zipfile.ZipFile(mar) as z:
-        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
-
-
-def safe_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ServeError(f"invalid model name {name!r}")
-    return name

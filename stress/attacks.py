@@ -32,7 +32,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from stack.torchserve import REPO
+from stack.settings import current, sample_images
+from stack.torchserve_api import RETRY_POLICY
 from stress import bombs
 from stress.local_stack import LocalStack
 
@@ -43,18 +44,19 @@ ATTACKER, USER = "127.0.0.1", "127.0.0.2"  # all of 127/8 is loopback: two clien
 class SourceAdapter(requests.adapters.HTTPAdapter):
     """A requests adapter whose connections leave from a chosen local address."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, **kw):
         self.source = source
-        super().__init__()
+        super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw):
         kw["source_address"] = (self.source, 0)
         super().init_poolmanager(*args, **kw)
 
 
-def session_from(source: str) -> requests.Session:
+def session_from(source: str, retry: bool = False) -> requests.Session:
+    """A session leaving from `source`; retry=True: with the clients' retry policy (stack/torchserve_api.py)."""
     s = requests.Session()
-    s.mount("http://", SourceAdapter(source))
+    s.mount("http://", SourceAdapter(source, max_retries=RETRY_POLICY if retry else 0))
     return s
 
 
@@ -329,21 +331,14 @@ def _sample_memory(stack: LocalStack, peak: dict, stop: threading.Event) -> None
 
 
 def _normal_user(stack: LocalStack, images: list[bytes], out: Outcome, stop: threading.Event, period: float) -> None:
-    """One person using the page from another address: an image, then a pause, with the page's retry policy
-    (retry 503/507 after Retry-After, twice)."""
-    s, i = session_from(USER), 0
+    """One person using the page from another address: an image, then a pause, with the clients' retry policy."""
+    s, i = session_from(USER, retry=True), 0
     while not stop.is_set():
         t0 = time.perf_counter()
-        status = None
-        for attempt in range(3):
-            try:
-                r = s.post(stack.page_url + API, data=images[i % len(images)], timeout=60)
-                status = r.status_code
-            except requests.RequestException as exc:
-                status = type(exc).__name__
-            if status not in (503, 507) or attempt == 2:
-                break
-            time.sleep(float(r.headers.get("Retry-After", 1)))
+        try:
+            status = s.post(stack.page_url + API, data=images[i % len(images)], timeout=60).status_code
+        except requests.RequestException as exc:
+            status = type(exc).__name__
         out.user[status] += 1
         if status == 200:
             out.user_ms.append((time.perf_counter() - t0) * 1000)
@@ -431,9 +426,7 @@ def rest_latency(stack: LocalStack, images: list[bytes], seconds: float) -> list
 
 
 def run_all(release: Path, names: list[str], seconds: float, log=print) -> dict:
-    from training.data import default_data_dir
-
-    images = [p.read_bytes() for p in sorted((default_data_dir() / "images").glob("*.jpg"))[:20]]
+    images = sample_images(20)
     with tempfile.TemporaryDirectory() as tmp:
         stack = LocalStack(release, Path(tmp)).start()
         try:
@@ -477,7 +470,7 @@ def table(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stress.attacks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", default=os.environ.get("SKIN_RELEASE_DIR", str(REPO / "release")))
+    p.add_argument("--release", default=str(current().release_dir), help="the release to serve (SKIN_RELEASE_DIR)")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--only", nargs="+", choices=sorted(ATTACKS), help="run these attacks only")
     p.add_argument("--quick", action="store_true", help=f"CI size: {', '.join(QUICK)}; 8 s each")

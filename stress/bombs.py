@@ -28,7 +28,7 @@ def multipart_part_bomb(parts: int = 150_000, boundary: str = "b0undary") -> tup
 
 def _segments(jpeg: bytes) -> list[tuple[int, int]]:
     """(start, end) of each marker segment of a JPEG, entropy-coded data included in its SOS segment."""
-    from handler.formats import _NEXT_MARKER  # the same marker grammar as the service's own scan counter
+    from skinmodel.formats import _NEXT_MARKER  # the same marker grammar as the service's own scan counter
 
     out, pos = [], 2
     while pos < len(jpeg) - 1:

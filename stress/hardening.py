@@ -13,7 +13,6 @@ import os
 import platform
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,13 @@ from pathlib import Path
 import psutil
 import requests
 
+from skinmodel.release import ReleaseMeta
+from stack.archive import build_mar
+from stack.page import render_page
 from stack.gate import GateLimits, GateThread
+from stack.settings import current, sample_images
 from stack.torchserve import REPO, TorchServe, free_port
-from stress.fuzz import Case, fuzz_cases, judge
+from stress.fuzz import fuzz_cases, judge
 from stress.local_stack import LocalStack
 
 NAME = "skin-lesion"
@@ -300,26 +303,19 @@ def secret_scan(repo: Path = REPO) -> list[str]:
 
 def run_all(release: Path, fuzz_n: int, clients: int, seconds: float, fault_seconds: float, admin_url: str,
             log=print) -> dict:
-    from training.data import default_data_dir
-
-    jpegs = [p.read_bytes() for p in sorted((default_data_dir() / "images").glob("*.jpg"))[:40]]
+    jpegs = sample_images(40)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB", "model": json.loads(
-                   (release / "meta.json").read_text())["version"]}
+                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB", "model": ReleaseMeta.load(release).version}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(release), "--out", str(work / "store")],
-                       check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
-        mar = work / "store" / f"{NAME}.mar"
+        _, mar = build_mar(release, work / "store")
         ts = TorchServe(mar.parent, {NAME: mar.name}, work / "ts", free_port(), free_port(), free_port(),
                         enable_model_api=True).start()
         site = None
         try:
             ts.wait_ready(min_workers=2)
-            dist = work / "dist"
-            subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(release / "meta.json"),
-                            "--out", str(dist)], check=True, capture_output=True)
+            dist = render_page(release, work / "dist")
             # The load below is `clients` concurrent users from one address: let the gate's per-client cap admit them.
             site = GateThread(dist, ts.inference_url, ts.tokens, limits=GateLimits(per_client=max(clients, 4))).start()
             url = f"{site.url}/predictions/{NAME}"
@@ -381,7 +377,7 @@ def table(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stress.hardening", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--release", default=os.environ.get("SKIN_RELEASE_DIR", str(REPO / "release")))
+    p.add_argument("--release", default=str(current().release_dir), help="the release to serve (SKIN_RELEASE_DIR)")
     p.add_argument("--fuzz", type=int, default=1000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60)

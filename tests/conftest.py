@@ -11,12 +11,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.data import default_data_dir  # noqa: E402
+from stack.settings import ham10000_dir  # noqa: E402
+
+
+SLOW_FIXTURES = {"data_dir", "sample_images", "tiny_release", "tiny_mar", "pg_url", "browser", "served", "ts", "server",
+                 "stack", "entries", "figures", "s3", "published", "serving_v1"}
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_stay_fast(request):
+    """A test marked fast may not need HAM10000, Java (TorchServe), PostgreSQL or a browser."""
+    if request.node.get_closest_marker("fast"):
+        needed = SLOW_FIXTURES & set(request.fixturenames)
+        if needed:
+            pytest.fail(f"a fast test uses {', '.join(sorted(needed))}: move it out of the fast tier")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    root = default_data_dir()
+    root = ham10000_dir()
     if root is None or not (root / "HAM10000_metadata.csv").exists():
         pytest.fail("HAM10000 not found: set HAM10000_DIR or put it at ../shared/data/ham10000")
     return root
@@ -55,8 +68,6 @@ def tiny_release(tmp_path_factory, data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_mar(tmp_path_factory, tiny_release) -> Path:
-    store = tmp_path_factory.mktemp("store")
-    r = subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(tiny_release), "--out", str(store)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
-    assert r.returncode == 0, r.stderr
-    return store / "skin-lesion.mar"
+    from stack.archive import build_mar
+
+    return build_mar(tiny_release, tmp_path_factory.mktemp("store"))[1]

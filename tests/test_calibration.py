@@ -1,10 +1,14 @@
 """Temperature scaling lowers NLL on overconfident logits and ECE measures what it should."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
 from training.calibrate import expected_calibration_error, fit_temperature
+
+pytestmark = pytest.mark.fast
 
 
 def _overconfident(n=2000, classes=7, seed=0):

@@ -1,11 +1,15 @@
 """docker-compose.yml, checked as data (no Docker engine runs here): services, health, volumes, exposure, secrets."""
 from __future__ import annotations
 
+import pytest
+
 import re
 import subprocess
 from pathlib import Path
 
 import yaml
+
+pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -76,3 +80,37 @@ def test_dockerfiles_exist_and_run_as_non_root():
     gate = (REPO / "docker" / "gate.Dockerfile").read_text()
     assert "USER skin" in gate and "stack.gate" in gate and "X-Real-IP" in gate
     assert "backend" in SERVICES["gate"]["networks"] and not SERVICES["gate"].get("ports")
+
+
+def _image_files(dockerfile: str, into: Path) -> None:
+    """The files a Dockerfile COPYs from the repository into its working folder (build stages aside)."""
+    import shutil
+
+    for line in (REPO / "docker" / dockerfile).read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
+            continue
+        *sources, dest = parts[1:]
+        for src in sources:
+            path = REPO / src
+            if path.is_dir():
+                shutil.copytree(path, into / dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target = into / dest / path.name if dest.endswith("/") or dest in (".", "./") else into / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+
+
+def test_the_gate_and_page_images_carry_every_file_they_run(tmp_path):
+    """Only what gate.Dockerfile and site.Dockerfile copy, and their commands still run."""
+    import sys
+
+    gate = tmp_path / "gate"
+    _image_files("gate.Dockerfile", gate)
+    r = subprocess.run([sys.executable, "-m", "stack.gate", "--help"], cwd=gate, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    site = tmp_path / "site"
+    _image_files("site.Dockerfile", site)
+    r = subprocess.run([sys.executable, "site/build.py", "--meta", "release/meta.json", "--out", str(tmp_path / "dist")],
+                       cwd=site, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "dist" / "index.html").exists(), r.stderr[-1500:]

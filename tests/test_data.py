@@ -62,6 +62,7 @@ def test_finds_images_anywhere_below_root(tmp_path, data_dir, layout):
     assert [r.image_id for r in D.load_records(tmp_path)] == sorted(line.split(",")[1] for line in body)
 
 
+@pytest.mark.fast
 def test_missing_metadata_is_a_clear_error(tmp_path):
     with pytest.raises(D.DataError, match="no HAM10000_metadata.csv"):
         D.load_records(tmp_path)
@@ -100,6 +101,7 @@ def test_imagefolder_layout_keeps_its_split(tmp_path, sample_images):
         D.load_records(tmp_path)
 
 
+@pytest.mark.fast
 def test_no_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HAM10000_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(D.DataError, match="does not exist"):

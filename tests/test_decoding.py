@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.formats import MAX_JPEG_SCANS, jpeg_scan_count, sniff
-from handler.preprocessing import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig, decode_image, preprocess_bytes
+from skinmodel.formats import MAX_JPEG_SCANS, jpeg_scan_count, sniff
+from skinmodel.preprocessing import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig, decode_image, preprocess_bytes
 from stress import bombs
 from stress.fuzz import png_with_declared_size
+
+pytestmark = pytest.mark.fast
 
 CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -106,7 +108,7 @@ def test_a_float_tiff_bomb_stays_within_a_bounded_amount_of_memory():
     """A few hundred KB of deflated float zeros decode to ~117 MB; converting them used to cost 1.2 GB more."""
     code = textwrap.dedent("""
         import resource, sys
-        from handler.preprocessing import PreprocessConfig, preprocess_bytes
+        from skinmodel.preprocessing import PreprocessConfig, preprocess_bytes
         from stress.bombs import float_tiff
         data = float_tiff(5400)
         cfg = PreprocessConfig(96, 96, (0.5,) * 3, (0.2,) * 3)

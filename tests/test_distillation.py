@@ -1,11 +1,15 @@
 """The distillation loss does what the reference project's did not: it actually distils."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
-from handler.architectures import ProbabilityEnsemble, build_model
-from training.engine import kd_loss
+from skinmodel.networks import ProbabilityEnsemble, build_model
+from training.recipe import kd_loss
+
+pytestmark = pytest.mark.fast
 
 
 def test_kd_term_is_positive_when_teacher_and_student_differ():

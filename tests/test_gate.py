@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from stack.gate import GateLimits, GateThread
-from stack.tokens import TokenFile, renew
+from stack.tokens import TokenFile
 from stack.torchserve import TorchServe, free_port
 from stress import bombs
 from stress.attacks import session_from
@@ -278,7 +278,7 @@ def test_renewed_keys_do_not_interrupt_the_gate(gate, ts, sample_images):
     data = sample_images[2].read_bytes()
     assert requests.post(gate.url + API, data=data, timeout=30).status_code == 200
     held = gate.gate.tokens.keys()["inference"]
-    renew(ts.management_url, ts.tokens)
+    ts.api.renew_keys()
     assert ts.tokens.keys()["inference"] != held
     assert requests.post(gate.url + API, data=data, timeout=30).status_code == 200
     assert gate.gate.tokens.keys()["inference"] == ts.tokens.keys()["inference"]

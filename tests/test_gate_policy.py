@@ -12,6 +12,8 @@ from PIL import Image
 from stack import gate_policy as policy
 from stress import bombs
 
+pytestmark = pytest.mark.fast
+
 CAP = 10 * 2**20
 
 

@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 import requests
 
-from handler.event_spool import EventSpool, segment_name
+from skinmodel.audit import EventSpool, segment_name
 from logger.db import Database
 from logger.sidecar import Stats, drain_once
 from stack.torchserve import TorchServe, free_port
@@ -106,6 +106,7 @@ def test_partial_line_waits_for_its_writer_then_closed_files_are_removed(pg_url,
     assert db.count() == 2 and not old.exists() and old.name not in db.offsets()
 
 
+@pytest.mark.fast
 def test_spool_write_failure_never_raises(tmp_path):
     target = tmp_path / "file-not-dir"
     target.write_text("x")
@@ -114,6 +115,7 @@ def test_spool_write_failure_never_raises(tmp_path):
     assert spool.append([event(1)]) is False and spool.failures == 1
 
 
+@pytest.mark.fast
 def test_sqlite_default_through_the_command(tmp_path):
     spool_dir, data = tmp_path / "spool", tmp_path / "data"
     EventSpool(str(spool_dir)).append([event(i) for i in range(4)])
@@ -155,6 +157,15 @@ def send(ts, payloads, clients=4):
     url = f"{ts.inference_url}/predictions/skin-lesion"
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(lambda d: requests.post(url, data=d, timeout=60, headers=ts.headers()), payloads))
+
+
+def count_rows(url) -> int:
+    try:
+        with psycopg2.connect(url, connect_timeout=2) as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM predictions")
+            return cur.fetchone()[0]
+    except psycopg2.Error:
+        return 0
 
 
 def wait_rows(url, n, timeout=60):
@@ -203,12 +214,16 @@ def test_every_prediction_becomes_exactly_one_row(served, sample_images):
 def test_killing_the_sidecar_mid_stream_loses_and_doubles_nothing(served, sample_images):
     ts, spool, url = served
     sidecar = start_sidecar(spool, url)
-    payloads = [p.read_bytes() for p in sample_images] * 6
+    payloads = [p.read_bytes() for p in sample_images] * 40  # a burst that lasts several sidecar passes
     with ThreadPoolExecutor(1) as bg:
         burst = bg.submit(send, ts, payloads, 2)
-        time.sleep(1.0)
-        sidecar.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while count_rows(url) < 3 and time.monotonic() < deadline:  # the sidecar is inserting...
+            time.sleep(0.05)
+        sidecar.send_signal(signal.SIGKILL)  # ... when it is killed
         sidecar.wait()
+        at_kill = count_rows(url)
+        assert not burst.done() and 3 <= at_kill < len(payloads), (at_kill, "the kill did not come mid-stream")
         assert all(r.status_code == 200 for r in burst.result())
     sidecar = start_sidecar(spool, url)
     try:

@@ -18,7 +18,8 @@ import requests
 
 from stack import gate_policy as policy
 from stack.gate import SECURITY_HEADERS, GateLimits, GateThread
-from stack.torchserve import TorchServe, config_value, free_port
+from stack.settings import torchserve_config
+from stack.torchserve import TorchServe, free_port
 from stress import bombs
 from tests.test_gate import assert_one_json_refusal, exchange, responses
 
@@ -96,7 +97,7 @@ def _directive(name: str) -> str:
 def test_nginx_enforces_the_gates_limits():
     """The limits nginx applies itself are the gate's (GateLimits) and TorchServe's (config.properties)."""
     limits = GateLimits()
-    cap = int(config_value("max_request_size"))
+    cap = int(torchserve_config("max_request_size"))
     assert limits.max_body == cap
     size = _directive("client_max_body_size")
     assert int(size.rstrip("m")) * 2**20 == cap and f"larger than {cap} bytes" in CONF

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 
-from handler.prediction import NOTICE, extract_image_bytes, format_error, format_prediction
-from handler.preprocessing import InputError
+from skinmodel.answers import NOTICE, format_error, format_prediction
+from skinmodel.payload import extract_image_bytes
+from skinmodel.preprocessing import InputError, PreprocessConfig
+from skinmodel.release import ReleaseMeta
 
-META = {"name": "m", "version": "9", "class_names": ["a", "b", "c"], "class_full_names": ["A", "B", "C"]}
+pytestmark = pytest.mark.fast
+
+META = ReleaseMeta("m", "9", "resnet18", ["a", "b", "c"], ["A", "B", "C"], ["", "", ""],
+                   PreprocessConfig(32, 32, (0.5,) * 3, (0.2,) * 3))
 
 
 @pytest.mark.parametrize("row", [
@@ -45,7 +51,7 @@ def test_error_body():
 
 
 def test_verdicts_follow_the_thresholds_in_meta():
-    meta = {**META, "abstention": {"uncertain_below": 0.45, "ood_distance_above": 10.0}}
+    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_distance_above": 10.0})
     assert format_prediction([0.2, 0.5, 0.3], meta, ood_distance=3.0)["verdict"] == "ok"
     assert format_prediction([0.3, 0.4, 0.3], meta, ood_distance=3.0)["verdict"] == "uncertain"
     far = format_prediction([0.1, 0.8, 0.1], meta, ood_distance=12.0)

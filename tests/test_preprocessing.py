@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.preprocessing import InputError, PreprocessConfig, decode_image, normalize, preprocess_bytes
+from skinmodel.preprocessing import InputError, PreprocessConfig, decode_image, normalize, preprocess_bytes
 from training import data as D
 
 CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -29,13 +29,20 @@ def test_training_eval_tensors_equal_handler_tensors(data_dir, sample_images):
     assert torch.equal(cached, served)
 
 
-def test_handler_module_uses_the_same_function():
-    import handler.skin_handler as h
-    import handler.preprocessing as p
+def test_the_handler_builds_the_tensors_training_evaluated(data_dir, sample_images):
+    """The handler's own preprocess() on request rows gives the evaluation cache's tensors, bit for bit."""
+    from handler.skin_handler import SkinLesionHandler
 
-    assert h.preprocess_bytes is p.preprocess_bytes
+    records = [r for r in D.load_records(data_dir) if r.path in {str(p) for p in sample_images}]
+    cached = normalize(D.build_cache(records, "eval", CFG, None), CFG.mean, CFG.std)
+    handler = SkinLesionHandler()
+    handler.cfg = CFG
+    tensor, slots = handler.preprocess([{"body": open(r.path, "rb").read()} for r in records])
+    assert [slot for slot, _ in slots] == list(range(len(records)))
+    assert torch.equal(tensor, cached)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "1", "P", "CMYK", "I;16", "I", "F", "YCbCr"])
 def test_modes_are_converted_not_rejected(mode):
     base = Image.new("RGB", (40, 30), (200, 120, 80))
@@ -52,11 +59,13 @@ def test_modes_are_converted_not_rejected(mode):
         assert abs(np.asarray(out)[0, 0, 0] - round(40000 / 65535 * 255)) <= 1
 
 
+@pytest.mark.fast
 def test_transparent_pixels_become_white():
     img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
     assert np.asarray(decode_image(_encode(img))).min() == 255
 
 
+@pytest.mark.fast
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (60, 20), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left
@@ -73,6 +82,7 @@ def test_exif_orientation_is_applied():
     (b"this is plain text, renamed to lesion.jpg", 415, "not_an_image"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 415, "not_an_image"),
 ])
+@pytest.mark.fast
 def test_refusals_have_status_and_reason(payload, status, code):
     with pytest.raises(InputError) as err:
         decode_image(payload)
@@ -87,6 +97,7 @@ def test_truncated_jpeg_is_refused(sample_images):
     assert err.value.status == 422 and err.value.code == "corrupt_image"
 
 
+@pytest.mark.fast
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
     big = _encode(Image.new("1", (9000, 9000)))  # 81 MP, a few kB on disk
     assert len(big) < 100_000
@@ -97,5 +108,6 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
         decode_image(_encode(Image.new("RGB", (100, 100))), max_pixels=5000)
 
 
+@pytest.mark.fast
 def test_meta_round_trip():
-    assert PreprocessConfig.from_meta({"preprocessing": CFG.to_meta()}) == CFG
+    assert PreprocessConfig.from_dict(CFG.to_dict()) == CFG

@@ -24,14 +24,22 @@ def meta():
     return json.loads(path.read_text())
 
 
+def test_meta_reads_and_writes_back_unchanged(meta, tmp_path):
+    from skinmodel.release import ReleaseMeta
+
+    for folder in (RELEASE, RELEASE / "int8"):
+        saved = ReleaseMeta.load(folder).save(tmp_path / "meta.json")
+        assert json.loads(saved.read_text()) == json.loads((folder / "meta.json").read_text()), folder
+
+
 def test_meta_matches_weights_classes_and_split(meta, data_dir):
     weights = RELEASE / meta["weights_file"]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["weights_sha256"]
     assert weights.stat().st_size < 25 * 2**20
     assert meta["class_names"] == list(D.CLASS_NAMES)
     seed = meta["training"]["args"]["split_seed"]
-    records = D.split_records(D.load_records(data_dir), seed)
-    assert D.write_splits(records, Path("/tmp") / f"splits-{seed}.csv") == meta["split_hash"], \
+    split = D.load_split(D.DataConfig(data=str(data_dir), split_seed=seed))
+    assert split.hash == meta["split_hash"], \
         "the release was evaluated on another split than the lesion-grouped one this code makes"
     test = meta["metrics"]["test"]
     assert 0 < test["balanced_accuracy"] <= 1 and meta["temperature"] > 0
@@ -79,13 +87,13 @@ def test_non_skin_images_are_refused(handler):
 
 
 def test_served_probabilities_are_the_calibrated_ones(handler, sample_images, meta):
-    from handler.architectures import build_model, load_state_dict_file
-    from handler.preprocessing import PreprocessConfig, preprocess_bytes
+    from skinmodel.networks import build_model, load_state_dict_file
+    from skinmodel.preprocessing import PreprocessConfig, preprocess_bytes
 
     model = build_model(meta["arch"], meta["num_classes"])
     model.load_state_dict(load_state_dict_file(RELEASE / meta["weights_file"]))
     model.eval()
-    x = preprocess_bytes(sample_images[0].read_bytes(), PreprocessConfig.from_meta(meta))[None]
+    x = preprocess_bytes(sample_images[0].read_bytes(), PreprocessConfig.from_dict(meta["preprocessing"]))[None]
     with torch.no_grad():
         expected = torch.softmax(model(x) / meta["temperature"], 1)[0]
     got = {p["code"]: p["probability"] for p in answer(handler, sample_images[0].read_bytes())["predictions"]}

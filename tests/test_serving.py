@@ -1,4 +1,4 @@
-"""A real TorchServe on free ports, serving a .mar built by archive.sh in a temp dir."""
+"""A real TorchServe on free ports, serving a .mar built from the tiny release in a temp dir."""
 from __future__ import annotations
 
 import base64
@@ -88,13 +88,13 @@ def test_same_answer_as_in_process_pipeline(server, meta, tiny_release, sample_i
     """What TorchServe says equals the shared preprocessing + the same weights run here."""
     import torch
 
-    from handler.architectures import build_model, load_state_dict_file
-    from handler.preprocessing import PreprocessConfig, preprocess_bytes
+    from skinmodel.networks import build_model, load_state_dict_file
+    from skinmodel.preprocessing import PreprocessConfig, preprocess_bytes
 
     model = build_model(meta["arch"], meta["num_classes"])
     model.load_state_dict(load_state_dict_file(tiny_release / "model.pt"))
     model.eval()
-    cfg = PreprocessConfig.from_meta(meta)
+    cfg = PreprocessConfig.from_dict(meta["preprocessing"])
     for path in sample_images[:3]:
         with torch.no_grad():
             local = torch.softmax(model(preprocess_bytes(path.read_bytes(), cfg)[None]), 1)[0]
@@ -158,12 +158,17 @@ def test_bad_inputs_get_their_own_status_and_reason(server, meta, sample_images)
 
 
 def test_batch_mixing_good_and_bad_requests(server, meta, sample_images):
-    """Concurrent requests are batched (batch 4 / 10 ms); each bad one fails alone."""
+    """Concurrent requests are batched (batch 4 / 2 ms); each bad one fails alone."""
     good = sample_images[3].read_bytes()
     bad = bad_inputs(sample_images[0])
     payloads = [(good, 200), (bad["text"][0], 415), (good, 200), (bad["truncated"][0], 422)] * 4
+    log = server.workdir / "logs" / "ts_log.log"
+    batches_before = log.read_text().count("Backend response time")
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: predict(server, p[0]), payloads))
+    time.sleep(0.5)  # the log line of the last batch
+    batches = log.read_text().count("Backend response time") - batches_before
+    assert 0 < batches < len(payloads), f"{len(payloads)} requests in {batches} batches: no batch was formed"
     for (_, want), r in zip(payloads, answers):
         assert r.status_code == want, r.text
         if want == 200:
@@ -197,7 +202,10 @@ def test_archive_script_versions_and_refuses_missing_inputs(tiny_release, tmp_pa
     with zipfile.ZipFile(tmp_path / "skin-lesion.mar") as z:
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "7.5"
         assert json.loads(z.read("meta.json"))["version"] == "7.5"
-        assert {"preprocessing.py", "architectures.py", "prediction.py", "model-config.yaml"} <= set(z.namelist())
+        names = set(z.namelist())
+        assert {"skin_handler.py", "meta.json", "model.pt", "skinmodel/__init__.py", "skinmodel/preprocessing.py",
+                "skinmodel/networks.py", "skinmodel/release.py", "skinmodel/audit.py"} <= names, names
+        assert not any("__pycache__" in n for n in names)
     r = subprocess.run([f"{REPO}/archive.sh", "--weights-dir", str(tmp_path / "nothing")], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 1 and "meta.json is missing" in r.stderr

@@ -1,14 +1,12 @@
 """Model versions: publish to a real S3-compatible server (moto on loopback), swap on a real TorchServe."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -16,7 +14,8 @@ import pytest
 import requests
 
 from ops.store import ArchiveStore, StoreError
-from ops.swap import SwapError, TorchServeAdmin, previous_version, swap
+from ops.swap import SwapError, previous_version, swap
+from skinmodel.release import ReleaseMeta
 from stack.torchserve import TorchServe, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,9 @@ def s3(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
+    patch = pytest.MonkeyPatch()  # for this module only: no AWS setting leaks into the rest of the session
+    for key, value in env.items():
+        patch.setenv(key, value)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -41,17 +42,15 @@ def s3(tmp_path_factory):
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
     yield ArchiveStore("models", "models", endpoint, "us-east-1"), {**env, "SKIN_S3_BUCKET": "models",
                                                                       "SKIN_S3_ENDPOINT": endpoint}
+    patch.undo()
     proc.terminate()
     proc.wait(timeout=10)
 
 
 def build_version(tiny_release, out: Path, version: str) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([str(REPO / "archive.sh"), "--weights-dir", str(tiny_release), "--out", str(out),
-                        "--version", version, "--file-name", f"{NAME}-{version}.mar"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": sys.executable})
-    assert r.returncode == 0, r.stderr
-    mar = out / f"{NAME}-{version}.mar"
+    from stack.archive import build_mar
+
+    _, mar = build_mar(tiny_release, out, version=version, file_name=f"{NAME}-{version}.mar")
     meta = out / f"meta-{version}.json"
     with zipfile.ZipFile(mar) as z:
         meta.write_bytes(z.read("meta.json"))
@@ -74,7 +73,7 @@ def test_published_versions_are_listed_and_immutable(published, s3):
     store, build = published
     assert store.versions(NAME) == ["1.0", "2.0"]
     with pytest.raises(StoreError, match="already published"):
-        store.publish(build / f"{NAME}-1.0.mar", build / "meta-1.0.json")
+        store.publish(build / f"{NAME}-1.0.mar", ReleaseMeta.load(build / "meta-1.0.json"))
     r = subprocess.run([sys.executable, "-m", "ops", "publish", "--mar", str(build / f"{NAME}-2.0.mar"), "--meta",
                         str(build / "meta-2.0.json")], cwd=REPO, env={**os.environ, **s3[1]}, capture_output=True,
                        text=True)
@@ -91,7 +90,7 @@ def serving_v1(published, tmp_path):
                     enable_model_api=True).start()
     try:
         ts.wait_ready(min_workers=2)
-        yield ts, store, model_store, TorchServeAdmin(ts.management_url, ts.inference_url, ts.tokens)
+        yield ts, store, model_store, ts.api
     finally:
         ts.stop()
 
@@ -166,7 +165,7 @@ def test_swap_needs_the_model_api(published, tiny_mar, tmp_path, sample_images):
                     free_port()).start()
     try:
         ts.wait_ready()
-        admin = TorchServeAdmin(ts.management_url, ts.inference_url, ts.tokens)
+        admin = ts.api
         with pytest.raises(SwapError, match="enable_model_api"):
             swap(admin, store, tmp_path, NAME, "2.0", [sample_images[0].read_bytes()], workers=1, log=lambda *_: None)
         # with the management key, so that what refuses it is the model API being off, not the missing key

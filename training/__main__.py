@@ -5,13 +5,13 @@ import argparse
 import sys
 
 COMMANDS = {
-    "split": ("training.split_cmd", "write the lesion-grouped 60/20/20 splits.csv and print its hash"),
+    "split": ("training.split", "write the lesion-grouped 60/20/20 splits.csv and print its hash"),
     "train": ("training.train", "train one model (add --teacher to distil)"),
     "grid": ("training.grid", "distillation grid search over alpha x T, selected on validation"),
     "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
     "export": ("training.export", "write the release state_dict + meta.json pair"),
     "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
-    "trust": ("training.trust", "choose 'uncertain' / 'not dermoscopy' thresholds, measure OOD AUROC"),
+    "trust": ("training.abstention", "choose 'uncertain' / 'not dermoscopy' thresholds, measure OOD AUROC"),
     "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.pipeline", "the whole study end to end (resumable)"),
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     import importlib
 
+    from skinmodel.release import ReleaseError
+    from training.checkpoint import StudyError
     from training.data import DataError
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         module.main(args)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, StudyError, ReleaseError, FileNotFoundError) as exc:
+        # The project's own refusals, phrased for people; anything else (a torch shape bug) keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -6,18 +6,16 @@ calibrated ones. ECE and reliability diagrams are reported on the test split, be
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from handler.preprocessing import PreprocessConfig
+from skinmodel.release import ReleaseMeta
 from training import data as D
-from training.checkpoint import model_from_checkpoint
-from training.engine import predict_logits
+from training.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
+from training.metrics import predict_logits
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -75,28 +73,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--release", required=True, help="folder with the meta.json to update (and for the PNG)")
-    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--cache-dir", default="runs/cache")
+    D.add_data_args(p, sizes=False)
     return p
 
 
-def main(args) -> dict:
-    model, ckpt = model_from_checkpoint(args.checkpoint)
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["preprocessing"].items()})
-    cache = Path(args.cache_dir) if args.cache_dir else None
+def calibrate(checkpoint: str, release: Path, data: D.DataConfig) -> dict:
+    """Fit T on validation, measure test ECE before and after, store T in the release's meta.json."""
+    model, ckpt = model_from_checkpoint(checkpoint)
+    release = Path(release)
+    meta = ReleaseMeta.load(release)
+    if meta.split_hash != ckpt["split_hash"]:
+        raise StudyError("the checkpoint and meta.json come from different splits")
+    split = D.load_split(data)
+    cfg = checkpoint_preprocessing(ckpt)
     out = {}
-    for split in ("val", "test"):
-        part = [r for r in records if r.split == split]
-        x = D.build_cache(part, "eval", cfg, cache, f"decode {split}")
-        out[split] = (predict_logits(model, x, cfg.mean, cfg.std), torch.tensor([r.label for r in part]))
+    for name in ("val", "test"):
+        part = split.part(name)
+        x = D.build_cache(part, "eval", cfg, data.cache, f"decode {name}")
+        out[name] = (predict_logits(model, x, cfg.mean, cfg.std), torch.tensor([r.label for r in part]))
     t = fit_temperature(*out["val"])
     logits, labels = out["test"]
     ece_before, table_before = expected_calibration_error(logits.softmax(1), labels)
     ece_after, table_after = expected_calibration_error((logits / t).softmax(1), labels)
-    release = Path(args.release)
     plot_reliability(table_before, table_after, t, release / "reliability.png")
     result = {"method": "temperature scaling on the validation split", "temperature": t,
               "val_nll_before": F.cross_entropy(out["val"][0], out["val"][1]).item(),
@@ -104,17 +102,15 @@ def main(args) -> dict:
               "test_nll_before": F.cross_entropy(logits, labels).item(),
               "test_nll_after": F.cross_entropy(logits / t, labels).item(),
               "test_ece_before": ece_before, "test_ece_after": ece_after, "ece_bins": 15}
-    meta_path = release / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    if meta["split_hash"] != ckpt["split_hash"]:
-        raise ValueError("the checkpoint and meta.json come from different splits")
-    meta["temperature"], meta["calibration"] = t, result
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    meta.temperature, meta.calibration = t, result
+    meta_path = meta.save(release)
     print(f"T = {t:.3f}: test ECE {ece_before:.4f} -> {ece_after:.4f}, test NLL {result['test_nll_before']:.3f} -> "
           f"{result['test_nll_after']:.3f}; wrote {meta_path} and {release / 'reliability.png'}")
     return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    return calibrate(args.checkpoint, Path(args.release), D.DataConfig.from_args(args))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from handler.architectures import ProbabilityEnsemble, build_model, load_state_dict_file
-from handler.preprocessing import PreprocessConfig
+from skinmodel.inputs import PreprocessConfig
+from skinmodel.networks import ProbabilityEnsemble, build_model, load_state_dict_file
+
+
+class StudyError(RuntimeError):
+    """A step's inputs do not fit (a checkpoint of another split, a teacher of other preprocessing, weights of
+    another architecture): phrased for the person running the study, shown without a traceback."""
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -26,7 +31,7 @@ def load_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by this project's training")
+        raise StudyError(f"{path} is not a checkpoint written by this project's training")
     return ckpt
 
 
@@ -38,6 +43,17 @@ def model_from_checkpoint(path) -> tuple[nn.Module, dict]:
     return model, ckpt
 
 
+def checkpoint_preprocessing(ckpt: dict) -> PreprocessConfig:
+    return PreprocessConfig.from_dict(ckpt["preprocessing"])
+
+
+def models_from_spec(spec: str) -> tuple[nn.Module, dict]:
+    """'a.pt' or 'a.pt+b.pt' (an ensemble averaging probabilities) -> (model, the first checkpoint)."""
+    models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.split("+")))
+    model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models)).eval()
+    return model, ckpts[0]
+
+
 def load_init_weights(model: nn.Module, path) -> list[str]:
     """Initialise from a state_dict file (e.g. ImageNet weights a user has locally). Only the final
     classifier may differ (the 1000-class head is re-initialised); anything else that does not fit is an error."""
@@ -47,7 +63,7 @@ def load_init_weights(model: nn.Module, path) -> list[str]:
     head = {f"{last_linear}.weight", f"{last_linear}.bias"}
     misfits = [k for k in own if k not in head and (k not in state or state[k].shape != own[k].shape)]
     if misfits:
-        raise ValueError(f"{path} does not match this architecture: {len(misfits)} of {len(own)} tensors are "
+        raise StudyError(f"{path} does not match this architecture: {len(misfits)} of {len(own)} tensors are "
                          f"missing or of another shape (first: {misfits[0]})")
     skipped = sorted(k for k in head if k not in state or state[k].shape != own[k].shape)
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
@@ -59,16 +75,15 @@ def load_teacher(checkpoints, weights=None, arch=None, num_classes=7, expected_c
     members = []
     for path in checkpoints or []:
         model, ckpt = model_from_checkpoint(path)
-        cfg = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                  for k, v in ckpt["preprocessing"].items()})
+        cfg = checkpoint_preprocessing(ckpt)
         if expected_cfg and (cfg.crop_size, cfg.mean, cfg.std) != (expected_cfg.crop_size, expected_cfg.mean,
                                                                     expected_cfg.std):
-            raise ValueError(f"teacher {path} was trained with other preprocessing ({cfg}); "
+            raise StudyError(f"teacher {path} was trained with other preprocessing ({cfg}); "
                              f"distillation needs the student's ({expected_cfg})")
         members.append(model)
     if weights:
         if not arch:
-            raise ValueError("--teacher-weights needs --teacher-arch")
+            raise StudyError("--teacher-weights needs --teacher-arch")
         model = build_model(arch, num_classes)
         model.load_state_dict(load_state_dict_file(weights))
         members.append(model)

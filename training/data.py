@@ -1,4 +1,5 @@
-"""HAM10000 on disk -> records -> lesion-grouped split -> uint8 tensor caches.
+"""HAM10000 on disk -> records -> lesion-grouped split -> uint8 tensor caches, and DataConfig: the data
+settings every training step shares (one definition of the --data, --split-seed, ... flags).
 
 Two layouts are understood: the dataset's own (a HAM10000_metadata.csv anywhere below the root and
 `<image_id>.jpg` files anywhere below it: Kaggle's part_1/part_2 folders or a flat folder), and the
@@ -6,7 +7,9 @@ ImageFolder layout `train|val|test/<class>/*.jpg` whose folders already define t
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import hashlib
 import os
 from collections import Counter
@@ -18,7 +21,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from handler.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
+from skinmodel.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
+from stack.settings import ham10000_dir
 
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_FULL_NAMES = {
@@ -39,6 +43,7 @@ CLASS_DESCRIPTIONS = {
     "nv": "A common mole; benign, but changes in a mole deserve a check.",
     "vasc": "Blood-vessel lesions such as cherry angiomas, angiokeratomas and pyogenic granulomas.",
 }
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 METADATA_NAME = "HAM10000_metadata.csv"
 SPLITS = ("train", "val", "test")
@@ -61,19 +66,60 @@ class Record:
         return CLASS_NAMES.index(self.dx)
 
 
-def default_data_dir() -> Path | None:
-    """HAM10000_DIR, else ../shared/data/ham10000 beside the repository (or the cwd) when it exists."""
-    if os.environ.get("HAM10000_DIR"):
-        return Path(os.environ["HAM10000_DIR"])
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo.parent / "shared/data/ham10000", Path.cwd().parent / "shared/data/ham10000"):
-        if candidate.is_dir():
-            return candidate
-    return None
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are, how they are split and how they become tensors."""
+
+    data: str | None = None             # HAM10000 folder; None: $HAM10000_DIR, else ../shared/data/ham10000
+    split_seed: int = 0
+    limit_per_class: int | None = None  # smoke runs: at most N images per class
+    img_size: int = 96                  # input (crop) size
+    resize_size: int | None = None      # shorter side before the crop (None: img_size)
+    cache_dir: str | None = "runs/cache"
+    threads: int | None = None          # torch CPU threads (None: all cores)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(self.resize_size or self.img_size, self.img_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    @property
+    def cache(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None
+
+
+def add_data_args(p: argparse.ArgumentParser, sizes: bool = True) -> None:
+    """The data flags, once. sizes=False for steps whose preprocessing comes from a checkpoint or a release."""
+    d = DataConfig()
+    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
+    p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the lesion-grouped split")
+    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class (smoke runs)")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="where decoded uint8 tensors are kept between runs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    if sizes:
+        p.add_argument("--img-size", type=int, default=d.img_size, help="input (crop) size in pixels")
+        p.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default: img-size)")
+
+
+@dataclass(frozen=True)
+class Split:
+    records: list[Record]
+    hash: str  # sha256 of splits.csv: checkpoints, reports and releases carry it
+
+    def part(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+
+def load_split(cfg: DataConfig) -> Split:
+    """The one load-and-split chain: records of cfg.data, split by lesion with cfg.split_seed."""
+    records = split_records(load_records(resolve_data_dir(cfg.data), cfg.limit_per_class), cfg.split_seed)
+    return Split(records, hashlib.sha256(splits_csv(records)).hexdigest())
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    root = Path(arg) if arg else default_data_dir()
+    root = Path(arg) if arg else ham10000_dir()
     if root is None:
         raise DataError("no HAM10000 directory: pass --data DIR or set HAM10000_DIR")
     if not root.is_dir():
@@ -160,11 +206,16 @@ def split_records(records: list[Record], seed: int = 0) -> list[Record]:
     return [Record(r.image_id, r.lesion_id, r.dx, r.path, s) for r, s in zip(records, split)]
 
 
-def write_splits(records: list[Record], path: Path) -> str:
-    """Writes splits.csv (no absolute paths, so the hash is portable) and returns its sha256."""
+def splits_csv(records: list[Record]) -> bytes:
+    """splits.csv: no absolute paths, so its hash is the same on every machine."""
     lines = ["image_id,lesion_id,dx,split"] + [f"{r.image_id},{r.lesion_id},{r.dx},{r.split}"
                                                 for r in sorted(records, key=lambda r: r.image_id)]
-    payload = ("\n".join(lines) + "\n").encode()
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_splits(records: list[Record], path: Path) -> str:
+    """Writes splits.csv and returns its sha256."""
+    payload = splits_csv(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(payload)

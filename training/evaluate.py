@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import statistics
@@ -14,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from handler.architectures import ProbabilityEnsemble
-from handler.preprocessing import PreprocessConfig, normalize
 from training import data as D
-from training.checkpoint import model_from_checkpoint
-from training.engine import classification_metrics, predict_logits
+from training.checkpoint import StudyError, checkpoint_preprocessing, models_from_spec
+from training.metrics import classification_metrics, predict_logits
 from training.plots import plot_confusion
 
 TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
@@ -29,20 +26,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--model", action="append", required=True, metavar="NAME=CKPT[+CKPT]",
                    help="a model to evaluate; several checkpoints joined by + are evaluated as an ensemble")
-    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--cache-dir", default="runs/cache")
+    D.add_data_args(p, sizes=False)
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--latency-runs", type=int, default=30, help="single-image forward passes timed per model")
     p.add_argument("--command", default="", help="the command line to record in the report")
     return p
 
 
-def _load(spec: str):
-    models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.split("+")))
-    model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models)).eval()
-    return model, ckpts[0], sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20
 
 
 def slug(name: str) -> str:
@@ -64,33 +54,35 @@ def cpu_latency_ms(model, crop: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def main(args) -> dict:
-    out = Path(args.out)
+def evaluate(data: D.DataConfig, models: dict[str, str], out: Path, latency_runs: int = 30,
+             command: str = "") -> dict:
+    """Every model (name -> checkpoint, or checkpoints joined by +) on the test split, never used for a choice:
+    report.md, results.json and a confusion matrix per model in OUT."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    split_hash = D.write_splits(records, out / "splits.csv")
-    train = [r for r in records if r.split == "train"]
-    test = [r for r in records if r.split == "test"]
+    split = D.load_split(data)
+    split_hash = D.write_splits(split.records, out / "splits.csv")
+    train, test = split.part("train"), split.part("test")
     y_test = np.array([r.label for r in test])
     results = {"split_hash": split_hash, "n_test_images": len(test), "n_test_lesions": len({r.lesion_id for r in test}),
                "test_class_counts": dict(zip(D.CLASS_NAMES, D.class_counts(test))),
                "torch_threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": args.command, "models": {}}
+               "command": command, "models": {}}
     majority = Counter(r.label for r in train).most_common(1)[0][0]
     results["models"]["majority class (always nv)"] = {
         **classification_metrics(y_test, np.full(len(test), majority), D.CLASS_NAMES), "size_mb": 0.0, "latency_ms": 0.0}
-    for spec in args.model:
-        name, _, paths = spec.partition("=")
-        model, ckpt, size_mb = _load(paths)
+    for name, paths in models.items():
+        model, ckpt = models_from_spec(paths)
+        size_mb = sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20
         if ckpt["split_hash"] != split_hash:
-            raise ValueError(f"{name} was trained on another split (hash {ckpt['split_hash'][:12]} != {split_hash[:12]}):"
-                             " its test numbers would not be honest")
-        cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["preprocessing"].items()})
-        x_test = D.build_cache(test, "eval", cfg, Path(args.cache_dir) if args.cache_dir else None, "decode test")
+            raise StudyError(f"{name} was trained on another split (hash {ckpt['split_hash'][:12]} != "
+                             f"{split_hash[:12]}): its test numbers would not be honest")
+        cfg = checkpoint_preprocessing(ckpt)
+        x_test = D.build_cache(test, "eval", cfg, data.cache, "decode test")
         logits = predict_logits(model, x_test, cfg.mean, cfg.std)
         m = classification_metrics(y_test, logits.argmax(1).numpy(), D.CLASS_NAMES)
-        m.update(size_mb=round(size_mb, 2), latency_ms=round(cpu_latency_ms(model, cfg.crop_size, args.latency_runs), 2),
-                 arch=ckpt["arch"], checkpoint=paths, input_size=cfg.crop_size, preprocessing=dataclasses.asdict(cfg),
+        m.update(size_mb=round(size_mb, 2), latency_ms=round(cpu_latency_ms(model, cfg.crop_size, latency_runs), 2),
+                 arch=ckpt["arch"], checkpoint=paths, input_size=cfg.crop_size, preprocessing=cfg.to_dict(),
                  test_nll=float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_test))))
         results["models"][name] = m
         plot_confusion(m["confusion_matrix"], D.CLASS_NAMES, name, out / f"confusion_{slug(name)}.png")
@@ -127,6 +119,11 @@ Generated {results['date']} by `{results['command'] or 'python -m training evalu
 Balanced accuracy is the mean per-class recall; macro-F1 is the unweighted mean of per-class F1 (the reference
 project's "F1" was a harmonic mean of weighted precision and recall, not comparable).
 """
+
+
+def main(args: argparse.Namespace) -> dict:
+    models = dict(spec.partition("=")[::2] for spec in args.model)
+    return evaluate(D.DataConfig.from_args(args), models, Path(args.out), args.latency_runs, args.command)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,23 @@ import csv
 import json
 from pathlib import Path
 
-from training import train as T
+from training import data as D
 from training.plots import plot_grid
+from training.train import TrainConfig, train
+
+ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+TEMPERATURES = (1, 5, 10, 15, 20)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Grid search of distillation alpha x temperature (val macro-F1).",
                                 add_help=add_help)
-    T.add_data_args(p)
+    D.add_data_args(p)
     p.add_argument("--out", required=True, help="grid folder: one run per cell, grid.csv, grid.png")
     p.add_argument("--teacher", nargs="+", required=True, help="teacher checkpoint(s)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--temps", type=float, nargs="+", default=[1, 5, 10, 15, 20])
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    p.add_argument("--temps", type=float, nargs="+", default=list(TEMPERATURES))
     p.add_argument("--epochs", type=int, default=3, help="per-run budget in epochs")
     p.add_argument("--max-train-images", type=int, default=None, help="per-run budget in training images")
     p.add_argument("--batch-size", type=int, default=64)
@@ -26,28 +30,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def run_args(args, alpha: float, temperature: float) -> list[str]:
-    argv = ["--arch", args.arch, "--out", str(Path(args.out) / f"a{alpha:g}_t{temperature:g}"),
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--img-size", str(args.img_size), "--split-seed", str(args.split_seed), "--cache-dir", args.cache_dir,
-            "--alpha", str(alpha), "--temperature", str(temperature), "--teacher", *args.teacher]
-    for flag, value in (("--data", args.data), ("--limit-per-class", args.limit_per_class),
-                        ("--resize-size", args.resize_size), ("--max-train-images", args.max_train_images),
-                        ("--threads", args.threads)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
-def main(args) -> dict:
-    out = Path(args.out)
+def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS, temps=TEMPERATURES,
+                arch: str = "resnet18", epochs: int = 3, max_train_images: int | None = None, batch_size: int = 64,
+                seed: int = 0) -> dict:
+    """One short run per (alpha, T) cell, each skipped when already complete; the best cell on validation
+    macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores, rows = {}, []
-    for alpha in args.alphas:
-        for temperature in args.temps:
-            run_argv = run_args(args, alpha, temperature)
-            done = Path(run_argv[run_argv.index("--out") + 1]) / "best.json"
-            best = json.loads(done.read_text()) if done.exists() else T.main(T.get_args_parser().parse_args(run_argv))
+    for alpha in alphas:
+        for temperature in temps:
+            run = TrainConfig(out=str(out / f"a{alpha:g}_t{temperature:g}"), data=data, arch=arch, epochs=epochs,
+                              batch_size=batch_size, seed=seed, max_train_images=max_train_images,
+                              teacher=list(teacher), alpha=alpha, temperature=temperature)
+            done = Path(run.out) / "best.json"
+            best = json.loads(done.read_text()) if done.exists() else train(run)
             scores[(alpha, temperature)] = best["val_macro_f1"]
             rows.append({"alpha": alpha, "temperature": temperature, "val_macro_f1": best["val_macro_f1"],
                          "val_balanced_accuracy": best["val_balanced_accuracy"], "best_epoch": best["epoch"]})
@@ -55,12 +52,17 @@ def main(args) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_grid(args.alphas, args.temps, scores, out / "grid.png")
+    plot_grid(list(alphas), list(temps), scores, out / "grid.png")
     alpha, temperature = max(scores, key=scores.get)
     chosen = {"alpha": alpha, "temperature": temperature, "val_macro_f1": scores[(alpha, temperature)]}
     (out / "chosen.json").write_text(json.dumps(chosen, indent=2))
     print(f"grid: best alpha={alpha:g} T={temperature:g} (val macro-F1 {chosen['val_macro_f1']:.3f})")
     return chosen
+
+
+def main(args: argparse.Namespace) -> dict:
+    return grid_search(D.DataConfig.from_args(args), Path(args.out), args.teacher, args.alphas, args.temps, args.arch,
+                       args.epochs, args.max_train_images, args.batch_size, args.seed)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from skinmodel.release import ReleaseMeta
 from training.data import CLASS_FULL_NAMES
 
 
@@ -123,14 +124,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def main(args) -> Path:
-    release = Path(args.release)
-    meta = json.loads((release / "meta.json").read_text())
+def write_model_card(release: Path, results_key: str = "resnet18 distilled") -> Path:
+    """release/model_card.md from the release's meta.json and results.json."""
+    release = Path(release)
+    meta = ReleaseMeta.load(release).to_dict()
     results = json.loads((release / "results.json").read_text())
     out = release / "model_card.md"
-    out.write_text(render(meta, results, args.results_key))
+    out.write_text(render(meta, results, results_key))
     print(f"wrote {out}")
     return out
+
+
+def main(args: argparse.Namespace) -> Path:
+    return write_model_card(Path(args.release), args.results_key)
 
 
 if __name__ == "__main__":

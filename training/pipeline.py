@@ -1,88 +1,115 @@
-"""The whole study, resumable: baselines -> teacher choice -> (grid) -> distilled student -> test table -> export.
+"""The whole study, resumable: baselines -> teacher choice -> (grid) -> distilled student -> test table -> export
+-> calibration -> abstention thresholds -> model card. Every step is called as a function with typed settings.
 
     python -m training all                 # the real run (CPU: about 1.5 h at 96 px)
     python -m training all --quick --out /tmp/q   # tiny subset, tiny images: well under a minute
-A step whose best.json exists is skipped, so an interrupted study continues where it stopped.
+A training run whose best.json exists is skipped, so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from handler.architectures import ProbabilityEnsemble
-from handler.preprocessing import PreprocessConfig
+from skinmodel.networks import ProbabilityEnsemble
+from skinmodel.release import ReleaseMeta
+from stack.settings import MODEL_NAME
 from training import data as D
-from training import calibrate, evaluate, export, grid, model_card, trust
-from training import train as T
-from training.checkpoint import model_from_checkpoint
-from training.engine import classification_metrics, predict_logits
+from training.abstention import fit_abstention
+from training.calibrate import calibrate
+from training.checkpoint import checkpoint_preprocessing, model_from_checkpoint
+from training.evaluate import evaluate
+from training.export import export
+from training.grid import ALPHAS, TEMPERATURES, grid_search
+from training.metrics import classification_metrics, predict_logits
+from training.model_card import write_model_card
+from training.train import TrainConfig, train
+
+
+@dataclass
+class StudyConfig:
+    out: str = "runs/study"
+    data: D.DataConfig = field(default_factory=D.DataConfig)
+    epochs_resnet18: int = 20
+    epochs_resnet50: int = 12
+    epochs_kd: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    alpha: float = 0.5           # KD alpha and temperature when no grid is run
+    temperature: float = 4.0
+    grid: bool = False
+    grid_alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
+    grid_temps: list[float] = field(default_factory=lambda: list(TEMPERATURES))
+    grid_epochs: int = 3
+    grid_max_train_images: int | None = None
+    release_dir: str | None = None  # default: OUT/release
+    name: str = MODEL_NAME
+    version: str = "1.0"
+    command: str = ""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command"}
+        study = cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
+        return study.quick() if args.quick else study
+
+    def quick(self) -> "StudyConfig":
+        """A smoke run: 12 images per class, 32 px, one epoch per run, a 2 x 2 grid."""
+        return dataclasses.replace(
+            self, data=dataclasses.replace(self.data, limit_per_class=self.data.limit_per_class or 12, img_size=32),
+            epochs_resnet18=1, epochs_resnet50=1, epochs_kd=1, grid_epochs=1, batch_size=8,
+            grid_alphas=self.grid_alphas[:2], grid_temps=self.grid_temps[:2])
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = StudyConfig()
     p = argparse.ArgumentParser(description="Run the whole HAM10000 study end to end (resumable).", add_help=add_help)
-    T.add_data_args(p)
-    p.add_argument("--out", default="runs/study", help="study folder (one subfolder per run)")
-    p.add_argument("--epochs-resnet18", type=int, default=20)
-    p.add_argument("--epochs-resnet50", type=int, default=12)
-    p.add_argument("--epochs-kd", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.5, help="KD alpha when no grid is run")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature when no grid is run")
+    D.add_data_args(p)
+    p.add_argument("--out", default=d.out, help="study folder (one subfolder per run)")
+    p.add_argument("--epochs-resnet18", type=int, default=d.epochs_resnet18)
+    p.add_argument("--epochs-resnet50", type=int, default=d.epochs_resnet50)
+    p.add_argument("--epochs-kd", type=int, default=d.epochs_kd)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="KD alpha when no grid is run")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature when no grid is run")
     p.add_argument("--grid", action="store_true", help="choose alpha x T by a grid search on validation")
-    p.add_argument("--grid-alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--grid-temps", type=float, nargs="+", default=[1, 5, 10, 15, 20])
-    p.add_argument("--grid-epochs", type=int, default=3)
+    p.add_argument("--grid-alphas", type=float, nargs="+", default=d.grid_alphas)
+    p.add_argument("--grid-temps", type=float, nargs="+", default=d.grid_temps)
+    p.add_argument("--grid-epochs", type=int, default=d.grid_epochs)
     p.add_argument("--grid-max-train-images", type=int, default=None)
     p.add_argument("--release-dir", default=None, help="export the distilled student here (default: OUT/release)")
-    p.add_argument("--name", default="skin-lesion")
-    p.add_argument("--version", default="1.0")
+    p.add_argument("--name", default=d.name)
+    p.add_argument("--version", default=d.version)
     p.add_argument("--quick", action="store_true", help="smoke run: 12 images per class, 32 px, 1 epoch each")
     return p
 
 
-def apply_quick(args) -> None:
-    args.limit_per_class, args.img_size = args.limit_per_class or 12, 32
-    args.epochs_resnet18 = args.epochs_resnet50 = args.epochs_kd = args.grid_epochs = 1
-    args.batch_size = 8
-    args.grid_alphas, args.grid_temps = args.grid_alphas[:2], args.grid_temps[:2]
+def train_once(run: TrainConfig) -> dict:
+    done = Path(run.out) / "best.json"
+    if done.exists():
+        print(f"[skip] {run.out} is complete")
+        return json.loads(done.read_text())
+    print(f"[run] {run.arch} -> {run.out}", flush=True)
+    return train(dataclasses.replace(run, resume=True))
 
 
-def common_argv(args) -> list[str]:
-    argv = ["--img-size", str(args.img_size), "--split-seed", str(args.split_seed), "--cache-dir", args.cache_dir,
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    for flag, value in (("--data", args.data), ("--limit-per-class", args.limit_per_class),
-                        ("--resize-size", args.resize_size), ("--threads", args.threads)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
-def train_once(run_dir: Path, argv: list[str]) -> dict:
-    if (run_dir / "best.json").exists():
-        print(f"[skip] {run_dir} is complete")
-        return json.loads((run_dir / "best.json").read_text())
-    print(f"[run] python -m training train {shlex.join(argv)}", flush=True)
-    return T.main(T.get_args_parser().parse_args(argv + ["--resume"]))
-
-
-def choose_teacher(args, candidates: dict[str, list[str]]) -> tuple[str, list[str], dict]:
+def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]]) -> tuple[str, list[str], dict]:
     """Pick the teacher with the best validation macro-F1 among trained checkpoints and their ensemble."""
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    val = [r for r in records if r.split == "val"]
+    val = D.load_split(data).part("val")
     y = np.array([r.label for r in val])
     scores = {}
     for name, paths in candidates.items():
         models = [model_from_checkpoint(p) for p in paths]
-        ckpt = models[0][1]
-        cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["preprocessing"].items()})
-        x = D.build_cache(val, "eval", cfg, Path(args.cache_dir), "decode val")
+        cfg = checkpoint_preprocessing(models[0][1])
+        x = D.build_cache(val, "eval", cfg, data.cache, "decode val")
         model = models[0][0] if len(models) == 1 else ProbabilityEnsemble([m for m, _ in models]).eval()
         m = classification_metrics(y, predict_logits(model, x, cfg.mean, cfg.std).argmax(1).numpy(), D.CLASS_NAMES)
         scores[name] = {"val_macro_f1": m["macro_f1"], "val_balanced_accuracy": m["balanced_accuracy"]}
@@ -91,74 +118,57 @@ def choose_teacher(args, candidates: dict[str, list[str]]) -> tuple[str, list[st
     return best, candidates[best], scores
 
 
-def main(args) -> dict:
-    if args.quick:
-        apply_quick(args)
-    out = Path(args.out)
+def run_study(study: StudyConfig) -> ReleaseMeta:
+    out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m training all " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["all"] else [])
-    base = common_argv(args)
+    data = study.data
+    common = dict(data=data, batch_size=study.batch_size, seed=study.seed)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
-    train_once(runs["resnet18"], ["--arch", "resnet18", "--out", str(runs["resnet18"]),
-                                  "--epochs", str(args.epochs_resnet18), *base])
-    train_once(runs["resnet50"], ["--arch", "resnet50", "--out", str(runs["resnet50"]),
-                                  "--epochs", str(args.epochs_resnet50), *base])
+    train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18, **common))
+    train_once(TrainConfig(out=str(runs["resnet50"]), arch="resnet50", epochs=study.epochs_resnet50, **common))
     r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
     teacher_name, teacher, scores = choose_teacher(
-        args, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]})
-    alpha, temperature = args.alpha, args.temperature
-    if args.grid:
-        chosen = grid.main(grid.get_args_parser().parse_args(
-            ["--out", str(out / "grid"), "--teacher", *teacher, "--epochs", str(args.grid_epochs),
-             "--alphas", *map(str, args.grid_alphas), "--temps", *map(str, args.grid_temps), *base]
-            + (["--max-train-images", str(args.grid_max_train_images)] if args.grid_max_train_images else [])))
+        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]})
+    alpha, temperature = study.alpha, study.temperature
+    if study.grid:
+        chosen = grid_search(data, out / "grid", teacher, study.grid_alphas, study.grid_temps, epochs=study.grid_epochs,
+                             max_train_images=study.grid_max_train_images, batch_size=study.batch_size,
+                             seed=study.seed)
         alpha, temperature = chosen["alpha"], chosen["temperature"]
     (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "candidates": scores,
                                                   "alpha": alpha, "temperature": temperature}, indent=2))
-    train_once(runs["kd"], ["--arch", "resnet18", "--out", str(runs["kd"]), "--epochs", str(args.epochs_kd),
-                            "--teacher", *teacher, "--alpha", str(alpha), "--temperature", str(temperature), *base])
+    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=study.epochs_kd, teacher=list(teacher),
+                           alpha=alpha, temperature=temperature, **common))
+    student = str(runs["kd"] / "best.pt")
 
     report_dir = out / "report"
-    eval_argv = ["--out", str(report_dir), "--split-seed", str(args.split_seed), "--cache-dir", args.cache_dir,
-                 "--model", f"resnet18 (scratch)={r18}", "--model", f"resnet50 (scratch)={r50}",
-                 "--model", f"teacher: {teacher_name}={'+'.join(teacher)}",
-                 "--model", f"resnet18 distilled={runs['kd'] / 'best.pt'}", "--command", command]
-    for flag, value in (("--data", args.data), ("--limit-per-class", args.limit_per_class)):
-        if value is not None:
-            eval_argv += [flag, str(value)]
-    evaluate.main(evaluate.get_args_parser().parse_args(eval_argv))
-
-    release = Path(args.release_dir) if args.release_dir else out / "release"
-    meta = export.main(export.get_args_parser().parse_args(
-        ["--checkpoint", str(runs["kd"] / "best.pt"), "--out", str(release), "--name", args.name,
-         "--version", args.version, "--results", str(report_dir / "results.json"),
-         "--results-key", "resnet18 distilled", "--command", command]))
-    calibration = calibrate.main(calibrate.get_args_parser().parse_args(
-        ["--checkpoint", str(runs["kd"] / "best.pt"), "--release", str(release), "--split-seed", str(args.split_seed),
-         "--cache-dir", args.cache_dir]
-        + [x for flag, v in (("--data", args.data), ("--limit-per-class", args.limit_per_class)) if v is not None
-           for x in (flag, str(v))]))
-    meta["temperature"], meta["calibration"] = calibration["temperature"], calibration
-    data_argv = ["--split-seed", str(args.split_seed), "--cache-dir", args.cache_dir] + [
-        x for flag, v in (("--data", args.data), ("--limit-per-class", args.limit_per_class)) if v is not None
-        for x in (flag, str(v))]
-    trust.main(trust.get_args_parser().parse_args(["--checkpoint", str(runs["kd"] / "best.pt"), "--release",
-                                                   str(release), *data_argv]))
+    evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,
+                    f"teacher: {teacher_name}": "+".join(teacher), "resnet18 distilled": student},
+             report_dir, command=study.command)
+    release = Path(study.release_dir) if study.release_dir else out / "release"
+    export(student, release, study.name, study.version, str(report_dir / "results.json"), "resnet18 distilled",
+           command=study.command)
+    calibrate(student, release, data)
+    fit_abstention(student, release, data)
     for png in report_dir.glob("*.png"):
         shutil.copy(png, release / png.name)
     for key, run in runs.items():  # every run's per-epoch CSV and plot travel with the release
         for name in ("history.csv", "history.png"):
             shutil.copy(run / name, release / name.replace("history", f"history_{key}"))
     shutil.copy(out / "teacher.json", release / "teacher.json")
-    if (out / "grid" / "grid.csv").exists():
-        shutil.copy(out / "grid" / "grid.csv", release / "kd_grid.csv")
-    for name in ("report.md", "results.json"):
-        shutil.copy(report_dir / name, release / name)
-    if (out / "grid" / "grid.png").exists():
-        shutil.copy(out / "grid" / "grid.png", release / "kd_grid.png")
-    model_card.main(model_card.get_args_parser().parse_args(["--release", str(release)]))
+    for src, dst in (("grid/grid.csv", "kd_grid.csv"), ("grid/grid.png", "kd_grid.png"), ("report/report.md", "report.md"),
+                     ("report/results.json", "results.json")):
+        if (out / src).exists():
+            shutil.copy(out / src, release / dst)
+    write_model_card(release)
     print(f"release model: {release}")
-    return meta
+    return ReleaseMeta.load(release)
+
+
+def main(args: argparse.Namespace) -> ReleaseMeta:
+    study = StudyConfig.from_args(args)
+    study.command = "python -m training all " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["all"] else [])
+    return run_study(study)
 
 
 if __name__ == "__main__":

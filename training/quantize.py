@@ -9,19 +9,21 @@ throughput, test metrics) is measured side by side in one run and written to int
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from handler.architectures import build_model, load_state_dict_file, quantizable_resnet18
-from handler.preprocessing import PreprocessConfig, normalize
+from skinmodel.networks import build_model, load_state_dict_file, quantizable_resnet18
+from skinmodel.preprocessing import normalize
+from skinmodel.release import ReleaseMeta
 from training import data as D
-from training.checkpoint import atomic_save
-from training.engine import classification_metrics, predict_logits
+from training.checkpoint import StudyError, atomic_save
+from training.metrics import classification_metrics, predict_logits
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -29,12 +31,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--release", required=True, help="fp32/fp16 release folder (meta.json + weights)")
     p.add_argument("--out", required=True, help="folder for the int8 weights + meta.json")
-    p.add_argument("--data")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--cache-dir", default="runs/cache")
+    D.add_data_args(p, sizes=False)
     p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the throughput comparison")
+    p.set_defaults(threads=1)  # torch threads for the throughput comparison: one, as a TorchServe worker has
     return p
 
 
@@ -50,20 +49,22 @@ def throughput(model, crop: int, batch: int = 8, seconds: float = 4.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main(args) -> dict:
-    release, out = Path(args.release), Path(args.out)
-    meta = json.loads((release / "meta.json").read_text())
-    if meta["arch"] != "resnet18":
-        raise ValueError(f"int8 export supports resnet18, not {meta['arch']}")
-    cfg = PreprocessConfig.from_meta(meta)
-    fp32 = build_model("resnet18", meta["num_classes"])
-    fp32.load_state_dict(load_state_dict_file(release / meta["weights_file"]))
+def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: int = 512) -> dict:
+    """OUT: an int8 release of release's ResNet18 (weights, meta.json, the OOD statistics and model card) and the
+    fp32-vs-int8 comparison; returns the comparison."""
+    release, out = Path(release), Path(out)
+    meta = ReleaseMeta.load(release)
+    if meta.arch != "resnet18":
+        raise StudyError(f"int8 export supports resnet18, not {meta.arch}")
+    cfg = meta.preprocessing
+    fp32 = build_model("resnet18", meta.num_classes)
+    fp32.load_state_dict(load_state_dict_file(release / meta.weights_file))
     fp32.eval()
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    train = [r for r in records if r.split == "train"][: args.calibration_images]
-    test = [r for r in records if r.split == "test"]
-    model = quantizable_resnet18(meta["num_classes"], fp32.state_dict())
+    split = D.load_split(data)
+    cache = data.cache
+    train = split.part("train")[:calibration_images]
+    test = split.part("test")
+    model = quantizable_resnet18(meta.num_classes, fp32.state_dict())
     with torch.inference_mode():  # observers record activation ranges on training images
         x_cal = normalize(D.build_cache(train, "eval", cfg, cache, "decode calibration"), cfg.mean, cfg.std)
         for i in range(0, len(x_cal), 64):
@@ -72,15 +73,15 @@ def main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(int8.state_dict(), out / "model.pt")
     # the saved file must load into the structure the handler builds
-    reloaded = build_model("resnet18_int8", meta["num_classes"])
+    reloaded = build_model("resnet18_int8", meta.num_classes)
     reloaded.load_state_dict(load_state_dict_file(out / "model.pt"))
     reloaded.eval()
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(data.threads or 1)
     x_test = D.build_cache(test, "eval", cfg, cache, "decode test")
     y = [r.label for r in test]
     rows = {}
-    for name, net, path in (("fp32", fp32, release / meta["weights_file"]), ("int8", reloaded, out / "model.pt")):
+    for name, net, path in (("fp32", fp32, release / meta.weights_file), ("int8", reloaded, out / "model.pt")):
         with torch.inference_mode():
             logits = predict_logits(net, x_test, cfg.mean, cfg.std)
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
@@ -90,18 +91,19 @@ def main(args) -> dict:
     speed = rows["int8"]["images_per_s"] / rows["fp32"]["images_per_s"]
     meets = rows["int8"]["file_mb"] <= 12 and speed >= 2 and drop <= 0.01
     comparison = {"rows": rows, "speedup": speed, "balanced_accuracy_drop": drop, "meets_targets": meets,
-                  "threads": args.threads, "targets": "<= 12 MB, >= 2x throughput, <= 1 point balanced-accuracy drop"}
-    int8_meta = {**meta, "arch": "resnet18_int8", "weights_dtype": "int8", "version": meta["version"] + "-int8",
-                 "weights_sha256": __import__("hashlib").sha256((out / "model.pt").read_bytes()).hexdigest(),
-                 "quantization": {"method": "post-training static (torch.ao.quantization, fbgemm/x86), "
-                                            f"{len(train)} training images for calibration", **comparison}}
-    int8_meta["metrics"] = {**meta["metrics"], "test": {**(meta["metrics"].get("test") or {}),
-                                                        **{k: rows["int8"][k] for k in ("balanced_accuracy", "macro_f1",
-                                                                                         "accuracy")}}}
+                  "threads": data.threads or 1,
+                  "targets": "<= 12 MB, >= 2x throughput, <= 1 point balanced-accuracy drop"}
+    int8_meta = dataclasses.replace(
+        meta, arch="resnet18_int8", weights_dtype="int8", version=meta.version + "-int8",
+        weights_sha256=hashlib.sha256((out / "model.pt").read_bytes()).hexdigest(),
+        quantization={"method": "post-training static (torch.ao.quantization, fbgemm/x86), "
+                                f"{len(train)} training images for calibration", **comparison},
+        metrics={**meta.metrics, "test": {**(meta.metrics.get("test") or {}),
+                                          **{k: rows["int8"][k] for k in ("balanced_accuracy", "macro_f1", "accuracy")}}})
     for extra in ("ood_stats.pt", "model_card.md"):
         if (release / extra).exists():
             shutil.copy(release / extra, out / extra)
-    (out / "meta.json").write_text(json.dumps(int8_meta, indent=2) + "\n")
+    int8_meta.save(out)
     table = ["| model | file MB | images/s (1 thread, batch 8) | balanced acc. | macro-F1 |", "|---|---|---|---|---|"]
     table += [f"| {k} | {v['file_mb']:.1f} | {v['images_per_s']:.0f} | {v['balanced_accuracy']:.3f} | {v['macro_f1']:.3f} |"
               for k, v in rows.items()]
@@ -111,6 +113,10 @@ def main(args) -> dict:
     (out / "int8_comparison.json").write_text(json.dumps(comparison, indent=2))
     print(text)
     return comparison
+
+
+def main(args: argparse.Namespace) -> dict:
+    return quantize(Path(args.release), Path(args.out), D.DataConfig.from_args(args), args.calibration_images)
 
 
 if __name__ == "__main__":

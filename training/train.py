@@ -11,6 +11,7 @@ import dataclasses
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +19,61 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from handler.architectures import ARCHITECTURES, build_model
-from handler.preprocessing import PreprocessConfig, normalize
+from skinmodel.networks import ARCHITECTURES, build_model
+from skinmodel.preprocessing import normalize
 from training import data as D
 from training.checkpoint import atomic_save, load_checkpoint, load_init_weights, load_teacher
-from training.engine import (augment_batch, class_weights_from_counts, classification_metrics, kd_loss,
-                             make_augment, predict_logits, warmup_cosine)
+from training.metrics import classification_metrics, predict_logits
 from training.plots import plot_history
+from training.recipe import augment_batch, class_weights_from_counts, kd_loss, make_augment, warmup_cosine
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+@dataclass
+class TrainConfig:
+    """One training run: the data, the network, the recipe and (for distillation) the teacher."""
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the lesion-grouped split")
-    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class (smoke runs)")
-    p.add_argument("--img-size", type=int, default=96, help="input (crop) size in pixels")
-    p.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default: img-size)")
-    p.add_argument("--cache-dir", default="runs/cache", help="where decoded uint8 tensors are kept between runs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    out: str
+    data: D.DataConfig = field(default_factory=D.DataConfig)
+    arch: str = "resnet18"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3                 # peak AdamW learning rate
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    max_train_images: int | None = None
+    init_weights: str | None = None  # a state_dict to start from (the head is re-initialised)
+    resume: bool = False
+    teacher: list[str] = field(default_factory=list)  # checkpoint(s); several are averaged
+    teacher_weights: str | None = None
+    teacher_arch: str | None = None
+    alpha: float = 0.5               # weight of the KD term (1 - alpha on cross-entropy)
+    temperature: float = 4.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"data"}
+        return cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
+
+    def record(self) -> dict:
+        """Flat, as checkpoints and meta.json's training.args have always stored it."""
+        flat = dataclasses.asdict(self)
+        return {**flat.pop("data"), **flat}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = TrainConfig(out="")
     p = argparse.ArgumentParser(description="Train one model on HAM10000 (optionally with a distillation teacher).",
                                 add_help=add_help)
-    add_data_args(p)
-    p.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    D.add_data_args(p)
+    p.add_argument("--arch", default=d.arch, choices=ARCHITECTURES)
     p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv, history.png")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-train-images", type=int, default=None, help="budget: train on a random subset of N images")
     p.add_argument("--init-weights", help="state_dict to start from (e.g. local ImageNet weights; the head is skipped)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -58,8 +81,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     kd.add_argument("--teacher", nargs="*", default=[], help="teacher checkpoint(s); several are averaged")
     kd.add_argument("--teacher-weights", help="teacher as a plain 7-class state_dict file (needs --teacher-arch)")
     kd.add_argument("--teacher-arch", choices=ARCHITECTURES)
-    kd.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term (1 - alpha on cross-entropy)")
-    kd.add_argument("--temperature", type=float, default=4.0)
+    kd.add_argument("--alpha", type=float, default=d.alpha, help="weight of the KD term (1 - alpha on cross-entropy)")
+    kd.add_argument("--temperature", type=float, default=d.temperature)
     return p
 
 
@@ -69,46 +92,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_split(args) -> tuple[list[D.Record], str]:
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    split_hash = D.write_splits(records, Path(args.out) / "splits.csv")
-    return records, split_hash
-
-
-def preprocess_config(args) -> PreprocessConfig:
-    return PreprocessConfig(args.resize_size or args.img_size, args.img_size, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def main(args) -> dict:
-    out = Path(args.out)
+def train(run: TrainConfig) -> dict:
+    """Train (or resume) one run; returns the best epoch's validation figures (also in OUT/best.json)."""
+    out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    records, split_hash = prepare_split(args)
-    train = [r for r in records if r.split == "train"]
-    val = [r for r in records if r.split == "val"]
-    if args.max_train_images and args.max_train_images < len(train):
-        train = random.Random(args.seed).sample(train, args.max_train_images)
-    cfg = preprocess_config(args)
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    x_train = D.build_cache(train, "train", cfg, cache, "decode train")
-    y_train = torch.tensor([r.label for r in train])
-    x_val = D.build_cache(val, "eval", cfg, cache, "decode val")
+    if run.data.threads:
+        torch.set_num_threads(run.data.threads)
+    seed_everything(run.seed)
+    split = D.load_split(run.data)
+    D.write_splits(split.records, out / "splits.csv")
+    train_set, val = split.part("train"), split.part("val")
+    if run.max_train_images and run.max_train_images < len(train_set):
+        train_set = random.Random(run.seed).sample(train_set, run.max_train_images)
+    cfg = run.data.preprocess()
+    x_train = D.build_cache(train_set, "train", cfg, run.data.cache, "decode train")
+    y_train = torch.tensor([r.label for r in train_set])
+    x_val = D.build_cache(val, "eval", cfg, run.data.cache, "decode val")
     y_val = np.array([r.label for r in val])
-    weights = class_weights_from_counts(D.class_counts(train))
+    weights = class_weights_from_counts(D.class_counts(train_set))
 
-    model = build_model(args.arch, len(D.CLASS_NAMES))
-    if args.init_weights:
-        skipped = load_init_weights(model, args.init_weights)
-        print(f"initialised from {args.init_weights} (re-initialised: {', '.join(skipped) or 'nothing'})")
-    teacher = load_teacher(args.teacher, args.teacher_weights, args.teacher_arch, len(D.CLASS_NAMES), cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(train) // args.batch_size or 1
-    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    model = build_model(run.arch, len(D.CLASS_NAMES))
+    if run.init_weights:
+        skipped = load_init_weights(model, run.init_weights)
+        print(f"initialised from {run.init_weights} (re-initialised: {', '.join(skipped) or 'nothing'})")
+    teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    steps_per_epoch = len(train_set) // run.batch_size or 1
+    total, warmup = run.epochs * steps_per_epoch, int(run.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     start_epoch, best = 0, {"val_macro_f1": -1.0}
-    if args.resume and (out / "last.pt").exists():
+    if run.resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -121,24 +134,24 @@ def main(args) -> dict:
     history_path = out / "history.csv"
     if start_epoch == 0 and history_path.exists():
         history_path.unlink()
-    base = {"arch": args.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": dataclasses.asdict(cfg),
-            "split_hash": split_hash, "args": vars(args), "teacher": bool(teacher)}
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    base = {"arch": run.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": cfg.to_dict(),
+            "split_hash": split.hash, "args": run.record(), "teacher": bool(teacher)}
+    (out / "args.json").write_text(json.dumps(run.record(), indent=2))
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, run.epochs):
         model.train()
         started, seen, loss_sum, kd_sum = time.time(), 0, 0.0, 0.0
-        order = torch.randperm(len(train))
-        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} epoch {epoch + 1}/{args.epochs}", unit="batch")
+        order = torch.randperm(len(train_set))
+        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} epoch {epoch + 1}/{run.epochs}", unit="batch")
         for step in bar:
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            idx = order[step * run.batch_size:(step + 1) * run.batch_size]
             x = normalize(augment_batch(x_train[idx], augment), cfg.mean, cfg.std)
             y = y_train[idx]
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)  # same augmented view as the student
-                loss, kd, _ = kd_loss(logits, teacher_logits, y, args.alpha, args.temperature, weights)
+                loss, kd, _ = kd_loss(logits, teacher_logits, y, run.alpha, run.temperature, weights)
                 kd_sum += kd.item() * len(idx)
             else:
                 loss = F.cross_entropy(logits, y, weight=weights)
@@ -175,6 +188,10 @@ def main(args) -> dict:
                      "best": best}, out / "last.pt")
     (out / "best.json").write_text(json.dumps(best, indent=2))
     return best
+
+
+def main(args: argparse.Namespace) -> dict:
+    return train(TrainConfig.from_args(args))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""Losses, augmentation, the per-epoch steps and the metrics: the pieces train.py reads top to bottom."""
+"""The training recipe's pieces: augmentation, the distillation loss, class weights and the learning-rate
+schedule (train.py reads them top to bottom)."""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from handler.preprocessing import normalize
 
 
 def kd_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float, class_weights=None):
@@ -51,29 +50,3 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def predict_logits(model, images_uint8: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    outs = [model(normalize(images_uint8[i:i + batch_size], mean, std))
-            for i in range(0, len(images_uint8), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0, 0)
-
-
-def classification_metrics(y_true, y_pred, class_names) -> dict:
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
-                                 recall_score, confusion_matrix)
-
-    labels = list(range(len(class_names)))
-    per_class_recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "macro_precision": float(precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "macro_recall": float(recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class_recall": {c: float(v) for c, v in zip(class_names, per_class_recall)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }

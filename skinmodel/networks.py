@@ -1,7 +1,9 @@
-"""Model constructors by name, shared by training and the handler (flat inside a .mar).
+"""The networks: constructors by name, weight files, the penultimate features and the out-of-distribution
+distance computed on them. Shared by training, the handler, Grad-CAM and the int8 export.
 
 Every network is a torchvision model built with weights=None: the weights always come from this
-project's own state_dict files, never from a download at serving time.
+project's own state_dict files, never from a download at serving time. Features are caught by a forward
+hook on the classifier head, so the network's own forward runs unchanged (fp32 and int8 alike).
 """
 from __future__ import annotations
 
@@ -67,22 +69,30 @@ class ProbabilityEnsemble(nn.Module):
         return probs.clamp_min(1e-8).log()
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (what the classifier sees) and logits, in one pass. ResNets only: their head is a
-    single Linear on the pooled features; other architectures return no features."""
-    m = model
-    if hasattr(m, "quant") and hasattr(m, "fc"):  # int8 ResNet: the same path between quant and dequant stubs
-        x = m.quant(x)
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        feats = torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(x))))), 1)
-        return m.dequant(feats), m.dequant(m.fc(feats))
-    fc = getattr(m, "fc", None)
-    if not isinstance(fc, nn.Linear):
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Penultimate features (what the classifier head receives) and logits, from one ordinary forward pass.
+    Networks without an `fc` head (convnext_tiny) return no features."""
+    head = getattr(model, "fc", None)
+    if head is None:
         return None, model(x)
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-    feats = torch.flatten(m.avgpool(x), 1)
-    return feats, fc(feats)
+    caught = {}
+    handle = head.register_forward_hook(lambda _module, inputs, _output: caught.__setitem__("features", inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    feats = caught["features"]
+    return (feats.dequantize() if feats.is_quantized else feats), logits
+
+
+def fit_class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ridge: float = 1e-3) -> dict:
+    """Class means and one shared (tied) precision matrix of the features: the statistics the OOD distance
+    needs. A class with no sample gets the overall mean."""
+    means = torch.stack([feats[labels == k].mean(0) if (labels == k).any() else feats.mean(0)
+                         for k in range(num_classes)])
+    centred = feats - means[labels]
+    cov = centred.T @ centred / len(feats) + ridge * torch.eye(feats.shape[1])
+    return {"means": means, "precision": torch.linalg.inv(cov)}
 
 
 def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """What the service accepts as an image, decided from the raw bytes before any pixel is decoded.
 
-Two users: the decoder (handler/preprocessing.py) opens only these formats, and the page's gate
+Two users: the decoder (skinmodel/preprocessing.py) opens only these formats, and the page's gate
 (stack/gate.py) recognises image bytes sent with a wrong Content-Type (curl --data-binary sends
-application/x-www-form-urlencoded). Standard library only: the gate must not import torch, and inside a
-.mar this file sits flat next to the handler.
+application/x-www-form-urlencoded). Standard library only: the gate must not import torch.
 """
 from __future__ import annotations
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from handler.architectures import features_and_logits, mahalanobis_distance
-from handler.formats import sniff
-from handler.preprocessing import PreprocessConfig, normalize, preprocess_bytes
+from skinmodel.formats import sniff
+from skinmodel.networks import features_and_logits, fit_class_gaussians, mahalanobis_distance
+from skinmodel.preprocessing import normalize, preprocess_bytes
+from skinmodel.release import ReleaseMeta
 from training import data as D
-from training.checkpoint import atomic_save, model_from_checkpoint
+from training.checkpoint import StudyError, atomic_save, checkpoint_preprocessing, model_from_checkpoint
 
 
 def non_skin_images(seed: int = 0, generated: int = 100) -> dict[str, list[bytes]]:
@@ -81,53 +79,50 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--release", required=True, help="folder with meta.json (calibrated first)")
-    p.add_argument("--data")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--cache-dir", default="runs/cache")
+    D.add_data_args(p, sizes=False)
     p.add_argument("--uncertain-share", type=float, default=0.2, help="share of validation lesions flagged uncertain")
     p.add_argument("--ood-keep", type=float, default=0.95, help="share of validation lesions accepted as dermoscopy")
     return p
 
 
 @torch.no_grad()
-def _scores(model, x, cfg, t, stats=None):
+def _scores(model, x, t, stats=None):
     feats, logits = features_and_logits(model, x)
     top = (logits / t).softmax(1).max(1).values
     dist = mahalanobis_distance(feats, stats["means"], stats["precision"]) if stats else None
     return feats, logits, top, dist
 
 
-def main(args) -> dict:
-    model, ckpt = model_from_checkpoint(args.checkpoint)
-    release = Path(args.release)
-    meta = json.loads((release / "meta.json").read_text())
-    t = float(meta.get("temperature", 1.0))
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["preprocessing"].items()})
-    records = D.split_records(D.load_records(D.resolve_data_dir(args.data), args.limit_per_class), args.split_seed)
-    cache = Path(args.cache_dir) if args.cache_dir else None
+def fit_abstention(checkpoint: str, release: Path, data: D.DataConfig, uncertain_share: float = 0.2,
+                   ood_keep: float = 0.95) -> dict:
+    """Choose both thresholds on validation, measure them on test and non-skin images, write ood_stats.pt and
+    meta.json's "abstention" into the (calibrated) release."""
+    model, ckpt = model_from_checkpoint(checkpoint)
+    release = Path(release)
+    meta = ReleaseMeta.load(release)
+    if meta.split_hash != ckpt["split_hash"]:
+        raise StudyError("the checkpoint and meta.json come from different splits")
+    t = meta.temperature
+    cfg = checkpoint_preprocessing(ckpt)
+    split = D.load_split(data)
     parts = {}
-    for split in ("train", "val", "test"):
-        recs = [r for r in records if r.split == split]
-        x = normalize(D.build_cache(recs, "eval", cfg, cache, f"decode {split}"), cfg.mean, cfg.std)
-        parts[split] = (x, torch.tensor([r.label for r in recs]))
-    feats, _, _, _ = _scores(model, parts["train"][0], cfg, t)
-    y = parts["train"][1]
-    means = torch.stack([feats[y == k].mean(0) if (y == k).any() else feats.mean(0) for k in range(len(D.CLASS_NAMES))])
-    centred = feats - means[y]
-    cov = centred.T @ centred / len(feats) + 1e-3 * torch.eye(feats.shape[1])
-    stats = {"means": means, "precision": torch.linalg.inv(cov)}
-    _, _, val_top, val_dist = _scores(model, parts["val"][0], cfg, t, stats)
-    uncertain_below = float(torch.quantile(val_top, args.uncertain_share))
-    ood_above = float(torch.quantile(val_dist, args.ood_keep))
-    _, test_logits, test_top, test_dist = _scores(model, parts["test"][0], cfg, t, stats)
+    for name in ("train", "val", "test"):
+        recs = split.part(name)
+        x = normalize(D.build_cache(recs, "eval", cfg, data.cache, f"decode {name}"), cfg.mean, cfg.std)
+        parts[name] = (x, torch.tensor([r.label for r in recs]))
+    feats, _, _, _ = _scores(model, parts["train"][0], t)
+    stats = fit_class_gaussians(feats, parts["train"][1], len(D.CLASS_NAMES))
+    _, _, val_top, val_dist = _scores(model, parts["val"][0], t, stats)
+    uncertain_below = float(torch.quantile(val_top, uncertain_share))
+    ood_above = float(torch.quantile(val_dist, ood_keep))
+    _, test_logits, test_top, test_dist = _scores(model, parts["test"][0], t, stats)
     correct = (test_logits.argmax(1) == parts["test"][1])
     confident = test_top >= uncertain_below
     ood_sets, ood_report = non_skin_images(), {}
     all_ood = []
     for name, images in ood_sets.items():
         x = torch.stack([preprocess_bytes(b, cfg) for b in images])
-        _, _, _, d = _scores(model, x, cfg, t, stats)
+        _, _, _, d = _scores(model, x, t, stats)
         all_ood.append(d)
         ood_report[name] = {"images": len(images), "rejected": float((d > ood_above).float().mean()),
                             "auroc": auroc(d.numpy(), test_dist.numpy())}
@@ -143,14 +138,17 @@ def main(args) -> dict:
         "test_accuracy_uncertain": float(correct[~confident].float().mean()) if (~confident).any() else None,
     }
     atomic_save({k: v.half() for k, v in stats.items()}, release / "ood_stats.pt")
-    meta["abstention"] = {**result, "ood_stats_file": "ood_stats.pt"}
-    tmp = release / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, release / "meta.json")
+    meta.abstention = {**result, "ood_stats_file": "ood_stats.pt"}
+    meta.save(release)
     print(f"uncertain below p={uncertain_below:.3f} ({result['test_uncertain_share']:.0%} of test); OOD distance "
           f"> {ood_above:.2f}: AUROC {result['test_ood_auroc_all']:.3f}, real lesions rejected "
           f"{result['test_lesions_rejected_as_ood']:.1%}")
     return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    return fit_abstention(args.checkpoint, Path(args.release), D.DataConfig.from_args(args), args.uncertain_share,
+                          args.ood_keep)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al., 2017) for the ResNets served here, drawn over the uploaded image as a PNG.
 
 Cost is one forward and one backward pass of a single image plus a PNG encode of at most 512 px per side.
-Flat inside a .mar: imports nothing from the project.
+The last convolutional block's output is caught by a forward hook: the network's own forward runs unchanged.
 """
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ MAX_SIDE = 512
 
 def grad_cam(model, x: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int, torch.Tensor]:
     """x: (1, 3, H, W) normalised. Returns (cam in [0, 1] of shape H x W, class explained, logits)."""
-    m = model
-    with torch.enable_grad():
-        h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        fmap = m.layer4(m.layer3(m.layer2(m.layer1(h))))
-        logits = m.fc(torch.flatten(m.avgpool(fmap), 1))
-        target = int(logits.argmax(1)) if target is None else int(target)
-        (grads,) = torch.autograd.grad(logits[0, target], fmap)
+    caught = {}
+    handle = model.layer4.register_forward_hook(lambda _module, _inputs, output: caught.__setitem__("fmap", output))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))  # a graph even if the weights are frozen
+            target = int(logits.argmax(1)) if target is None else int(target)
+            fmap = caught["fmap"]
+            (grads,) = torch.autograd.grad(logits[0, target], fmap)
+    finally:
+        handle.remove()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]

@@ -9,25 +9,22 @@ Decoding has a budget that no accepted file can exceed: the five formats the pag
 a decoded-bytes count checked before any pixel is decoded, at most MAX_JPEG_SCANS scans, and JPEGs far larger
 than the model input decoded at a reduced DCT scale (Pillow's draft mode) instead of in full.
 
-Inside a .mar this file sits flat next to the handler, so it imports only its sibling formats.py.
 """
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
-try:  # flat inside a .mar; a package in the repository
-    from formats import ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS, jpeg_scan_count
-except ImportError:  # pragma: no cover - import path depends on where we run
-    from handler.formats import ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS, jpeg_scan_count
+from skinmodel.formats import ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS, jpeg_scan_count
+from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
-# Far above any dermoscopy photo (a 24 MP camera is 24e6), far below a decompression bomb.
-DEFAULT_MAX_PIXELS = 40_000_000
+__all__ = ["DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "decode_image", "eval_uint8", "normalize",
+           "preprocess_bytes", "resize_center_crop"]
+
 # What one decoded image may weigh, counted as bands x bytes per band: 40 MP of 8-bit RGB. Modes with more
 # bytes per pixel (RGBA, CMYK, 32-bit integer or float) get proportionally fewer pixels.
 BYTES_PER_ALLOWED_PIXEL = 3
@@ -38,39 +35,6 @@ DRAFT_ABOVE = 2
 _DIRECT_TO_RGB = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_BIT_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-class InputError(ValueError):
-    """A request the service must refuse: carries an HTTP status and a reason meant for people."""
-
-    def __init__(self, status: int, code: str, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.code = code
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """The parameters that travel in meta.json; nothing else decides how pixels become a tensor."""
-
-    resize_size: int
-    crop_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "PreprocessConfig":
-        p = meta["preprocessing"]
-        return cls(int(p["resize_size"]), int(p["crop_size"]), tuple(p["mean"]), tuple(p["std"]),
-                   int(p.get("max_pixels", DEFAULT_MAX_PIXELS)))
-
-    def to_meta(self) -> dict:
-        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),
-                "std": list(self.std), "max_pixels": self.max_pixels, "interpolation": "bilinear",
-                "steps": ["decode", "exif_transpose", "to_rgb", "resize_shorter_side", "center_crop",
-                          "to_float_0_1", "normalize"]}
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

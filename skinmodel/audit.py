@@ -1,0 +1,97 @@
+"""The audit contract: the event every answer leaves behind, and the spool it travels through on its way
+to the database. The handler writes (make_event, EventSpool); the logger sidecar reads (segment_closed,
+EVENT_COLUMNS, REQUIRED); logger/schema.sql's predictions table holds exactly EVENT_COLUMNS plus its own
+inserted_at (tests/test_logger.py checks). An event records who (model and weights hash) said what about
+which image (its hash and size, never its pixels).
+
+Spool files are named events-<writer>-<UTC minute>.jsonl. A writer only ever appends to the current minute's
+file, so a file whose minute has passed is complete and the sidecar may delete it once consumed. Each batch
+is one write() of whole lines with O_APPEND (+ fsync), so readers never see half a batch from a live writer;
+a line cut by a crash is reported and skipped by the sidecar. Standard library only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+
+logger = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
+                 "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
+                 "probabilities", "uncertain", "verdict", "error_code", "error_reason", "latency_ms")
+REQUIRED = ("request_id", "ts", "model_name", "model_version", "status")
+SEGMENT_GLOB = "events-*.jsonl"
+
+
+def segment_name(writer_id: str, when: float | None = None) -> str:
+    return f"events-{writer_id}-{time.strftime('%Y%m%dT%H%M', time.gmtime(when))}.jsonl"
+
+
+def segment_minute(name: str) -> str | None:
+    """'events-host-12-20261125T2130.jsonl' -> '20261125T2130'."""
+    minute = name.removesuffix(".jsonl").rsplit("-", 1)[-1]
+    return minute if len(minute) == 13 and minute[8] == "T" else None
+
+
+def segment_closed(name: str, now_epoch: float | None = None) -> bool:
+    """Its minute has passed: its writer has moved on, nothing more will be appended."""
+    minute = segment_minute(name)
+    return minute is not None and minute < time.strftime("%Y%m%dT%H%M", time.gmtime(now_epoch))
+
+
+def make_event(request_id, meta, model_sha256: str, image: dict, latency_ms: float,
+               probabilities=None, error=None, answer: dict | None = None) -> dict:
+    """One audit record (meta: the ReleaseMeta answering; error: the InputError refusing, if any)."""
+    event = {"request_id": request_id, "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+             "model_name": meta.name, "model_version": meta.version, "model_sha256": model_sha256,
+             "image_sha256": image.get("sha256"), "image_bytes": image.get("bytes"),
+             "image_format": image.get("format"), "image_width": image.get("width"),
+             "image_height": image.get("height"), "latency_ms": round(latency_ms, 2)}
+    if error is not None:
+        event.update(status=error.status, error_code=error.code, error_reason=error.reason)
+    else:
+        probs = {c: round(float(p), 6) for c, p in zip(meta.class_names, probabilities)}
+        top = max(probs, key=probs.get)
+        event.update(status=200, probabilities=probs, top_class=top, top_probability=probs[top],
+                     uncertain=(answer or {}).get("verdict", "ok") != "ok", verdict=(answer or {}).get("verdict"))
+    return event
+
+
+class EventSpool:
+    def __init__(self, directory: str | None, fsync: bool = True):
+        self.directory = directory
+        self.fsync = fsync
+        self.writer_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.failures = 0
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    @classmethod
+    def from_env(cls) -> "EventSpool":
+        return cls(os.environ.get("SKIN_SPOOL_DIR") or None, os.environ.get("SKIN_SPOOL_FSYNC", "1") != "0")
+
+    def append(self, events: list[dict]) -> bool:
+        """Never raises: a full disk or a missing folder must not fail a prediction. Returns success."""
+        if not self.directory or not events:
+            return False
+        try:
+            data = "".join(json.dumps(e, separators=(",", ":"), allow_nan=False) + "\n" for e in events).encode()
+            path = os.path.join(self.directory, segment_name(self.writer_id))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        except Exception:  # noqa: BLE001 - the audit trail is best effort from the handler's side
+            self.failures += 1
+            logger.exception("could not write %d audit event(s) to %s", len(events), self.directory)
+            return False

@@ -1,0 +1,41 @@
+"""The light half of preprocessing: its parameters (PreprocessConfig, as they travel in meta.json and in
+checkpoints) and its refusals (InputError). No numpy, torch or Pillow here, so ReleaseMeta and the page
+build can use them without the heavy half (skinmodel/preprocessing.py re-exports both).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Far above any dermoscopy photo (a 24 MP camera is 24e6), far below a decompression bomb.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InputError(ValueError):
+    """A request the service must refuse: carries an HTTP status and a reason meant for people."""
+
+    def __init__(self, status: int, code: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The parameters that travel in meta.json; nothing else decides how pixels become a tensor."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_dict(cls, p: dict) -> "PreprocessConfig":
+        """From its one serialised form (meta.json's "preprocessing", a checkpoint's "preprocessing")."""
+        return cls(int(p["resize_size"]), int(p["crop_size"]), tuple(float(v) for v in p["mean"]),
+                   tuple(float(v) for v in p["std"]), int(p.get("max_pixels", DEFAULT_MAX_PIXELS)))
+
+    def to_dict(self) -> dict:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),
+                "std": list(self.std), "max_pixels": self.max_pixels, "interpolation": "bilinear"}

@@ -1,0 +1,136 @@
+"""The shared core on synthetic data: ReleaseMeta, settings, features by hook, Grad-CAM, the audit contract,
+and the archive that ships the core as a folder. Fast tier: no Java, PostgreSQL, browser or HAM10000."""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from skinmodel.audit import EVENT_COLUMNS, make_event
+from skinmodel.gradcam import grad_cam
+from skinmodel.inputs import PreprocessConfig
+from skinmodel.networks import build_model, features_and_logits, fit_class_gaussians, mahalanobis_distance
+from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
+from stack.settings import Settings
+
+pytestmark = pytest.mark.fast
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+def synthetic_release(folder: Path, seed: int = 0) -> ReleaseMeta:
+    """A random ResNet18 at 32 px written as a release: weights + meta.json, nothing trained."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_model("resnet18", len(CLASSES))
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, folder / "model.pt")
+    meta = ReleaseMeta("skin-lesion", "0.0-synthetic", "resnet18", CLASSES, [c.upper() for c in CLASSES],
+                       [""] * len(CLASSES), PreprocessConfig(32, 32, (0.5,) * 3, (0.25,) * 3))
+    meta.save(folder)
+    return meta
+
+
+def test_release_meta_round_trips_and_writes_atomically(tmp_path):
+    meta = synthetic_release(tmp_path / "r")
+    meta.abstention = {"uncertain_below": 0.4, "ood_distance_above": 9.0}
+    meta.save(tmp_path / "r")
+    again = ReleaseMeta.load(tmp_path / "r")
+    assert again == meta and again.input_size == 32 and again.num_classes == 7
+    assert not list((tmp_path / "r").glob("*.tmp")), "a temporary file was left behind"
+    on_disk = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert on_disk["schema"] == SCHEMA and on_disk["preprocessing"]["crop_size"] == 32
+
+
+@pytest.mark.parametrize("broken,message", [
+    ({"schema": SCHEMA + 1}, "schema"), ({"arch": None}, "lacks arch"), ("not json", "not a usable meta.json"),
+])
+def test_release_meta_refuses_what_it_cannot_read(tmp_path, broken, message):
+    meta = synthetic_release(tmp_path)
+    doc = meta.to_dict()
+    if isinstance(broken, dict):
+        doc.update(broken)
+        doc = {k: v for k, v in doc.items() if v is not None}
+        (tmp_path / "meta.json").write_text(json.dumps(doc))
+    else:
+        (tmp_path / "meta.json").write_text(broken)
+    with pytest.raises(ReleaseError, match=message):
+        ReleaseMeta.load(tmp_path)
+    with pytest.raises(ReleaseError, match="missing"):
+        ReleaseMeta.load(tmp_path / "nowhere")
+
+
+def test_settings_come_from_defaults_then_environment():
+    d = Settings.from_env({})
+    assert (d.site_port, d.inference_port, d.management_port) == (8000, 8080, 8081)
+    assert d.key_file == d.state_dir / "torchserve" / "key_file.json" and d.audit_database.startswith("sqlite:///")
+    e = Settings.from_env({"SKIN_SITE_PORT": "9000", "SKIN_STATE_DIR": "/tmp/x", "SKIN_TOKEN_AUTH": "false",
+                           "DATABASE_URL": "postgresql://db/skin"})
+    assert e.site_port == 9000 and e.spool == Path("/tmp/x/spool") and e.token_auth is False
+    assert e.audit_database == "postgresql://db/skin" and e.page_url == "http://127.0.0.1:9000"
+
+
+def test_each_default_is_written_once():
+    """grep over the code (tests aside): each port, the release folder and the body cap are set in one place."""
+    code = [p for p in REPO.glob("*/*.py") if p.parts[-2] not in ("tests", ".venv")]
+    for literal, home in ((r"\b8000\b", "stack/settings.py"), (r"\b8080\b", "stack/settings.py"),
+                          (r"\b8081\b", "stack/settings.py"), (r"\b8082\b", "stack/settings.py"),
+                          (r'REPO / "release"', "stack/settings.py"), (r'REPO / "model_store"', "stack/settings.py"),
+                          (r"10485760|max_request_size", "stack/settings.py|stack/gate.py")):
+        hits = sorted(p.relative_to(REPO).as_posix() for p in code if re.search(literal, p.read_text()))
+        assert hits and all(re.fullmatch(home, h) for h in hits), (literal, hits)
+
+
+def test_features_come_from_the_forward_hook_unchanged():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 7).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = features_and_logits(model, x)
+        assert torch.equal(logits, model(x))
+        assert torch.allclose(model.fc(feats), logits, atol=1e-6)
+    assert feats.shape == (3, 512) and not model.fc._forward_hooks, "the hook was left on the network"
+    stats = fit_class_gaussians(feats, torch.tensor([0, 1, 1]), 7)
+    d = mahalanobis_distance(feats, stats["means"], stats["precision"])
+    assert d.shape == (3,) and torch.all(d >= 0)
+
+
+def test_grad_cam_explains_the_requested_class():
+    torch.manual_seed(1)
+    model = build_model("resnet18", 7).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # frozen weights still explain: the graph starts at the input
+    cam, explained, logits = grad_cam(model, torch.randn(1, 3, 64, 64), target=4)
+    assert cam.shape == (64, 64) and explained == 4 and 0 <= cam.min() and cam.max() <= 1
+    assert logits.shape == (1, 7) and not model.layer4._forward_hooks
+
+
+def test_audit_events_fill_exactly_the_table_columns(tmp_path):
+    meta = synthetic_release(tmp_path)
+    event = make_event("r1", meta, "sha", {"sha256": "i", "bytes": 3, "format": "PNG", "width": 2, "height": 2}, 1.0,
+                       [1 / 7] * 7, answer={"verdict": "ok"})
+    assert set(event) <= set(EVENT_COLUMNS)
+    schema = (REPO / "logger" / "schema.sql").read_text()
+    table = schema[schema.index("CREATE TABLE IF NOT EXISTS predictions"):schema.index(");")]
+    columns = [line.split()[0] for line in table.splitlines()[1:] if line.strip() and not line.strip().startswith("--")]
+    assert columns == [*EVENT_COLUMNS, "inserted_at"], "schema.sql and skinmodel/audit.py disagree"
+
+
+def test_the_archive_ships_the_core_as_a_folder_and_the_served_name(tmp_path):
+    from stack.archive import build_mar, ensure_archive, mar_version
+
+    synthetic_release(tmp_path / "release")
+    meta, mar = build_mar(tmp_path / "release", tmp_path / "store", version="9.9")
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        inside = json.loads(z.read("meta.json"))
+    assert {"skin_handler.py", "model.pt", "meta.json", "skinmodel/preprocessing.py", "skinmodel/release.py"} <= names
+    assert not any("__pycache__" in n for n in names) and not any(n.startswith("code/") for n in names)
+    assert inside["version"] == "9.9" == mar_version(mar) == meta.version
+    name, again = ensure_archive(tmp_path / "release", tmp_path / "store2")  # missing: built
+    stamp = again.stat().st_mtime_ns
+    assert ensure_archive(tmp_path / "release", tmp_path / "store2") == (name, again)
+    assert again.stat().st_mtime_ns == stamp, "an up-to-date archive was rebuilt"

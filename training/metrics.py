@@ -1,0 +1,32 @@
+"""How a model is scored: logits over a uint8 image cache, and the classification metrics every report uses."""
+from __future__ import annotations
+
+import torch
+
+from skinmodel.preprocessing import normalize
+
+
+@torch.no_grad()
+def predict_logits(model, images_uint8: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    outs = [model(normalize(images_uint8[i:i + batch_size], mean, std))
+            for i in range(0, len(images_uint8), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def classification_metrics(y_true, y_pred, class_names) -> dict:
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
+                                 recall_score, confusion_matrix)
+
+    labels = list(range(len(class_names)))
+    per_class_recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "macro_precision": float(precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_recall": float(recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class_recall": {c: float(v) for c, v in zip(class_names, per_class_recall)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
