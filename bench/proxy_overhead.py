@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stress.local_stack import LocalStack  # noqa: E402
-from stack.settings import current, sample_images  # noqa: E402
+from stack.settings import MODEL_NAME, current, sample_images  # noqa: E402
 
-API = "/predictions/skin-lesion"
+API = f"/predictions/{MODEL_NAME}"
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ WORKDIR /src
 # site/build.py reads meta.json through skinmodel.release (standard library only) and the defaults in stack/settings.py.
 COPY site/ site/
 COPY skinmodel/__init__.py skinmodel/inputs.py skinmodel/release.py skinmodel/
-COPY stack/__init__.py stack/settings.py stack/
+COPY stack/__init__.py stack/settings.py stack/tokens.py stack/
 COPY config.properties ./
 COPY release/meta.json release/model_card.md release/
 RUN python site/build.py --meta release/meta.json --api-base "" --out /dist

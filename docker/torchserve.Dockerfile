@@ -10,12 +10,10 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY handler/ handler/
 COPY skinmodel/ skinmodel/
-COPY site/ site/
 COPY release/ release/
 COPY stack/ stack/
 COPY ops/ ops/
 COPY logger/ logger/
-COPY training/ training/
 COPY archive.sh config.properties log4j2.xml ./
 RUN ./archive.sh --out /app/model_store && mkdir -p /spool && chown -R skin /app/model_store /spool
 USER skin

@@ -39,7 +39,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
             warnings.simplefilter("ignore", UserWarning)
             return torch.ao.quantization.convert(quantizable_resnet18(num_classes))
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")  # a caller's bug
     return getattr(tvm, arch)(weights=None, num_classes=num_classes)
 
 

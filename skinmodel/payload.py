@@ -19,7 +19,6 @@ def _decode_base64(text: str) -> bytes:
         raise InputError(400, "bad_base64", "the JSON image field is not valid base64") from None
 
 
-
 def extract_image_bytes(row) -> bytes:
     """TorchServe hands each request as a dict: raw bodies under 'body'/'data', multipart fields under
     their names; the frontend has already turned JSON bodies into dicts and text bodies into str."""

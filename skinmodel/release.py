@@ -44,6 +44,7 @@ class ReleaseMeta:
     abstention: dict | None = None
     quantization: dict | None = None
     schema: int = SCHEMA
+    extra: dict = field(default_factory=dict)  # keys this code does not know (a newer writer's): kept, written back
 
     @property
     def num_classes(self) -> int:
@@ -59,11 +60,11 @@ class ReleaseMeta:
                "class_full_names": list(self.class_full_names), "class_descriptions": list(self.class_descriptions),
                "input_size": self.input_size, "preprocessing": self.preprocessing.to_dict()}
         for f in dataclasses.fields(self):
-            if f.name not in out and f.name != "preprocessing":
+            if f.name not in out and f.name not in ("preprocessing", "extra"):
                 value = getattr(self, f.name)
                 if value is not None:
                     out[f.name] = value
-        return out
+        return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "meta.json") -> "ReleaseMeta":
@@ -73,8 +74,10 @@ class ReleaseMeta:
         if missing:
             raise ReleaseError(f"{source} lacks {', '.join(missing)}")
         names = list(d["class_names"])
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in d.items() if k in known}
+        derived = ("num_classes", "input_size")  # written for readers, recomputed from the fields
+        values["extra"] = {k: v for k, v in d.items() if k not in known and k not in derived}
         values.update(name=str(d["name"]), version=str(d["version"]), class_names=names,
                       class_full_names=list(d.get("class_full_names", names)),
                       class_descriptions=list(d.get("class_descriptions", [""] * len(names))),

@@ -24,7 +24,7 @@ from pathlib import Path
 from skinmodel.release import ReleaseError
 from stack.archive import ArchiveError, build_mar, ensure_archive
 from stack.page import render_page
-from stack.settings import MODEL_NAME, REPO, Settings, torchserve_config
+from stack.settings import MODEL_NAME, REPO, Settings, torchserve_config, url
 from stack.supervisor import Child, Supervisor, process_child
 from stack.torchserve import ServeError, TorchServe
 from stack.torchserve_api import ManagementError
@@ -116,7 +116,7 @@ def cmd_up(args) -> int:
         took = ts.wait_ready()
         if not _wait_port(site_host, int(args.site_port), 30):
             raise ServeError(f"the page's gate did not start listening on port {args.site_port}")
-        page = S.url(int(args.site_port), args.site_host)
+        page = url(int(args.site_port), args.site_host)
         database = "DATABASE_URL" if S.database_url else f"embedded SQLite in {S.data}"
         print(f"ready in {took:.1f} s: {len(ts.workers(name))} worker(s) READY for {name}\n"
               f"  page       : open {page}/\n"
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=cmd_down)
     arch = sub.add_parser("archive", help="build <out>/<name>.mar from a release (what archive.sh runs)")
     arch.add_argument("--release", "--weights-dir", default=str(S.release_dir), help="folder with meta.json + weights")
-    arch.add_argument("--out", default=str(S.model_store), help="where the .mar goes")
+    arch.add_argument("--out", "--model-store", default=str(S.model_store), help="where the .mar goes")
     arch.add_argument("--version", help="archive version (default: meta.json's)")
     arch.add_argument("--name", help="model name (default: meta.json's)")
     arch.add_argument("--file-name", help="archive file name (default: <name>.mar)")

@@ -35,7 +35,7 @@ from aiohttp.web_server import Server
 
 from stack import gate_policy as policy
 from stack.tokens import TokenFile
-from stack.settings import Settings, torchserve_config
+from stack.settings import Settings, torchserve_config, url
 
 SECURITY_HEADERS = {
     "Server": "skin-gate",  # aiohttp would otherwise announce its and Python's versions
@@ -302,7 +302,7 @@ class GateThread:
     def start(self) -> "GateThread":
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.gate.start(self.host, self.port), self.loop).result(30)
-        self.url = f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.gate.port}"
+        self.url = url(self.gate.port, self.host)
         return self
 
     def stop(self) -> None:

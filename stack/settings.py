@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from stack.tokens import KEY_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHSERVE_CONFIG = REPO / "config.properties"
 MODEL_NAME = "skin-lesion"
@@ -18,6 +20,11 @@ MODEL_NAME = "skin-lesion"
 # are retried after the answer's Retry-After (else 1 s, then 2 s), at most RETRY_ATTEMPTS times in all.
 RETRY_STATUSES = (503, 507)
 RETRY_ATTEMPTS = 3
+
+
+def url(port: int, host: str = "127.0.0.1") -> str:
+    """The URL a local client uses for a listener (one bound to every address is reached on loopback)."""
+    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
 
 def _env(environ, name: str, default):
@@ -73,7 +80,7 @@ class Settings:
 
     @property
     def key_file(self) -> Path:
-        return self.torchserve_dir / "key_file.json"
+        return self.torchserve_dir / KEY_FILE
 
     @property
     def sqlite_url(self) -> str:
@@ -83,24 +90,21 @@ class Settings:
     def audit_database(self) -> str:
         return self.database_url or self.sqlite_url
 
-    def url(self, port: int, host: str = "127.0.0.1") -> str:
-        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-
     @property
     def page_url(self) -> str:
-        return self.url(self.site_port, self.site_host)
+        return url(self.site_port, self.site_host)
 
     @property
     def inference_url(self) -> str:
-        return self.url(self.inference_port, self.inference_host)
+        return url(self.inference_port, self.inference_host)
 
     @property
     def management_url(self) -> str:
-        return self.url(self.management_port)
+        return url(self.management_port)
 
     @property
     def metrics_url(self) -> str:
-        return self.url(self.metrics_port)
+        return url(self.metrics_port)
 
 
 def torchserve_config(key: str, base: Path = TORCHSERVE_CONFIG) -> str | None:

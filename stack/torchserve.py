@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from stack.settings import REPO, TORCHSERVE_CONFIG, Settings, torchserve_config
+from stack.settings import REPO, TORCHSERVE_CONFIG, Settings, torchserve_config, url
 from stack.tokens import KEY_FILE, TokenFile
 from stack.torchserve_api import ManagementError, TorchServeClient
 
@@ -50,9 +50,8 @@ class TorchServe:
                  env: dict[str, str] | None = None, grpc_ports: tuple[int, int] | None = None,
                  token_auth: bool | None = None):
         self.model_store, self.models, self.workdir = Path(model_store), models, Path(workdir)
-        self.inference_url = f"http://{'127.0.0.1' if inference_host == '0.0.0.0' else inference_host}:{inference_port}"
-        self.management_url = f"http://127.0.0.1:{management_port}"
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
+        self.inference_url, self.management_url = url(inference_port, inference_host), url(management_port)
+        self.metrics_url = url(metrics_port)
         self.overrides = {"inference_address": f"http://{inference_host}:{inference_port}",
                           "management_address": self.management_url, "metrics_address": self.metrics_url,
                           "enable_model_api": str(enable_model_api).lower(),

@@ -23,10 +23,21 @@ class ManagementError(RuntimeError):
     pass
 
 
+class ClientRetry(Retry):
+    """urllib3's Retry as the clients' policy wants it: Retry-After honoured on 507 too (the gate sends it when a
+    worker died), and at least 1 s between tries (urllib3 would retry the first time at once)."""
+
+    RETRY_AFTER_STATUS_CODES = frozenset({*Retry.RETRY_AFTER_STATUS_CODES, 507})
+
+    def get_backoff_time(self) -> float:
+        return max(1.0, super().get_backoff_time())
+
+
 # The clients' retry policy: 503 and 507 retried after Retry-After (else 1 s, then 2 s), POST and PUT included:
 # a prediction has no side effect worth guarding against a repeat.
-RETRY_POLICY = Retry(total=RETRY_ATTEMPTS - 1, connect=0, read=0, status_forcelist=RETRY_STATUSES, allowed_methods=None,
-                     backoff_factor=1, respect_retry_after_header=True, raise_on_status=False)
+RETRY_POLICY = ClientRetry(total=RETRY_ATTEMPTS - 1, connect=0, read=0, status_forcelist=RETRY_STATUSES,
+                           allowed_methods=None, backoff_factor=1, respect_retry_after_header=True,
+                           raise_on_status=False)
 
 
 def retrying_session() -> requests.Session:

@@ -32,12 +32,12 @@ from pathlib import Path
 import psutil
 import requests
 
-from stack.settings import current, sample_images
+from stack.settings import MODEL_NAME, current, sample_images
 from stack.torchserve_api import RETRY_POLICY
 from stress import bombs
 from stress.local_stack import LocalStack
 
-API = "/predictions/skin-lesion"
+API = f"/predictions/{MODEL_NAME}"
 ATTACKER, USER = "127.0.0.1", "127.0.0.2"  # all of 127/8 is loopback: two clients the gate can tell apart
 
 
@@ -150,7 +150,7 @@ def flood_direct(stack, out, stop, clients=32):
 
 def random_bodies(stack, out, stop, clients=90):
     rng = random.Random(0)
-    bodies = [rng.randbytes(rng.randint(1, 10) * 2**20 - 1) for _ in range(6)]
+    bodies = [rng.randbytes(rng.randint(1, 10) * bombs.MAX_BODY // 10 - 1) for _ in range(6)]
 
     def client(i):
         s = session_from(ATTACKER)
@@ -201,7 +201,7 @@ def framing(stack, out, stop):
         s.settimeout(10)
         answer = b""
         try:
-            s.sendall(f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {11 * 2**20}\r\n\r\n".encode())
+            s.sendall(f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {bombs.MAX_BODY + 2**20}\r\n\r\n".encode())
             for _ in range(176):
                 s.sendall(b"\0" * 2**16)
         except OSError:
@@ -222,7 +222,7 @@ def slow_bodies(stack, out, stop, uploads=60, idle=300):
         try:
             s = socket.create_connection(("127.0.0.1", port), source_address=(ATTACKER, 0))
             s.setblocking(False)
-            head = f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * 2**20}\r\n\r\n" if i < uploads \
+            head = f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {bombs.MAX_BODY}\r\n\r\n" if i < uploads \
                 else "GET / HTTP/1.1\r\nHost: x\r\n"
             s.send(head.encode())
             socks.append((s, i < uploads, time.perf_counter()))
@@ -390,14 +390,14 @@ def owner_only(stack: LocalStack) -> dict:
     """What another local user (nobody) can do to TorchServe: nothing without the keys."""
     import grpc
 
-    url = f"{stack.management_url}/models/skin-lesion?min_worker=0&max_worker=0&synchronous=true"
+    url = f"{stack.management_url}/models/{MODEL_NAME}?min_worker=0&max_worker=0&synchronous=true"
     as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     rest = subprocess.run([*as_nobody, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", url],
                           capture_output=True, text=True, timeout=60).stdout
     key = subprocess.run([*as_nobody, "cat", str(stack.tokens.path)], capture_output=True).returncode
     config = (stack.state / "torchserve" / "config.properties").read_text()
     port = next(line.split("=")[1] for line in config.splitlines() if line.startswith("grpc_management_port="))
-    name = b"skin-lesion"
+    name = MODEL_NAME.encode()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             channel.unary_unary("/org.pytorch.serve.grpc.management.ManagementAPIsService/ScaleWorker")(

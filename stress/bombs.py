@@ -14,8 +14,13 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from stack.settings import torchserve_config
 
-def form_field_bomb(size: int = 10 * 2**20 - 1) -> bytes:
+# The service's body cap: the bombs are built to fit just under it, where they are most dangerous.
+MAX_BODY = int(torchserve_config("max_request_size"))
+
+
+def form_field_bomb(size: int = MAX_BODY - 1) -> bytes:
     """`a=&a=&...`: about 3.5 million empty fields in 10 MiB (url-encoded form body)."""
     return (b"a=&" * (size // 3 + 1))[:size]
 
@@ -55,7 +60,7 @@ def progressive_scan_bomb(side: int = 6000, scans: int = 10_000) -> bytes:
     return jpeg[:end] + jpeg[start:end] * max(0, scans - len(sos)) + jpeg[end:]
 
 
-def large_jpeg(megapixels: float = 40, max_bytes: int = 10 * 2**20 - 1, seed: int = 0) -> bytes:
+def large_jpeg(megapixels: float = 40, max_bytes: int = MAX_BODY - 1, seed: int = 0) -> bytes:
     """A noisy 4:3 JPEG of about `megapixels` whose file size sits just under max_bytes."""
     width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
     height = int(megapixels * 1e6 / width)

@@ -31,12 +31,12 @@ from skinmodel.release import ReleaseMeta
 from stack.archive import build_mar
 from stack.page import render_page
 from stack.gate import GateLimits, GateThread
-from stack.settings import current, sample_images
-from stack.torchserve import REPO, TorchServe, free_port
+from stack.settings import MODEL_NAME, REPO, current, sample_images
+from stack.torchserve import TorchServe, free_port
 from stress.fuzz import fuzz_cases, judge
 from stress.local_stack import LocalStack
 
-NAME = "skin-lesion"
+NAME = MODEL_NAME
 
 
 @dataclass

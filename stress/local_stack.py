@@ -11,8 +11,9 @@ from pathlib import Path
 
 import psutil
 
-from stack.tokens import KEY_FILE, TokenFile
-from stack.torchserve import REPO, free_port
+from stack.settings import REPO, Settings
+from stack.tokens import TokenFile
+from stack.torchserve import free_port
 
 
 class LocalStack:
@@ -26,20 +27,25 @@ class LocalStack:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def settings(self) -> Settings:
+        """What the stack reads from its environment: the same rules, applied to this stack's variables."""
+        return Settings.from_env(self.env)
+
+    @property
     def page_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['site']}"
+        return self.settings.page_url
 
     @property
     def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['inference']}"
+        return self.settings.inference_url
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['management']}"
+        return self.settings.management_url
 
     @property
     def tokens(self) -> TokenFile:
-        return TokenFile(self.state / "torchserve" / KEY_FILE)
+        return TokenFile(self.settings.key_file)
 
     def output(self) -> str:
         return "".join(self.lines)

@@ -19,12 +19,34 @@ SLOW_FIXTURES = {"data_dir", "sample_images", "tiny_release", "tiny_mar", "pg_ur
 
 
 @pytest.fixture(autouse=True)
-def _fast_tests_stay_fast(request):
-    """A test marked fast may not need HAM10000, Java (TorchServe), PostgreSQL or a browser."""
-    if request.node.get_closest_marker("fast"):
-        needed = SLOW_FIXTURES & set(request.fixturenames)
-        if needed:
-            pytest.fail(f"a fast test uses {', '.join(sorted(needed))}: move it out of the fast tier")
+def _fast_tests_stay_fast(request, monkeypatch):
+    """A test marked fast may not need HAM10000, Java (TorchServe), PostgreSQL or a browser: not through a
+    fixture, and not by calling for them directly either."""
+    if not request.node.get_closest_marker("fast"):
+        return
+    needed = SLOW_FIXTURES & set(request.fixturenames)
+    if needed:
+        pytest.fail(f"a fast test uses {', '.join(sorted(needed))}: move it out of the fast tier")
+
+    def refuse(*_args, **_kw):
+        pytest.fail("a fast test reached for HAM10000, TorchServe or PostgreSQL: move it out of the fast tier")
+
+    import psycopg2
+
+    import stack.settings
+    import stack.torchserve
+    import training.data
+
+    locate = stack.settings.ham10000_dir
+
+    def no_dataset():  # asking where it is may be the test's point; getting a real folder back is not allowed
+        found = locate()
+        return refuse() if found is not None and found.is_dir() else found
+
+    for target, name, replacement in ((stack.settings, "ham10000_dir", no_dataset),
+                                      (training.data, "ham10000_dir", no_dataset),
+                                      (stack.torchserve.TorchServe, "start", refuse), (psycopg2, "connect", refuse)):
+        monkeypatch.setattr(target, name, replacement)
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def _image_files(dockerfile: str, into: Path) -> None:
 
 
 def test_the_gate_and_page_images_carry_every_file_they_run(tmp_path):
-    """Only what gate.Dockerfile and site.Dockerfile copy, and their commands still run."""
+    """Only what each image copies, and its command still runs (the Python packages come from this venv)."""
     import sys
 
     gate = tmp_path / "gate"
@@ -114,3 +114,8 @@ def test_the_gate_and_page_images_carry_every_file_they_run(tmp_path):
     r = subprocess.run([sys.executable, "site/build.py", "--meta", "release/meta.json", "--out", str(tmp_path / "dist")],
                        cwd=site, capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "dist" / "index.html").exists(), r.stderr[-1500:]
+    served = tmp_path / "torchserve"
+    _image_files("torchserve.Dockerfile", served)
+    r = subprocess.run(["./archive.sh", "--out", str(tmp_path / "store")], cwd=served, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert r.returncode == 0 and (tmp_path / "store" / "skin-lesion.mar").exists(), r.stderr[-1500:]

@@ -34,15 +34,35 @@ def synthetic_release(folder: Path, seed: int = 0) -> ReleaseMeta:
     return meta
 
 
-def test_release_meta_round_trips_and_writes_atomically(tmp_path):
+def test_release_meta_round_trips_and_writes_atomically(tmp_path, monkeypatch):
     meta = synthetic_release(tmp_path / "r")
     meta.abstention = {"uncertain_below": 0.4, "ood_distance_above": 9.0}
     meta.save(tmp_path / "r")
     again = ReleaseMeta.load(tmp_path / "r")
     assert again == meta and again.input_size == 32 and again.num_classes == 7
-    assert not list((tmp_path / "r").glob("*.tmp")), "a temporary file was left behind"
     on_disk = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert on_disk["schema"] == SCHEMA and on_disk["preprocessing"]["crop_size"] == 32
+    before = (tmp_path / "r" / "meta.json").read_bytes()
+
+    def crash(*_args):
+        raise OSError("the machine died here")
+
+    monkeypatch.setattr("skinmodel.release.os.replace", crash)  # a crash between writing and renaming
+    again.temperature = 2.0
+    with pytest.raises(OSError):
+        again.save(tmp_path / "r")
+    assert (tmp_path / "r" / "meta.json").read_bytes() == before, "a crash mid-save changed meta.json"
+
+
+def test_keys_a_newer_writer_added_are_kept(tmp_path):
+    synthetic_release(tmp_path)
+    doc = json.loads((tmp_path / "meta.json").read_text())
+    doc["subgroups"] = {"sex": {"female": 0.6}}
+    (tmp_path / "meta.json").write_text(json.dumps(doc))
+    meta = ReleaseMeta.load(tmp_path)
+    meta.temperature = 1.5
+    meta.save(tmp_path)
+    assert json.loads((tmp_path / "meta.json").read_text())["subgroups"] == {"sex": {"female": 0.6}}
 
 
 @pytest.mark.parametrize("broken,message", [
@@ -74,14 +94,23 @@ def test_settings_come_from_defaults_then_environment():
 
 
 def test_each_default_is_written_once():
-    """grep over the code (tests aside): each port, the release folder and the body cap are set in one place."""
-    code = [p for p in REPO.glob("*/*.py") if p.parts[-2] not in ("tests", ".venv")]
+    """grep over the code (tests aside): each port, folder, file name, the model name and the body cap are set in
+    one place (docstrings and help texts aside: the patterns match code, not prose)."""
+    code = [p for p in REPO.rglob("*.py") if not {"tests", ".venv"} & set(p.relative_to(REPO).parts)]
     for literal, home in ((r"\b8000\b", "stack/settings.py"), (r"\b8080\b", "stack/settings.py"),
                           (r"\b8081\b", "stack/settings.py"), (r"\b8082\b", "stack/settings.py"),
                           (r'REPO / "release"', "stack/settings.py"), (r'REPO / "model_store"', "stack/settings.py"),
-                          (r"10485760|max_request_size", "stack/settings.py|stack/gate.py")):
+                          (r'"\.stack"', "stack/settings.py"), (r'= "key_file\.json"', "stack/tokens.py"),
+                          (r'"skin-lesion"', "stack/settings.py"), (r'"max_request_size"', "stack/gate.py|stress/bombs.py"),
+                          (r"10485760|10 \* 2\*\*20", "$^")):
         hits = sorted(p.relative_to(REPO).as_posix() for p in code if re.search(literal, p.read_text()))
-        assert hits and all(re.fullmatch(home, h) for h in hits), (literal, hits)
+        assert all(re.fullmatch(home, h) for h in hits) and (hits or home == "$^"), (literal, hits)
+
+
+def _resnet_features(m, x):
+    """The reference: the penultimate features computed block by block (what the hook replaced)."""
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(x))))), 1)
 
 
 def test_features_come_from_the_forward_hook_unchanged():
@@ -90,22 +119,51 @@ def test_features_come_from_the_forward_hook_unchanged():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         feats, logits = features_and_logits(model, x)
-        assert torch.equal(logits, model(x))
-        assert torch.allclose(model.fc(feats), logits, atol=1e-6)
+        assert torch.equal(feats, _resnet_features(model, x)) and torch.equal(logits, model(x))
     assert feats.shape == (3, 512) and not model.fc._forward_hooks, "the hook was left on the network"
-    stats = fit_class_gaussians(feats, torch.tensor([0, 1, 1]), 7)
-    d = mahalanobis_distance(feats, stats["means"], stats["precision"])
-    assert d.shape == (3,) and torch.all(d >= 0)
+
+
+def test_features_of_the_int8_network_are_dequantized():
+    from skinmodel.networks import quantizable_resnet18
+
+    torch.manual_seed(0)
+    prepared = quantizable_resnet18(7, build_model("resnet18", 7).state_dict())
+    with torch.no_grad():
+        prepared(torch.randn(8, 3, 32, 32))  # observers see some activations
+    int8 = torch.ao.quantization.convert(prepared).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = features_and_logits(int8, x)
+        reference = int8.dequant(_resnet_features(int8, int8.quant(x)))
+    assert not feats.is_quantized and torch.equal(feats, reference) and torch.equal(logits, int8(x))
+
+
+def test_the_ood_distance_is_smallest_near_a_class_mean():
+    torch.manual_seed(0)
+    feats = torch.cat([torch.randn(50, 8) + 5, torch.randn(50, 8) - 5])
+    stats = fit_class_gaussians(feats, torch.tensor([0] * 50 + [1] * 50), 7)
+    near, far = mahalanobis_distance(torch.stack([feats[:50].mean(0), torch.full((8,), 40.0)]), stats["means"],
+                                     stats["precision"])
+    assert 0 <= near < 1 < 10 < far
 
 
 def test_grad_cam_explains_the_requested_class():
-    torch.manual_seed(1)
+    torch.manual_seed(0)  # a random network whose class-0 map is not all zeros
     model = build_model("resnet18", 7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    # the reference, by hand: gradients of the class score with respect to the last block's output
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    fmap = model.layer4(model.layer3(model.layer2(model.layer1(h))))
+    score = model.fc(torch.flatten(model.avgpool(fmap), 1))[0, 0]
+    (grads,) = torch.autograd.grad(score, fmap)
+    ref = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * fmap).sum(1, keepdim=True)).detach()
+    ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    ref = (ref - ref.min()) / (ref - ref.min()).max()
     for p in model.parameters():
         p.requires_grad_(False)  # frozen weights still explain: the graph starts at the input
-    cam, explained, logits = grad_cam(model, torch.randn(1, 3, 64, 64), target=4)
-    assert cam.shape == (64, 64) and explained == 4 and 0 <= cam.min() and cam.max() <= 1
-    assert logits.shape == (1, 7) and not model.layer4._forward_hooks
+    cam, explained, logits = grad_cam(model, x, target=0)
+    assert explained == 0 and logits.shape == (1, 7) and not model.layer4._forward_hooks
+    assert cam.shape == (64, 64) and cam.max() == 1 and torch.allclose(torch.from_numpy(cam), ref, atol=1e-5)
 
 
 def test_audit_events_fill_exactly_the_table_columns(tmp_path):

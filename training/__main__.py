@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 COMMANDS = {
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         module.main(args)
-    except (DataError, StudyError, ReleaseError, FileNotFoundError) as exc:
+    except (DataError, StudyError, ReleaseError, FileNotFoundError, json.JSONDecodeError) as exc:
         # The project's own refusals, phrased for people; anything else (a torch shape bug) keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

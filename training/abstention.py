@@ -104,6 +104,7 @@ def fit_abstention(checkpoint: str, release: Path, data: D.DataConfig, uncertain
         raise StudyError("the checkpoint and meta.json come from different splits")
     t = meta.temperature
     cfg = checkpoint_preprocessing(ckpt)
+    data.use_threads()
     split = D.load_split(data)
     parts = {}
     for name in ("train", "val", "test"):

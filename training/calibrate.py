@@ -84,6 +84,7 @@ def calibrate(checkpoint: str, release: Path, data: D.DataConfig) -> dict:
     meta = ReleaseMeta.load(release)
     if meta.split_hash != ckpt["split_hash"]:
         raise StudyError("the checkpoint and meta.json come from different splits")
+    data.use_threads()
     split = D.load_split(data)
     cfg = checkpoint_preprocessing(ckpt)
     out = {}

@@ -89,15 +89,26 @@ class DataConfig:
     def cache(self) -> Path | None:
         return Path(self.cache_dir) if self.cache_dir else None
 
+    def use_threads(self) -> None:
+        """torch's CPU thread count for this step, when one was asked for."""
+        if self.threads:
+            import torch
 
-def add_data_args(p: argparse.ArgumentParser, sizes: bool = True) -> None:
-    """The data flags, once. sizes=False for steps whose preprocessing comes from a checkpoint or a release."""
+            torch.set_num_threads(self.threads)
+
+
+def add_data_args(p: argparse.ArgumentParser, sizes: bool = True, compute: bool = True,
+                  threads: int | None = None) -> None:
+    """The data flags, once. sizes=False for steps whose preprocessing comes from a checkpoint or a release;
+    compute=False for steps that decode and run nothing (no cache, no threads); threads: the default count."""
     d = DataConfig()
     p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
     p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the lesion-grouped split")
     p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class (smoke runs)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="where decoded uint8 tensors are kept between runs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    if compute:
+        p.add_argument("--cache-dir", default=d.cache_dir, help="where decoded uint8 tensors are kept between runs")
+        p.add_argument("--threads", type=int, default=threads,
+                       help=f"torch CPU threads (default: {threads or 'all cores'})")
     if sizes:
         p.add_argument("--img-size", type=int, default=d.img_size, help="input (crop) size in pixels")
         p.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default: img-size)")

@@ -33,8 +33,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-
-
 def slug(name: str) -> str:
     """'teacher: resnet18' -> 'teacher_resnet18': file names without spaces, colons or brackets."""
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
@@ -60,6 +58,7 @@ def evaluate(data: D.DataConfig, models: dict[str, str], out: Path, latency_runs
     report.md, results.json and a confusion matrix per model in OUT."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    data.use_threads()
     split = D.load_split(data)
     split_hash = D.write_splits(split.records, out / "splits.csv")
     train, test = split.part("train"), split.part("test")

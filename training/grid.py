@@ -11,7 +11,7 @@ from training.plots import plot_grid
 from training.train import TrainConfig, train
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-TEMPERATURES = (1, 5, 10, 15, 20)
+TEMPERATURES = (1.0, 5.0, 10.0, 15.0, 20.0)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

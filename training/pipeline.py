@@ -122,6 +122,7 @@ def run_study(study: StudyConfig) -> ReleaseMeta:
     out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
     data = study.data
+    data.use_threads()
     common = dict(data=data, batch_size=study.batch_size, seed=study.seed)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
     train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18, **common))

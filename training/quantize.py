@@ -31,9 +31,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--release", required=True, help="fp32/fp16 release folder (meta.json + weights)")
     p.add_argument("--out", required=True, help="folder for the int8 weights + meta.json")
-    D.add_data_args(p, sizes=False)
+    D.add_data_args(p, sizes=False, threads=1)  # the throughput comparison runs on one thread, as a worker has
     p.add_argument("--calibration-images", type=int, default=512)
-    p.set_defaults(threads=1)  # torch threads for the throughput comparison: one, as a TorchServe worker has
     return p
 
 
@@ -77,7 +76,7 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
     reloaded.load_state_dict(load_state_dict_file(out / "model.pt"))
     reloaded.eval()
 
-    torch.set_num_threads(data.threads or 1)
+    data.use_threads()
     x_test = D.build_cache(test, "eval", cfg, cache, "decode test")
     y = [r.label for r in test]
     rows = {}

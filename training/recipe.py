@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 
-
 def kd_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float, class_weights=None):
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 

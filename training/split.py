@@ -10,7 +10,7 @@ from training import data as D
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write splits.csv (60/20/20 by lesion_id, stratified by dx).",
                                 add_help=add_help)
-    D.add_data_args(p, sizes=False)
+    D.add_data_args(p, sizes=False, compute=False)
     p.add_argument("--out", default="runs/study/splits.csv", help="where to write splits.csv")
     return p
 

@@ -96,8 +96,7 @@ def train(run: TrainConfig) -> dict:
     """Train (or resume) one run; returns the best epoch's validation figures (also in OUT/best.json)."""
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    if run.data.threads:
-        torch.set_num_threads(run.data.threads)
+    run.data.use_threads()
     seed_everything(run.seed)
     split = D.load_split(run.data)
     D.write_splits(split.records, out / "splits.csv")
