@@ -18,10 +18,11 @@ from ts.torch_handler.base_handler import BaseHandler
 from skinmodel.answers import format_error, format_prediction
 from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, mahalanobis_distance
+from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
 from skinmodel.release import ReleaseMeta
+from skinmodel.review_store import REVIEWED_VERDICTS, ReviewStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,13 @@ class SkinLesionHandler(BaseHandler):
             stats = torch.load(os.path.join(model_dir, abstention["ood_stats_file"]), weights_only=True)
             self.ood_stats = {k: v.float() for k, v in stats.items()}
         self.spool = EventSpool.from_env()
+        self.review = ReviewStore.from_env()  # off unless SKIN_REVIEW_KEEP_DAYS > 0
         self.initialized = True
         logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta.name, self.meta.version,
                     self.meta.arch, self.cfg.crop_size, self.temperature, self.spool.directory or "off")
 
     def handle(self, data, context):
-        self._started = time.perf_counter()
+        self._started, self._rows = time.perf_counter(), data
         return super().handle(data, context)
 
     def preprocess(self, data):
@@ -72,67 +74,85 @@ class SkinLesionHandler(BaseHandler):
         return (torch.stack(tensors) if tensors else None), slots
 
     def inference(self, batch, *args, **kwargs):
+        """The one decision, for predictions and explanations alike: calibrated probabilities and the gate's
+        dermoscopy score the verdict is made of."""
         tensor, slots = batch
+        self._tensor = tensor  # Grad-CAM reruns an explained image with gradients
         if tensor is None:
             return None, slots
         with torch.inference_mode():
             feats, logits = features_and_logits(self.model, tensor)
             probabilities = torch.softmax(logits / self.temperature, dim=1)
-            distances = (mahalanobis_distance(feats, self.ood_stats["means"], self.ood_stats["precision"]).tolist()
+            scores = (ood_score(feats, self.ood_stats).tolist()
                          if self.ood_stats is not None and feats is not None else [None] * len(tensor))
-        return (probabilities, distances), slots
+        return (probabilities, scores), slots
 
     def postprocess(self, output):
-        (probabilities, distances), slots = output if output[0] is not None else ((None, None), output[1])
-        latency_ms = (time.perf_counter() - getattr(self, "_started", time.perf_counter())) * 1000
+        """Answers and audit events for a batch. TorchServe batches /predictions and /explanations requests
+        together and BaseHandler picks one path by the first request's "explain" header, so the kind is read
+        per request here: an explanation gets the same answer plus its heat map, whichever request led."""
+        (probabilities, scores), slots = output if output[0] is not None else ((None, None), output[1])
         answers, events = [], []
         for idx, (slot, image) in enumerate(slots):
             request_id = self.context.get_request_id(idx) if self.context else None
+            kind = "explanation" if self._explanation_requested(idx) else "prediction"
             if self.context:
                 self.context.set_response_content_type(idx, "application/json")
-            if isinstance(slot, InputError):
-                if self.context:
-                    self.context.set_response_status(slot.status, slot.reason, idx)
-                answers.append(format_error(slot, request_id))
-                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, error=slot))
-            else:
+            if not isinstance(slot, InputError):
                 probs = probabilities[slot].tolist()
-                answer = format_prediction(probs, self.meta, request_id, distances[slot])
-                answers.append(answer)
-                events.append(make_event(request_id, self.meta, self.weights_sha256, image, latency_ms, probs,
-                                         answer=answer))
+                answer = format_prediction(probs, self.meta, request_id, scores[slot])
+                try:
+                    if kind == "explanation":
+                        self._add_heat_map(idx, slot, answer)
+                except InputError as err:
+                    slot = err
+                except Exception:  # noqa: BLE001 - one failed heat map must not fail the predictions batched with it
+                    logger.exception("unexpected error while explaining one request")
+                    slot = InputError(500, "server_error", "the heat map could not be computed")
+                else:
+                    rows = getattr(self, "_rows", None)  # set by handle(): absent when called in-process
+                    if answer["verdict"] in REVIEWED_VERDICTS and self.review.enabled and rows is not None:
+                        self.review.keep(image["sha256"], extract_image_bytes(rows[idx]), image.get("format"))
+                    answers.append(answer)
+                    events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
+                                             probs, answer=answer, kind=kind))
+                    continue
+            if self.context:
+                self.context.set_response_status(slot.status, slot.reason, idx)
+            answers.append(format_error(slot, request_id))
+            events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
+                                     error=slot, kind=kind))
         self.spool.append(events)
         return answers
 
     def explain_handle(self, data_preprocess, raw_data):
-        """POST /explanations/<model>: the prediction plus a Grad-CAM overlay (PNG, base64) per valid image.
-        A JSON body may name the class to explain: {"data": "<base64>", "target": "mel"}."""
+        """POST /explanations/<model> leading a batch: the one path above decides per request."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    def _explanation_requested(self, idx: int) -> bool:
+        return bool(self.context) and self.context.get_request_header(idx, "explain") == "True"
+
+    def _latency_ms(self) -> float:  # up to this answer, its heat map included
+        return (time.perf_counter() - getattr(self, "_started", time.perf_counter())) * 1000
+
+    def _add_heat_map(self, idx: int, slot: int, answer: dict) -> None:
+        """A Grad-CAM overlay (PNG, base64) of the upload, unless the image was refused. A JSON body may name
+        the class to explain: {"data": "<base64>", "target": "mel"}."""
         import base64
 
-        tensor, slots = data_preprocess
-        answers = []
-        for idx, (slot, image) in enumerate(slots):
-            request_id = self.context.get_request_id(idx)
-            self.context.set_response_content_type(idx, "application/json")
-            if isinstance(slot, InputError):
-                self.context.set_response_status(slot.status, slot.reason, idx)
-                answers.append(format_error(slot, request_id))
-                continue
-            if self.meta.arch.endswith("_int8"):  # no gradients through int8 kernels
-                err = InputError(501, "not_supported", "explanations need the fp32 model; this one is int8")
-                self.context.set_response_status(err.status, err.reason, idx)
-                answers.append(format_error(err, request_id))
-                continue
-            row = raw_data[idx]
-            body = row.get("body") if isinstance(row, dict) else None
-            wanted = body.get("target") if isinstance(body, dict) else None
-            target = self.meta.class_names.index(wanted) if wanted in self.meta.class_names else None
-            cam, explained, logits = grad_cam(self.model, tensor[slot:slot + 1], target)
-            upload = decode_image(extract_image_bytes(row), self.cfg.max_pixels, min_side=MAX_SIDE)
-            png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
-            answer = format_prediction(torch.softmax(logits[0] / self.temperature, 0).tolist(), self.meta, request_id)
-            answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
-                                     "class": self.meta.class_names[explained], "image_png_base64":
-                                     base64.b64encode(png).decode(), "model_input_box": list(box)}
-            answers.append(answer)
-        return answers
+        if answer["verdict"] == "not_dermoscopy":
+            return  # nothing to explain: the same refusal /predictions gives
+        if self.meta.arch.endswith("_int8"):  # no gradients through int8 kernels
+            raise InputError(501, "not_supported", "explanations need the fp32 model; this one is int8")
+        row = self._rows[idx]
+        body = row.get("body") if isinstance(row, dict) else None
+        wanted = body.get("target") if isinstance(body, dict) else None
+        if wanted is not None and wanted not in self.meta.class_names:
+            raise InputError(400, "unknown_target", "target must be one of the model's class codes")
+        target = None if wanted is None else self.meta.class_names.index(wanted)
+        cam, explained, _ = grad_cam(self.model, self._tensor[slot:slot + 1], target)
+        upload = decode_image(extract_image_bytes(row), self.cfg.max_pixels, min_side=MAX_SIDE)
+        png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
+        answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
+                                 "class": self.meta.class_names[explained], "image_png_base64":
+                                 base64.b64encode(png).decode(), "model_input_box": list(box)}

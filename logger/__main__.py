@@ -1,4 +1,4 @@
-"""python -m logger [run|status|show|stats]: the prediction audit sidecar and its read-outs.
+"""python -m logger [run|status|show|stats|review]: the prediction audit sidecar and its read-outs.
 
 Configuration comes from the environment: DATABASE_URL (postgresql://...; without it, the embedded SQLite
 file $SKIN_DATA_DIR/predictions.sqlite3) and SKIN_SPOOL_DIR (the folder TorchServe's handler writes to).
@@ -64,12 +64,13 @@ def cmd_status(_args) -> int:
 
 def cmd_show(args) -> int:
     db = _db()
-    rows = db.query("SELECT ts, model_name, model_version, status, top_class, top_probability, error_code, "
-                    "latency_ms, image_sha256 FROM predictions ORDER BY ts DESC LIMIT ?", (args.last,))
-    print(f"{'time (UTC)':24} {'model':22} {'status':6} {'top':6} {'p':>6} {'ms':>7}  image sha256")
-    for ts, name, version, status, top, p, err, ms, sha in rows:
+    rows = db.query("SELECT ts, model_name, model_version, kind, status, verdict, top_class, top_probability, "
+                    "error_code, latency_ms, image_sha256 FROM predictions ORDER BY ts DESC LIMIT ?", (args.last,))
+    print(f"{'time (UTC)':24} {'model':22} {'kind':11} {'status':6} {'answer':16} {'p':>6} {'ms':>7}  image sha256")
+    for ts, name, version, kind, status, verdict, top, p, err, ms, sha in rows:
         shown = f"{p:6.3f}" if p is not None else "     -"
-        print(f"{ts[:23]:24} {name + ' ' + version:22} {status:<6} {(top or err or '-')[:6]:6} {shown} "
+        said = err or (top if verdict in (None, "ok") else verdict if top is None else f"{top} {verdict}")
+        print(f"{ts[:23]:24} {name + ' ' + version:22} {kind or 'prediction':11} {status:<6} {(said or '-')[:16]:16} {shown} "
               f"{ms or 0:7.1f}  {(sha or '-')[:16]}")
     return 0
 
@@ -81,10 +82,22 @@ def cmd_stats(_args) -> int:
             "SELECT model_name, model_version, COUNT(*), SUM(CASE WHEN status <> 200 THEN 1 ELSE 0 END) "
             "FROM predictions GROUP BY model_name, model_version ORDER BY model_name, model_version"):
         print(f"  {name} {version}: {n} requests, {errors} rejected")
-    print("per top class:")
-    for top, n in db.query("SELECT top_class, COUNT(*) FROM predictions WHERE status = 200 GROUP BY top_class "
-                           "ORDER BY COUNT(*) DESC"):
+    print("per verdict:")
+    for verdict, n in db.query("SELECT verdict, COUNT(*) FROM predictions WHERE status = 200 GROUP BY verdict "
+                               "ORDER BY COUNT(*) DESC"):
+        print(f"  {verdict or 'ok':14} {n}")
+    print("per top class shown (refused images have none):")
+    for top, n in db.query("SELECT top_class, COUNT(*) FROM predictions WHERE status = 200 AND top_class IS NOT NULL "
+                           "GROUP BY top_class ORDER BY COUNT(*) DESC"):
         print(f"  {top:6} {n}")
+    return 0
+
+
+def cmd_review(args) -> int:
+    from logger.review import parse_since, parse_verdicts, render, review_rows
+
+    since, verdicts = parse_since(args.since), parse_verdicts(args.verdict)
+    print(render(review_rows(_db(), since, verdicts), args.format), end="" if args.format == "csv" else "\n")
     return 0
 
 
@@ -102,6 +115,14 @@ def main(argv=None) -> int:
     show.add_argument("--last", type=int, default=20)
     show.set_defaults(func=cmd_show)
     sub.add_parser("stats", help="counts per model version and per top class").set_defaults(func=cmd_stats)
+    review = sub.add_parser("review", help="answers a clinician should look at (uncertain, not dermoscopy)",
+                            description="Answers a clinician should look at, oldest first. Images are never stored: "
+                                        "each row names its image by SHA-256.")
+    review.add_argument("--since", help="only answers since: 36h, 7d, or a date/time like 2026-11-01 (UTC)")
+    review.add_argument("--verdict", default="uncertain,not_dermoscopy",
+                        help="comma-separated verdicts to list (default: uncertain,not_dermoscopy)")
+    review.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    review.set_defaults(func=cmd_review)
     args = p.parse_args(argv)
     if not args.command:
         args = p.parse_args(["run", *(argv or sys.argv[1:])])

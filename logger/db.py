@@ -11,6 +11,7 @@ from skinmodel.audit import EVENT_COLUMNS
 
 SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
 COLUMNS = (*EVENT_COLUMNS, "inserted_at")  # schema.sql's predictions table, column for column (tested)
+ADDED_COLUMNS = (("kind", "TEXT"),)  # added after the table's first release; apply_schema adds them to old databases
 
 
 def now() -> str:
@@ -48,7 +49,28 @@ class Database:
         code = "\n".join(line.split("--", 1)[0] for line in SCHEMA.splitlines())  # comments may hold ';'
         for statement in filter(str.strip, code.split(";")):
             cur.execute(statement)
+        present = self._columns("predictions")
+        for name, sql_type in ADDED_COLUMNS:  # a database made by an older version gains the newer columns
+            if name in present:  # nothing to do: no ALTER, so no table lock on every start
+                continue
+            if self.kind == "postgresql":  # IF NOT EXISTS: two sidecars starting together must not collide
+                cur.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+                continue
+            try:  # SQLite has no IF NOT EXISTS for columns: another process may have added it since we looked
+                cur.execute(f"ALTER TABLE predictions ADD COLUMN {name} {sql_type}")
+            except sqlite3.OperationalError as err:
+                if "duplicate column" not in str(err):
+                    raise
         self.conn.commit()
+
+    def _columns(self, table: str) -> set[str]:
+        cur = self.conn.cursor()
+        if self.kind == "sqlite":
+            cur.execute(f"PRAGMA table_info({table})")
+            return {row[1] for row in cur.fetchall()}
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+                    "AND table_schema = current_schema()", (table,))
+        return {row[0] for row in cur.fetchall()}
 
     def offsets(self) -> dict[str, int]:
         cur = self.conn.cursor()

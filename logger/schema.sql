@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     image_width     INTEGER,
     image_height    INTEGER,
     status          INTEGER NOT NULL,          -- 200, or the 4xx the client got
-    top_class       TEXT,
+    top_class       TEXT,                      -- the top class the client was shown (none when refused)
     top_probability DOUBLE PRECISION,
     probabilities   TEXT,                      -- JSON object {class: probability}
     uncertain       BOOLEAN,                   -- verdict was 'uncertain' or 'not_dermoscopy'
@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     error_code      TEXT,
     error_reason    TEXT,
     latency_ms      DOUBLE PRECISION,
+    kind            TEXT,                      -- which endpoint answered: prediction or explanation
     inserted_at     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from logger.db import Database, now
+from skinmodel.review_store import ReviewStore
 from skinmodel.audit import REQUIRED, SEGMENT_GLOB, segment_closed
 
 log = logging.getLogger("logger")
@@ -100,6 +101,7 @@ def run(database_url: str, spool: Path, interval: float = 0.5, once: bool = Fals
     spool.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     stats, db, last_report = Stats(), None, time.monotonic()
+    review = ReviewStore.from_env()
     backoff = interval
     while True:
         stopping = stop.is_set()
@@ -109,6 +111,7 @@ def run(database_url: str, spool: Path, interval: float = 0.5, once: bool = Fals
                 db.apply_schema()
                 log.info("logger: %s, spool %s", db.describe(), spool)
             drain_once(db, spool, stats)
+            review.prune_if_due()  # opt-in review folder: uploads past their retention go, even when none arrive
             backoff = interval
         except Exception as exc:  # noqa: BLE001 - any DB/IO failure: keep the spool, reconnect later
             log.warning("database unavailable or write failed (%s); retrying in %.1f s, nothing is lost",

@@ -2,7 +2,7 @@
 
 preprocessing (bytes -> tensor, with its decoding budget), its light half inputs (PreprocessConfig,
 InputError) and formats (what counts as an image) · networks
-(constructors, features through a forward hook, the OOD distance) · gradcam · release (ReleaseMeta: the typed
+(constructors, features through a forward hook, the dermoscopy-gate score) · gradcam · release (ReleaseMeta: the typed
 meta.json that travels with the weights) · answers (what a prediction looks like) · payload (what a request
 looks like) · audit (the event every answer leaves, and its spool).
 

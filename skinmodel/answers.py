@@ -18,24 +18,25 @@ VERDICT_REASONS = {
 }
 
 
-def verdict(top_probability: float, ood_distance: float | None, abstention: dict | None) -> str:
+def verdict(top_probability: float, ood_score: float | None, abstention: dict | None) -> str:
     """'not_dermoscopy' beats 'uncertain' beats 'ok'; thresholds come from meta.json (chosen on validation)."""
     if not abstention:
         return "ok"
-    if ood_distance is not None and ood_distance > abstention["ood_distance_above"]:
+    above = abstention.get("ood_score_above", abstention.get("ood_distance_above"))  # 1.0's first key
+    if ood_score is not None and above is not None and ood_score > above:
         return "not_dermoscopy"
     if top_probability < abstention["uncertain_below"]:
         return "uncertain"
     return "ok"
 
 
-def format_prediction(probabilities, meta: ReleaseMeta, request_id: str | None = None, ood_distance: float | None = None) -> dict:
+def format_prediction(probabilities, meta: ReleaseMeta, request_id: str | None = None, ood_score: float | None = None) -> dict:
     """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, the model
     identity and the notice."""
     codes, names = meta.class_names, meta.class_full_names
     ranked = sorted(zip(codes, names, (float(p) for p in probabilities)), key=lambda t: -t[2])
     predictions = [{"code": c, "name": n, "probability": round(p, 6)} for c, n, p in ranked]
-    v = verdict(predictions[0]["probability"], ood_distance, meta.abstention)
+    v = verdict(predictions[0]["probability"], ood_score, meta.abstention)
     return {
         "top": None if v == "not_dermoscopy" else predictions[0],
         "verdict": v,

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
                  "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
-                 "probabilities", "uncertain", "verdict", "error_code", "error_reason", "latency_ms")
+                 "probabilities", "uncertain", "verdict", "error_code", "error_reason", "latency_ms", "kind")
+KINDS = ("prediction", "explanation")
 REQUIRED = ("request_id", "ts", "model_name", "model_version", "status")
 SEGMENT_GLOB = "events-*.jsonl"
 
@@ -44,19 +45,21 @@ def segment_closed(name: str, now_epoch: float | None = None) -> bool:
 
 
 def make_event(request_id, meta, model_sha256: str, image: dict, latency_ms: float,
-               probabilities=None, error=None, answer: dict | None = None) -> dict:
-    """One audit record (meta: the ReleaseMeta answering; error: the InputError refusing, if any)."""
+               probabilities=None, error=None, answer: dict | None = None, kind: str = "prediction") -> dict:
+    """One audit record (meta: the ReleaseMeta answering; error: the InputError refusing, if any; kind: which
+    endpoint answered). The top class is the one the client was shown: none for a not_dermoscopy answer."""
     event = {"request_id": request_id, "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
              "model_name": meta.name, "model_version": meta.version, "model_sha256": model_sha256,
              "image_sha256": image.get("sha256"), "image_bytes": image.get("bytes"),
              "image_format": image.get("format"), "image_width": image.get("width"),
-             "image_height": image.get("height"), "latency_ms": round(latency_ms, 2)}
+             "image_height": image.get("height"), "latency_ms": round(latency_ms, 2), "kind": kind}
     if error is not None:
         event.update(status=error.status, error_code=error.code, error_reason=error.reason)
     else:
         probs = {c: round(float(p), 6) for c, p in zip(meta.class_names, probabilities)}
-        top = max(probs, key=probs.get)
-        event.update(status=200, probabilities=probs, top_class=top, top_probability=probs[top],
+        shown = (answer or {}).get("top", {"code": max(probs, key=probs.get)})
+        event.update(status=200, probabilities=probs, top_class=shown["code"] if shown else None,
+                     top_probability=probs[shown["code"]] if shown else None,
                      uncertain=(answer or {}).get("verdict", "ok") != "ok", verdict=(answer or {}).get("verdict"))
     return event
 

@@ -1,5 +1,5 @@
-"""The networks: constructors by name, weight files, the penultimate features and the out-of-distribution
-distance computed on them. Shared by training, the handler, Grad-CAM and the int8 export.
+"""The networks: constructors by name, weight files, the penultimate features and the "is this dermoscopy"
+score computed on them. Shared by training, the handler, Grad-CAM and the int8 export.
 
 Every network is a torchvision model built with weights=None: the weights always come from this
 project's own state_dict files, never from a download at serving time. Features are caught by a forward
@@ -85,18 +85,18 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return (feats.dequantize() if feats.is_quantized else feats), logits
 
 
-def fit_class_gaussians(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ridge: float = 1e-3) -> dict:
-    """Class means and one shared (tied) precision matrix of the features: the statistics the OOD distance
-    needs. A class with no sample gets the overall mean."""
-    means = torch.stack([feats[labels == k].mean(0) if (labels == k).any() else feats.mean(0)
-                         for k in range(num_classes)])
-    centred = feats - means[labels]
-    cov = centred.T @ centred / len(feats) + ridge * torch.eye(feats.shape[1])
-    return {"means": means, "precision": torch.linalg.inv(cov)}
-
-
 def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Smallest class-conditional Mahalanobis distance (shared covariance), per row of feats."""
     diff = feats[:, None, :] - means[None, :, :]
     d2 = torch.einsum("nkd,de,nke->nk", diff, precision, diff)
     return d2.clamp_min(0).min(dim=1).values.sqrt()
+
+
+def ood_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
+    """How unlike a dermoscopy image the features are; the verdict compares it with meta.json's threshold.
+    With an "is this dermoscopy" head in the statistics (weight, bias, mean, scale): its logit of "not
+    dermoscopy" (training/abstention.py). Without (release 1.0's first statistics): the smallest class-conditional
+    Mahalanobis distance."""
+    if "weight" in stats:
+        return ((feats - stats["mean"]) / stats["scale"]) @ stats["weight"] + stats["bias"]
+    return mahalanobis_distance(feats, stats["means"], stats["precision"])

@@ -8,7 +8,8 @@ started, workers included.
 Settings (flags override them): SKIN_RELEASE_DIR, SKIN_MODEL_STORE, SKIN_STATE_DIR, SKIN_SITE_HOST,
 SKIN_SITE_PORT, SKIN_INFERENCE_HOST, SKIN_INFERENCE_PORT, SKIN_MANAGEMENT_PORT, SKIN_METRICS_PORT,
 SKIN_ENABLE_MODEL_API, SKIN_TOKEN_AUTH, DATABASE_URL (else the embedded SQLite file in SKIN_DATA_DIR),
-SKIN_SPOOL_DIR, HAM10000_DIR. Defaults: stack/settings.py.
+SKIN_SPOOL_DIR, SKIN_REVIEW_KEEP_DAYS (opt-in: keep uncertain/refused uploads that many days in
+.stack/review for ./skin logs review; 0, the default, keeps none), HAM10000_DIR. Defaults: stack/settings.py.
 """
 from __future__ import annotations
 
@@ -34,7 +35,16 @@ S = Settings.from_env()
 
 def audit_env() -> dict:
     """Where the handler spools audit events and where the embedded database lives."""
-    return {**os.environ, "SKIN_SPOOL_DIR": str(S.spool), "SKIN_DATA_DIR": str(S.data)}
+    # SKIN_REVIEW_DIR always: `logs review` shows files kept earlier; the sidecar prunes only when retention is on.
+    return {**os.environ, "SKIN_SPOOL_DIR": str(S.spool), "SKIN_DATA_DIR": str(S.data),
+            "SKIN_REVIEW_DIR": str(S.review_dir), **review_env()}
+
+
+def review_env() -> dict[str, str]:
+    """The opt-in review folder, for the handler (writes), the sidecar (prunes) and `logs review` (shows)."""
+    if S.review_keep_days <= 0:
+        return {}
+    return {"SKIN_REVIEW_DIR": str(S.review_dir), "SKIN_REVIEW_KEEP_DAYS": str(S.review_keep_days)}
 
 
 def torchserve(args, name: str, mar: Path, env: dict | None = None) -> TorchServe:
@@ -54,6 +64,17 @@ def _private_state() -> None:
             path = os.path.join(root, f)
             if not os.path.islink(path):
                 os.chmod(path, os.stat(path).st_mode & 0o700)
+
+
+def _apply_review_retention() -> None:
+    """At every start: with retention off (the default) no kept upload survives; with it on, expired ones go."""
+    from skinmodel.review_store import ReviewStore
+
+    store = ReviewStore(S.review_dir, S.review_keep_days)
+    removed = store.prune() if store.enabled else store.purge()
+    if removed:
+        print(f"review folder: removed {removed} kept upload(s) "
+              + ("past their retention" if store.enabled else "(SKIN_REVIEW_KEEP_DAYS is 0: retention is off)"))
 
 
 def _wait_port(host: str, port: int, timeout: float) -> bool:
@@ -83,6 +104,7 @@ def _alive(pid: int) -> bool:
 
 def cmd_up(args) -> int:
     _private_state()
+    _apply_review_retention()
     pid_file = S.state_dir / "stack.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
         print(f"the stack is already running (pid {pid_file.read_text().strip()}); ./skin down stops it")
@@ -93,7 +115,7 @@ def cmd_up(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     side_env = audit_env()
-    ts = torchserve(args, name, mar, env={"SKIN_SPOOL_DIR": side_env["SKIN_SPOOL_DIR"]})
+    ts = torchserve(args, name, mar, env={"SKIN_SPOOL_DIR": side_env["SKIN_SPOOL_DIR"], **review_env()})
     site_host = "127.0.0.1" if args.site_host == "0.0.0.0" else args.site_host
     gate_argv = [sys.executable, "-m", "stack.gate", "--dist", str(render_page(Path(args.release), S.state_dir / "site")),
                  "--upstream", ts.inference_url, "--host", args.site_host, "--port", str(args.site_port)]
@@ -119,12 +141,14 @@ def cmd_up(args) -> int:
         page = url(int(args.site_port), args.site_host)
         database = "DATABASE_URL" if S.database_url else f"embedded SQLite in {S.data}"
         print(f"ready in {took:.1f} s: {len(ts.workers(name))} worker(s) READY for {name}\n"
-              f"  page       : open {page}/\n"
-              f"  predictions: curl -T lesion.jpg {page}/predictions/{name}\n"
-              f"  management : {ts.management_url} (loopback only"
-              f"{', key in ' + str(ts.tokens.path) if ts.tokens else ''})\n"
-              f"  metrics    : {ts.metrics_url}/metrics\n"
-              f"  audit log  : {database} (./skin logs show)\n"
+              f"  page        : open {page}/\n"
+              f"  predictions : curl -T lesion.jpg {page}/predictions/{name}\n"
+              f"  explanations: curl -T lesion.jpg {page}/explanations/{name}\n"
+              f"  audit log   : {database} (./skin logs show)\n"
+              "internal, TorchServe's own ports (loopback only, not for users):\n"
+              f"  management  : {ts.management_url}"
+              f"{' (key in ' + str(ts.tokens.path) + ')' if ts.tokens else ''}\n"
+              f"  metrics     : {ts.metrics_url}/metrics\n"
               "Ctrl-C or ./skin down stops the stack.", flush=True)
         renew_every = 60 * float(torchserve_config("token_expiration_min") or 60) / 3
         renewed = time.monotonic()
@@ -272,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--publish", action="store_true", help="also upload it as an immutable version to S3 "
                                                              "(python -m ops publish; needs SKIN_S3_BUCKET)")
     arch.set_defaults(func=cmd_archive)
-    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status")
+    predict = sub.add_parser("predict", help="score image files and folders into a CSV (through the running "
+                                             "service, or --local); ./skin predict --help", add_help=False)
+    predict.add_argument("predict_args", nargs=argparse.REMAINDER)
+    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status|review")
     logs.add_argument("logger_args", nargs=argparse.REMAINDER)
     logs.set_defaults(func=cmd_logs)
     test = sub.add_parser("test", help="run the test suite (pytest); --fast: the fast tier; other arguments go "
@@ -286,6 +313,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
         return cmd_test(argparse.Namespace(pytest_args=argv[1:]))  # everything after 'test' belongs to pytest
+    if argv[:1] == ["predict"]:  # its own parser (and --help)
+        from stack.predict import main as predict_main
+
+        return predict_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

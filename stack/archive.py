@@ -40,8 +40,9 @@ def mar_version(mar: Path) -> str:
 
 
 def build_mar(release: Path, out_dir: Path, name: str | None = None, version: str | None = None,
-              file_name: str | None = None) -> tuple[ReleaseMeta, Path]:
-    """OUT/<name>.mar from the release; the meta.json inside carries the name and version it is served as."""
+              file_name: str | None = None, model_config: Path = MODEL_CONFIG) -> tuple[ReleaseMeta, Path]:
+    """OUT/<name>.mar from the release; the meta.json inside carries the name and version it is served as.
+    model_config (workers, batching) is handler/model-config.yaml unless a test needs other batching."""
     release, out_dir = Path(release), Path(out_dir)
     meta = ReleaseMeta.load(release)
     meta.name, meta.version = name or meta.name, version or meta.version
@@ -65,7 +66,7 @@ def build_mar(release: Path, out_dir: Path, name: str | None = None, version: st
         extra = [stage / "code", stage / "meta.json", *(release / f for f in OPTIONAL if (release / f).exists())]
         r = subprocess.run([str(archiver), "--model-name", meta.name, "--version", meta.version,
                             "--serialized-file", str(weights), "--handler", str(HANDLER),
-                            "--extra-files", ",".join(map(str, extra)), "--config-file", str(MODEL_CONFIG),
+                            "--extra-files", ",".join(map(str, extra)), "--config-file", str(model_config),
                             "--export-path", str(stage), "--force"], capture_output=True, text=True)
         if r.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {r.stderr.strip()[-2000:]}")

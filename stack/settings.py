@@ -52,6 +52,7 @@ class Settings:
     database_url: str | None = None  # None: the embedded SQLite file in data_dir
     spool: Path | None = None
     data: Path | None = None
+    review_keep_days: float = 0.0  # > 0: keep uncertain/refused uploads that many days for review (opt-in)
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -71,12 +72,17 @@ class Settings:
                    token_auth=None if token is None else token.strip().lower() in ("1", "true", "yes", "on"),
                    database_url=e.get("DATABASE_URL") or None,
                    spool=Path(e.get("SKIN_SPOOL_DIR") or state / "spool"),
-                   data=Path(e.get("SKIN_DATA_DIR") or state / "data"))
+                   data=Path(e.get("SKIN_DATA_DIR") or state / "data"),
+                   review_keep_days=_env(e, "REVIEW_KEEP_DAYS", d.review_keep_days))
 
     # Where things are, derived from the above (one rule each).
     @property
     def torchserve_dir(self) -> Path:
         return self.state_dir / "torchserve"
+
+    @property
+    def review_dir(self) -> Path:
+        return self.state_dir / "review"
 
     @property
     def key_file(self) -> Path:

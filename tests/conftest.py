@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,23 @@ def tiny_mar(tmp_path_factory, tiny_release) -> Path:
     from stack.archive import build_mar
 
     return build_mar(tiny_release, tmp_path_factory.mktemp("store"))[1]
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium driven by selenium, shared by the page tests."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromedriver are needed (./skin test installs Debian's chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1000,1400",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    yield drv
+    drv.quit()

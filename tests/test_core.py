@@ -13,7 +13,7 @@ import torch
 from skinmodel.audit import EVENT_COLUMNS, make_event
 from skinmodel.gradcam import grad_cam
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import build_model, features_and_logits, fit_class_gaussians, mahalanobis_distance
+from skinmodel.networks import build_model, features_and_logits, ood_score
 from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
 from stack.settings import Settings
 
@@ -36,7 +36,7 @@ def synthetic_release(folder: Path, seed: int = 0) -> ReleaseMeta:
 
 def test_release_meta_round_trips_and_writes_atomically(tmp_path, monkeypatch):
     meta = synthetic_release(tmp_path / "r")
-    meta.abstention = {"uncertain_below": 0.4, "ood_distance_above": 9.0}
+    meta.abstention = {"uncertain_below": 0.4, "ood_score_above": 9.0}
     meta.save(tmp_path / "r")
     again = ReleaseMeta.load(tmp_path / "r")
     assert again == meta and again.input_size == 32 and again.num_classes == 7
@@ -138,13 +138,14 @@ def test_features_of_the_int8_network_are_dequantized():
     assert not feats.is_quantized and torch.equal(feats, reference) and torch.equal(logits, int8(x))
 
 
-def test_the_ood_distance_is_smallest_near_a_class_mean():
+def test_the_ood_score_reads_either_kind_of_statistics():
     torch.manual_seed(0)
     feats = torch.cat([torch.randn(50, 8) + 5, torch.randn(50, 8) - 5])
-    stats = fit_class_gaussians(feats, torch.tensor([0] * 50 + [1] * 50), 7)
-    near, far = mahalanobis_distance(torch.stack([feats[:50].mean(0), torch.full((8,), 40.0)]), stats["means"],
-                                     stats["precision"])
-    assert 0 <= near < 1 < 10 < far
+    means = torch.stack([feats[:50].mean(0), feats[50:].mean(0)])
+    near, far = ood_score(torch.stack([means[0], torch.full((8,), 40.0)]), {"means": means, "precision": torch.eye(8)})
+    assert near == 0 and far > 30  # release 1.0's first statistics: the distance to the nearest class mean
+    head = {"mean": torch.zeros(8), "scale": torch.full((8,), 2.0), "weight": torch.ones(8), "bias": torch.tensor(-1.0)}
+    assert torch.allclose(ood_score(torch.full((1, 8), 4.0), head), torch.tensor([15.0]))  # 8 * 4/2 - 1: a logit
 
 
 def test_grad_cam_explains_the_requested_class():
@@ -175,6 +176,24 @@ def test_audit_events_fill_exactly_the_table_columns(tmp_path):
     table = schema[schema.index("CREATE TABLE IF NOT EXISTS predictions"):schema.index(");")]
     columns = [line.split()[0] for line in table.splitlines()[1:] if line.strip() and not line.strip().startswith("--")]
     assert columns == [*EVENT_COLUMNS, "inserted_at"], "schema.sql and skinmodel/audit.py disagree"
+
+
+def test_a_refused_answer_is_audited_without_a_top_class(tmp_path):
+    """The audit row says what the user saw: no top class when the API's top was null."""
+    from skinmodel.answers import format_prediction
+
+    meta = synthetic_release(tmp_path)
+    meta.abstention = {"uncertain_below": 0.3, "ood_score_above": 1.0}
+    probs = [0.05, 0.05, 0.05, 0.05, 0.6, 0.1, 0.1]
+    image = {"sha256": "i", "bytes": 3, "format": "PNG", "width": 2, "height": 2}
+    refused = format_prediction(probs, meta, "r1", ood_score=5.0)
+    event = make_event("r1", meta, "sha", image, 1.0, probs, answer=refused, kind="explanation")
+    assert refused["top"] is None and event["verdict"] == "not_dermoscopy" and event["kind"] == "explanation"
+    assert event["top_class"] is None and event["top_probability"] is None
+    assert event["probabilities"]["mel"] == 0.6  # the probabilities stay, for audits of the gate
+    answered = format_prediction(probs, meta, "r2", ood_score=0.0)
+    event = make_event("r2", meta, "sha", image, 1.0, probs, answer=answered)
+    assert (event["top_class"], event["verdict"], event["kind"]) == ("mel", "ok", "prediction")
 
 
 def test_the_archive_ships_the_core_as_a_folder_and_the_served_name(tmp_path):

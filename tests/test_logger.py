@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -211,6 +212,63 @@ def test_every_prediction_becomes_exactly_one_row(served, sample_images):
         sidecar.wait(timeout=20)
 
 
+def test_explanations_are_audited_with_their_kind(served, sample_images):
+    ts, spool, url = served
+    sidecar = start_sidecar(spool, url)
+    try:
+        data = sample_images[0].read_bytes()
+        p = requests.post(f"{ts.inference_url}/predictions/skin-lesion", data=data, timeout=60, headers=ts.headers())
+        e = requests.post(f"{ts.inference_url}/explanations/skin-lesion", data=data, timeout=60, headers=ts.headers())
+        assert p.status_code == e.status_code == 200 and "explanation" in e.json()
+        deadline = time.monotonic() + 60
+        rows = {}
+        while time.monotonic() < deadline and len(rows) < 2:
+            try:
+                with psycopg2.connect(url) as conn, conn.cursor() as cur:
+                    cur.execute("SELECT request_id, kind, top_class, verdict FROM predictions "
+                                "WHERE request_id IN (%s, %s)", (p.json()["request_id"], e.json()["request_id"]))
+                    rows = {r[0]: r[1:] for r in cur.fetchall()}
+            except psycopg2.Error:
+                pass  # the sidecar has not created its tables yet
+            time.sleep(0.3)
+        assert rows[p.json()["request_id"]] == ("prediction", p.json()["top"]["code"], "ok")
+        assert rows[e.json()["request_id"]] == ("explanation", e.json()["top"]["code"], "ok")
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=20)
+
+
+OLD_TABLE = ("CREATE TABLE predictions (request_id TEXT PRIMARY KEY, ts TEXT NOT NULL, model_name TEXT NOT NULL, "
+             "model_version TEXT NOT NULL, model_sha256 TEXT, image_sha256 TEXT, image_bytes BIGINT, "
+             "image_format TEXT, image_width INTEGER, image_height INTEGER, status INTEGER NOT NULL, "
+             "top_class TEXT, top_probability DOUBLE PRECISION, probabilities TEXT, uncertain BOOLEAN, "
+             "verdict TEXT, error_code TEXT, error_reason TEXT, latency_ms DOUBLE PRECISION, inserted_at TEXT NOT NULL)")
+
+
+@pytest.mark.parametrize("engine", ["postgresql", "sqlite"])
+def test_an_older_database_gains_the_new_columns(engine, request, tmp_path):
+    """A table created before `kind` existed keeps working: apply_schema adds the column (twice is harmless)."""
+    from logger.db import Database
+
+    if engine == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS predictions")
+            cur.execute(OLD_TABLE)
+    else:
+        url = str(tmp_path / "audit.sqlite3")
+        with sqlite3.connect(url) as conn:
+            conn.execute(OLD_TABLE)
+    db = Database(url)
+    db.apply_schema()
+    second = Database(url)  # a second sidecar starting on the migrated table
+    second.apply_schema()
+    second.close()
+    assert db.write_batch([{**event(1), "kind": "explanation"}], "events-x-20260101T0000.jsonl", 10) == 1
+    assert db.query("SELECT kind FROM predictions") == [("explanation",)]
+    db.close()
+
+
 def test_killing_the_sidecar_mid_stream_loses_and_doubles_nothing(served, sample_images):
     ts, spool, url = served
     sidecar = start_sidecar(spool, url)
@@ -252,3 +310,81 @@ def test_postgres_restart_during_a_burst_loses_and_doubles_nothing(served, sampl
         sidecar.terminate()
         _, err = sidecar.communicate(timeout=20)
     assert "database unavailable" in err, "the outage was never noticed: the test did not test it"
+
+
+def test_review_lists_exactly_the_audit_rows_a_clinician_should_see(pg_url, tmp_path):
+    """`logs review` against real PostgreSQL: the uncertain and refused answers (not the ok ones, not the
+    errors), oldest first, filtered by time and verdict, in every format; bad options are one-line errors."""
+    import csv
+    import io
+
+    verdicts = ["ok", "uncertain", "not_dermoscopy", "uncertain", "ok", "not_dermoscopy"]
+    events = [event(i, ts=f"2026-01-0{i + 1}T12:00:00.000+00:00", verdict=v, image_sha256=f"{i:064x}",
+                    top_class=None if v == "not_dermoscopy" else "nv", kind="explanation" if i == 3 else "prediction")
+              for i, v in enumerate(verdicts)]
+    events.append(event(9, ts="2026-01-02T00:00:00.000+00:00", status=415, error_code="not_an_image",
+                        top_class=None, top_probability=None, probabilities=None))
+    EventSpool(str(tmp_path)).append(events)
+    db = Database(pg_url)
+    db.apply_schema()
+    drain_once(db, tmp_path, Stats())
+    env = {**os.environ, "DATABASE_URL": pg_url}
+
+    def review(*args):
+        r = subprocess.run([sys.executable, "-m", "logger", "review", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stdout, r.stderr
+
+    code, out, err = review("--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    expected = db.query("SELECT request_id FROM predictions WHERE status = 200 AND verdict IN "
+                        "('uncertain', 'not_dermoscopy') ORDER BY ts")
+    assert [r["request_id"] for r in rows] == [rid for (rid,) in expected] == ["r1", "r2", "r3", "r5"]
+    assert rows[1]["top"] is None and rows[1]["verdict"] == "not_dermoscopy" and rows[2]["kind"] == "explanation"
+    assert rows[0]["image_sha256"] == f"{1:064x}" and rows[0]["probabilities"] == {"nv": 0.9, "mel": 0.1}
+
+    code, out, _ = review("--format", "csv", "--since", "2026-01-03T06:00", "--verdict", "not_dermoscopy")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [r["request_id"] for r in table] == ["r2", "r5"] and table[0]["p_mel"] == "0.1"
+    code, out, _ = review("--since", "3650d")
+    assert code == 0 and out.count("uncertain") == 2 and "4 answers to review" in out and "r3" in out
+    assert all(r["kept_file"] is None for r in rows), "nothing is kept by default"
+    kept = tmp_path / "review"
+    kept.mkdir(mode=0o700)
+    (kept / f"{2:064x}.jpeg").write_bytes(b"...")  # what the opt-in retention would have kept for r2
+    env.update(SKIN_REVIEW_DIR=str(kept))  # as ./skin logs passes it, whether or not this shell turns retention on
+    code, out, _ = review("--format", "json")
+    assert {r["request_id"]: r["kept_file"] for r in json.loads(out)} == {
+        "r1": None, "r2": str(kept / f"{2:064x}.jpeg"), "r3": None, "r5": None}
+    for bad in (("--since", "last tuesday"), ("--verdict", "maybe")):
+        code, out, err = review(*bad)
+        assert code != 0 and "Traceback" not in err and err.strip().count("\n") <= 1, err
+
+
+def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path, monkeypatch):
+    """skinmodel/review_store.py, and the sidecar pruning it on its own passes."""
+    from logger.sidecar import run
+    from skinmodel.review_store import ReviewStore
+
+    monkeypatch.delenv("SKIN_REVIEW_DIR", raising=False)
+    monkeypatch.delenv("SKIN_REVIEW_KEEP_DAYS", raising=False)
+    assert not ReviewStore.from_env().enabled and ReviewStore.from_env().keep("a" * 64, b"x", "JPEG") is None
+    assert not ReviewStore({"SKIN_REVIEW_DIR": str(tmp_path / "r")}.get("SKIN_REVIEW_DIR"), 0).enabled  # 0 days: off
+    assert not (tmp_path / "r").exists()
+
+    folder = tmp_path / "review"
+    store = ReviewStore(folder, keep_days=2)
+    old, fresh = store.keep("a" * 64, b"old", "JPEG"), store.keep("b" * 64, b"fresh", "PNG")
+    assert old.name == "a" * 64 + ".jpeg" and fresh.read_bytes() == b"fresh"
+    assert folder.stat().st_mode & 0o777 == 0o700 and old.stat().st_mode & 0o777 == 0o600
+    (folder / "notes.txt").write_text("not ours")
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(old, (three_days_ago, three_days_ago))
+    os.utime(folder / "notes.txt", (three_days_ago, three_days_ago))
+    # The sidecar's pass prunes without any new upload arriving.
+    monkeypatch.setenv("SKIN_REVIEW_DIR", str(folder))
+    monkeypatch.setenv("SKIN_REVIEW_KEEP_DAYS", "2")
+    run(f"sqlite:///{tmp_path / 'a.sqlite3'}", tmp_path / "spool", once=True)
+    assert not old.exists() and fresh.exists() and (folder / "notes.txt").exists()
+    assert store.find("b" * 64) == fresh and store.find("a" * 64) is None

@@ -51,9 +51,16 @@ def test_error_body():
 
 
 def test_verdicts_follow_the_thresholds_in_meta():
-    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_distance_above": 10.0})
-    assert format_prediction([0.2, 0.5, 0.3], meta, ood_distance=3.0)["verdict"] == "ok"
-    assert format_prediction([0.3, 0.4, 0.3], meta, ood_distance=3.0)["verdict"] == "uncertain"
-    far = format_prediction([0.1, 0.8, 0.1], meta, ood_distance=12.0)
+    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_score_above": 10.0})
+    assert format_prediction([0.2, 0.5, 0.3], meta, ood_score=3.0)["verdict"] == "ok"
+    assert format_prediction([0.3, 0.4, 0.3], meta, ood_score=3.0)["verdict"] == "uncertain"
+    far = format_prediction([0.1, 0.8, 0.1], meta, ood_score=12.0)
     assert far["verdict"] == "not_dermoscopy" and far["top"] is None and len(far["predictions"]) == 3
     assert format_prediction([0.3, 0.4, 0.3], META)["verdict"] == "ok"  # no thresholds: no abstention
+
+
+def test_a_release_1_0_threshold_key_still_refuses():
+    """1.0's meta.json named the threshold ood_distance_above; such a release must keep refusing."""
+    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_distance_above": 10.0})
+    assert format_prediction([0.1, 0.8, 0.1], meta, ood_score=12.0)["verdict"] == "not_dermoscopy"
+    assert format_prediction([0.1, 0.8, 0.1], meta, ood_score=8.0)["verdict"] == "ok"

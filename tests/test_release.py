@@ -43,11 +43,24 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
         "the release was evaluated on another split than the lesion-grouped one this code makes"
     test = meta["metrics"]["test"]
     assert 0 < test["balanced_accuracy"] <= 1 and meta["temperature"] > 0
-    for name in ("report.md", "results.json", "model_card.md", "reliability.png", "ood_stats.pt"):
+    for name in ("report.md", "results.json", "model_card.md", "reliability.png", "ood_stats.pt", "gate_scores.png"):
         assert (RELEASE / name).exists(), name
     card = (RELEASE / "model_card.md").read_text()
     assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
     assert "Out-of-scope use" in card and "lesion_id" in card
+    from training.abstention import render_table
+
+    # The card (shipped in the .mar) and README carry the gate figures of this meta.json, not an older run's.
+    table = render_table(meta["abstention"])
+    assert table in card and table in (RELEASE.parent / "README.md").read_text(), "card or README is stale"
+    assert f"{meta['name']} {meta['version']}" in card
+
+
+def test_the_int8_variant_carries_this_release_gate(meta):
+    int8 = json.loads((RELEASE / "int8" / "meta.json").read_text())
+    assert int8["version"] == f"{meta['version']}-int8" and int8["split_hash"] == meta["split_hash"]
+    assert int8["abstention"]["ood_score_above"] == meta["abstention"]["ood_score_above"]
+    assert (RELEASE / "int8" / "ood_stats.pt").read_bytes() == (RELEASE / "ood_stats.pt").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +75,38 @@ def answer(handler, payload: bytes) -> dict:
     return handler.postprocess(handler.inference(handler.preprocess([{"body": payload}])))[0]
 
 
-def test_real_lesions_are_not_refused(handler, data_dir, meta):
-    records = [r for r in D.split_records(D.load_records(data_dir), 0) if r.split == "test"][:40]
-    verdicts = [answer(handler, open(r.path, "rb").read())["verdict"] for r in records]
-    refused = verdicts.count("not_dermoscopy") / len(verdicts)
-    assert refused <= max(0.15, 2 * meta["abstention"]["test_lesions_rejected_as_ood"]), verdicts
+def _answers(handler, blobs: list[bytes]) -> list[dict]:
+    return handler.postprocess(handler.inference(handler.preprocess([{"body": b} for b in blobs])))
+
+
+def test_real_lesions_are_not_refused_plain_or_shifted(handler, data_dir, meta):
+    """The gate's promise, re-measured on 200 test lesions (every class) as they are and under the two shifts
+    that refused most of them with release 1.0's first gate (colour temperature, zoom)."""
+    from PIL import Image
+
+    from training.shifts import shifted
+
+    test = D.load_split(D.DataConfig(data=str(data_dir))).part("test")
+    picked = [r for k in range(7) for r in [x for x in test if x.label == k][:30]][:200]
+    plain = [open(r.path, "rb").read() for r in picked]
+    for label, blobs in (("plain", plain),
+                         ("colour temperature", [shifted(Image.open(r.path), "colour temperature", i) for i, r in enumerate(picked)]),
+                         ("zoom", [shifted(Image.open(r.path), "zoom 0.7-1.4", i) for i, r in enumerate(picked)])):
+        refused = [a["verdict"] == "not_dermoscopy" for a in _answers(handler, blobs)]
+        assert sum(refused) / len(refused) <= 0.03, (label, sum(refused))
+        vasc = [x for x, r in zip(refused, picked) if r.dx == "vasc"]
+        assert sum(vasc) <= 2, (label, "vascular lesions refused", sum(vasc), len(vasc))
+
+
+def test_the_recorded_gate_figures_meet_the_targets(meta):
+    ab = meta["abstention"]
+    assert ab["test_lesions_rejected_as_ood"] <= 0.01 and max(ab["test_rejected_per_class"].values()) <= 0.02
+    for family, v in ab["test_rejected_per_shift"].items():
+        assert v["all"] <= 0.03 and v["mel"] <= 0.05, family
+    assert ab["test_ood_auroc_all"] >= 0.97
+    # Per set: ranked apart from lesions (the issue's AUROC floor) and mostly refused. The gate is tuned to spare
+    # shifted real lesions first, so a few photographs and faces score just under the threshold.
+    assert all(v["auroc"] >= 0.97 and v["rejected"] >= 0.8 for v in ab["non_skin_sets"].values()), ab["non_skin_sets"]
 
 
 def test_non_skin_images_are_refused(handler):

@@ -226,6 +226,9 @@ def test_explanations_return_a_png_of_the_input_size(server, meta, sample_images
     r = requests.post(f"{server.inference_url}/explanations/{NAME}", timeout=60, headers=server.headers(),
                       json={"data": base64.b64encode(data).decode(), "target": wanted})
     assert r.status_code == 200 and r.json()["explanation"]["class"] == wanted
+    r = requests.post(f"{server.inference_url}/explanations/{NAME}", timeout=60, headers=server.headers(),
+                      json={"data": base64.b64encode(data).decode(), "target": "melanoma"})
+    assert r.status_code == 400 and r.json()["error"] == "unknown_target"  # not silently another class
     bad = requests.post(f"{server.inference_url}/explanations/{NAME}", data=b"nope", timeout=60,
                         headers=server.headers())
     assert bad.status_code == 415 and bad.json()["error"] == "not_an_image"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -90,25 +89,6 @@ def test_proxy_reports_a_stopped_api_clearly(tiny_release, tmp_path):
         assert r.status_code == 503 and r.json()["error"] == "unavailable" and int(r.headers["Retry-After"]) > 0
     finally:
         site.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("chromium and chromedriver are needed (./skin test installs Debian's chromium and chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1000,1400",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(driver), options=opts)
-    yield drv
-    drv.quit()
 
 
 def _wait(drv, predicate, timeout=30):

@@ -39,6 +39,39 @@ def test_up_serves_through_the_page_and_ctrl_c_stops_everything(stack, tmp_path,
     assert not alive, f"left running: {alive}"
 
 
+def test_the_readme_commands_and_fields_are_true(stack, sample_images, tmp_path):
+    """Every curl line of the README that talks to the page runs as written (only the address and the image
+    file swapped), and the API example names exactly the fields a real answer has."""
+    import json
+    import re
+    import shlex
+    import shutil
+
+    readme = (REPO / "README.md").read_text()
+    lines = {m.group(0).rstrip("`").strip() for m in re.finditer(r"curl [^\n`]*http://127\.0\.0\.1:8000/[^\n`]*", readme)}
+    assert any("/predictions/" in ln for ln in lines) and any("/explanations/" in ln for ln in lines), lines
+    shutil.copy(sample_images[0], tmp_path / "lesion.jpg")
+    answers = []
+    for line in sorted(lines):
+        cmd = shlex.split(line.replace("http://127.0.0.1:8000", stack.page_url))
+        r = subprocess.run([cmd[0], "-s", "-w", "\n%{http_code}", *cmd[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+        body, _, code = r.stdout.rpartition("\n")
+        assert code == "200", (line, code, body[:300])
+        answers.append(json.loads(body))
+    example = readme[readme.index("```json", readme.index("## API")):]
+    example = example[:example.index("```", 7)]
+    documented = set(re.findall(r'"([a-z_]+)":', example))
+    prediction = next(a for a in answers if "explanation" not in a)
+    top_level = {"top", "verdict", "verdict_reason", "predictions", "model", "request_id", "notice"}
+    assert set(prediction) == top_level <= documented
+    committed = json.loads((REPO / "release" / "meta.json").read_text())["version"]  # this stack serves a tiny model
+    assert f'"version": "{committed}"' in example, "the example names another version than the committed release"
+    explained = next(a for a in answers if "explanation" in a)
+    assert set(explained["explanation"]) == {"method", "class", "image_png_base64", "model_input_box"}
+    assert all(f'"{k}"' in readme for k in explained["explanation"]), "the README does not name every explanation field"
+
+
 def test_dead_children_are_restarted_while_the_page_answers(stack, sample_images):
     image = sample_images[0].read_bytes()
     jvm = stack.find("org.pytorch.serve.ModelServer")

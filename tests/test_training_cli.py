@@ -51,6 +51,10 @@ def test_quick_study_end_to_end(tmp_path, data_dir):
     assert majority["per_class_recall"]["nv"] == 1.0 and majority["per_class_recall"]["mel"] == 0.0
     report = (release / "report.md").read_text()
     assert "| resnet18 distilled |" in report and "lesion" in report
+    served = json.loads((release / "served_test" / "results.json").read_text())  # the release as served, on test
+    assert served["images"] == results["n_test_images"] and {"age band", "sex", "body site"} <= set(served["subgroups"])
+    assert "Subgroups (test split, the release as served)" in (release / "model_card.md").read_text()
+    assert "| age band |" in (release / "report.md").read_text(), "the study's report lacks the subgroup tables"
     for png in ("confusion_resnet18_distilled.png", "confusion_resnet18_scratch.png", "history_kd.png", "history_resnet18.png", "kd_grid.png"):
         assert (release / png).read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(open(study / "grid" / "grid.csv")))

@@ -12,7 +12,7 @@ COMMANDS = {
     "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
     "export": ("training.export", "write the release state_dict + meta.json pair"),
     "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
-    "trust": ("training.abstention", "choose 'uncertain' / 'not dermoscopy' thresholds, measure OOD AUROC"),
+    "trust": ("training.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
     "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.pipeline", "the whole study end to end (resumable)"),

@@ -1,6 +1,8 @@
 """How a model is scored: logits over a uint8 image cache, and the classification metrics every report uses."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from skinmodel.preprocessing import normalize
@@ -30,3 +32,13 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
         "per_class_recall": {c: float(v) for c, v in zip(class_names, per_class_recall)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from skinmodel.release import ReleaseMeta
+from training.abstention import render_table
 from training.data import CLASS_FULL_NAMES
+from training.metrics import wilson
+from training.subgroups import render_subgroups
 
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+SERVED_TEST = "served_test"  # the release's own folder for its served-model test report
 
 
 def confusions(matrix, names, top: int = 4) -> list[str]:
@@ -26,7 +20,7 @@ def confusions(matrix, names, top: int = 4) -> list[str]:
     return [f"{true} predicted as {pred}: {n} test images" for n, true, pred in sorted(pairs, reverse=True)[:top] if n]
 
 
-def render(meta: dict, results: dict, key: str) -> str:
+def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
     m = results["models"][key]
     names = meta["class_names"]
     cm = m["confusion_matrix"]
@@ -40,9 +34,15 @@ def render(meta: dict, results: dict, key: str) -> str:
     baseline = results["models"].get("majority class (always nv)", {})
     others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
                        for name, r in results["models"].items())
-    ood_rows = "\n".join(f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
-                         for name, v in (ab.get("non_skin_sets") or {}).items())
+    gate = render_table(ab) if "test_rejected_per_shift" in ab else "\n".join(
+        ["| non-skin set | images | rejected | AUROC vs test lesions |", "|---|---|---|---|"]
+        + [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
+           for name, v in (ab.get("non_skin_sets") or {}).items()])
     t = meta.get("training", {}).get("args", {})
+    subgroups = ("## Subgroups\nNot measured for this release (python -m training evaluate --release release --data "
+                 "<HAM10000 folder> --split test --out release/served_test)." if not served_test else
+                 render_subgroups(served_test["subgroups"], "Subgroups (test split, the release as served)")
+                 + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
     return f"""# Model card: {meta['name']} {meta['version']}
 
 ## Model details
@@ -98,18 +98,23 @@ push probability towards rare classes, so probabilities are not prevalence-calib
 - `uncertain` when the calibrated top probability is below {ab.get('uncertain_below', float('nan')):.3f}
   ({ab.get('test_uncertain_share', float('nan')):.0%} of test lesions; accuracy {ab.get('test_accuracy_confident') or float('nan'):.2f}
   on the rest vs {ab.get('test_accuracy_uncertain') or float('nan'):.2f} on the flagged ones).
-- `not_dermoscopy` when the Mahalanobis distance of the penultimate features exceeds
-  {ab.get('ood_distance_above', float('nan')):.1f}: {ab.get('test_lesions_rejected_as_ood', float('nan')):.1%} of real test
-  lesions are wrongly rejected; AUROC lesions vs all non-skin images {ab.get('test_ood_auroc_all', float('nan')):.3f}.
+- `not_dermoscopy` when the gate's score exceeds {ab.get('ood_score_above', ab.get('ood_distance_above', float('nan'))):.2f}
+  ({ab.get('ood_method', '')}): {ab.get('test_lesions_rejected_as_ood', float('nan')):.1%} of real test lesions are
+  wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {ab.get('test_ood_auroc_all', float('nan')):.3f}.
+  Shifted test copies (other cameras, light, focus, compression, framing) and pictures the gate never saw
+  (`python -m training trust --release release` prints this table; `gate_scores.png` shows where the scores of
+  each group fall against the threshold):
 
-| non-skin set | images | rejected | AUROC vs test lesions |
-|---|---|---|---|
-{ood_rows}
+{gate}
 
 ## Known failure modes
 {chr(10).join('- ' + line for line in confusions(cm, names))}
 - Trained from scratch on a CPU budget at low resolution: far below published ImageNet-pretrained results.
-- Not evaluated on other dermatoscopes, clinics, skin types or image qualities than HAM10000's.
+- Not evaluated on real images from other dermatoscopes, clinics or skin types. The shifted copies above stand
+  in for them: they show how often the gate refuses such images and how much balanced accuracy drops, not how
+  the model does on a real other population, which is likely worse.
+
+{subgroups}
 
 ## Ethical considerations
 A wrong "benign" answer can delay care; the page therefore always shows all classes, a persistent
@@ -129,8 +134,9 @@ def write_model_card(release: Path, results_key: str = "resnet18 distilled") -> 
     release = Path(release)
     meta = ReleaseMeta.load(release).to_dict()
     results = json.loads((release / "results.json").read_text())
+    served = release / SERVED_TEST / "results.json"  # python -m training evaluate --release ... --split test
     out = release / "model_card.md"
-    out.write_text(render(meta, results, results_key))
+    out.write_text(render(meta, results, results_key, json.loads(served.read_text()) if served.exists() else None))
     print(f"wrote {out}")
     return out
 

@@ -23,13 +23,15 @@ from skinmodel.release import ReleaseMeta
 from stack.settings import MODEL_NAME
 from training import data as D
 from training.abstention import fit_abstention
+from training.evaluate_release import evaluate_release
 from training.calibrate import calibrate
 from training.checkpoint import checkpoint_preprocessing, model_from_checkpoint
 from training.evaluate import evaluate
 from training.export import export
 from training.grid import ALPHAS, TEMPERATURES, grid_search
 from training.metrics import classification_metrics, predict_logits
-from training.model_card import write_model_card
+from training.model_card import SERVED_TEST, write_model_card
+from training.subgroups import render_subgroups
 from training.train import TrainConfig, train
 
 
@@ -150,7 +152,14 @@ def run_study(study: StudyConfig) -> ReleaseMeta:
     export(student, release, study.name, study.version, str(report_dir / "results.json"), "resnet18 distilled",
            command=study.command)
     calibrate(student, release, data)
-    fit_abstention(student, release, data)
+    fit_abstention(release, data)
+    # The release as served, on the test split with its metadata: the subgroup tables of the report and card.
+    try:
+        served = evaluate_release(release, str(D.resolve_data_dir(data.data)), release / SERVED_TEST, "test",
+                                  data.split_seed, data.limit_per_class)
+    except D.DataError as err:  # e.g. a smoke run whose test split lacks a class: the release itself is fine
+        print(f"no served test report: {err}")
+        served = None
     for png in report_dir.glob("*.png"):
         shutil.copy(png, release / png.name)
     for key, run in runs.items():  # every run's per-epoch CSV and plot travel with the release
@@ -161,9 +170,23 @@ def run_study(study: StudyConfig) -> ReleaseMeta:
                      ("report/results.json", "results.json")):
         if (out / src).exists():
             shutil.copy(out / src, release / dst)
+    if served:
+        append_subgroups(release / "report.md", served)
     write_model_card(release)
     print(f"release model: {release}")
     return ReleaseMeta.load(release)
+
+
+SUBGROUP_TITLE = "Subgroups of the release (distilled ResNet18, as served)"
+SUBGROUP_TITLE_MD = f"## {SUBGROUP_TITLE}"
+
+
+def append_subgroups(report: Path, served: dict) -> None:
+    """The study's test report gains the served release's subgroup tables (replacing an earlier run's)."""
+    text = report.read_text() if report.exists() else ""
+    text = text.split(SUBGROUP_TITLE_MD)[0].rstrip("\n")
+    report.write_text(f"{text}\n\n{render_subgroups(served['subgroups'], SUBGROUP_TITLE)}\n"
+                      f"(`{SERVED_TEST}/report.md`: the release as served on the test split, verdicts included.)\n")
 
 
 def main(args: argparse.Namespace) -> ReleaseMeta:

@@ -69,3 +69,24 @@ def plot_grid(alphas, temps, scores, png_path: Path, label="val macro-F1") -> No
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
+
+
+def plot_gate_scores(groups: dict[str, np.ndarray], threshold: float, png_path: Path) -> None:
+    """Where the dermoscopy gate's scores fall: one histogram per group (real lesions first), the threshold as a
+    line. What lies right of the line is answered `not_dermoscopy`."""
+    low = min(float(np.percentile(v, 0.5)) for v in groups.values())
+    high = max(float(np.percentile(v, 99.5)) for v in groups.values())
+    bins = np.linspace(min(low, threshold) - 0.5, max(high, threshold) + 0.5, 70)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for name, scores in groups.items():
+        share = float((scores > threshold).mean())
+        ax.hist(np.clip(scores, bins[0], bins[-1]), bins=bins, density=True, histtype="step", linewidth=1.4,
+                label=f"{name} (n={len(scores)}, refused {share:.1%})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    ax.text(threshold, ax.get_ylim()[1] * 0.97, " threshold", va="top", ha="left")
+    ax.set_xlabel("dermoscopy-gate score (logit of 'not dermoscopy'; each group's 0.5-99.5 % range shown)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)

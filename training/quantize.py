@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from skinmodel.networks import build_model, load_state_dict_file, quantizable_resnet18
+from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score, quantizable_resnet18
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
 from training import data as D
@@ -85,7 +85,8 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
             logits = predict_logits(net, x_test, cfg.mean, cfg.std)
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {"file_mb": path.stat().st_size / 2**20, "images_per_s": throughput(net, cfg.crop_size),
-                      "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
+                      "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
+                      "not_dermoscopy": gate_refusals(net, x_test, release, meta)}
     drop = rows["fp32"]["balanced_accuracy"] - rows["int8"]["balanced_accuracy"]
     speed = rows["int8"]["images_per_s"] / rows["fp32"]["images_per_s"]
     meets = rows["int8"]["file_mb"] <= 12 and speed >= 2 and drop <= 0.01
@@ -99,19 +100,35 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
                                 f"{len(train)} training images for calibration", **comparison},
         metrics={**meta.metrics, "test": {**(meta.metrics.get("test") or {}),
                                           **{k: rows["int8"][k] for k in ("balanced_accuracy", "macro_f1", "accuracy")}}})
-    for extra in ("ood_stats.pt", "model_card.md"):
+    for extra in ("ood_stats.pt", "model_card.md", "gate_scores.png"):
         if (release / extra).exists():
             shutil.copy(release / extra, out / extra)
     int8_meta.save(out)
-    table = ["| model | file MB | images/s (1 thread, batch 8) | balanced acc. | macro-F1 |", "|---|---|---|---|---|"]
-    table += [f"| {k} | {v['file_mb']:.1f} | {v['images_per_s']:.0f} | {v['balanced_accuracy']:.3f} | {v['macro_f1']:.3f} |"
-              for k, v in rows.items()]
+    table = ["| model | file MB | images/s (1 thread, batch 8) | balanced acc. | macro-F1 | test lesions refused |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {k} | {v['file_mb']:.1f} | {v['images_per_s']:.0f} | {v['balanced_accuracy']:.3f} | {v['macro_f1']:.3f} "
+              f"| {'-' if v['not_dermoscopy'] is None else format(v['not_dermoscopy'], '.1%')} |" for k, v in rows.items()]
     text = "\n".join(table) + (f"\n\nint8/fp32 throughput {speed:.2f}x, balanced-accuracy drop {drop * 100:.1f} points: "
                                f"{'meets' if meets else 'does NOT meet'} the targets ({comparison['targets']}).\n")
     (out / "int8_comparison.md").write_text(text)
     (out / "int8_comparison.json").write_text(json.dumps(comparison, indent=2))
     print(text)
     return comparison
+
+
+def gate_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
+    """Share of test lesions the dermoscopy gate refuses with this network's features: the gate was fitted on
+    fp32 features, and int8 features must not push real lesions over its threshold."""
+    ab = meta.abstention or {}
+    if not ab.get("ood_stats_file") or "ood_score_above" not in ab:
+        return None
+    stats = {k: v.float() for k, v in torch.load(release / ab["ood_stats_file"], weights_only=True).items()}
+    cfg, refused = meta.preprocessing, []
+    with torch.inference_mode():
+        for i in range(0, len(x_uint8), 128):
+            feats, _ = features_and_logits(net, normalize(x_uint8[i:i + 128], cfg.mean, cfg.std))
+            refused.append(ood_score(feats, stats) > ab["ood_score_above"])
+    return float(torch.cat(refused).float().mean())
 
 
 def main(args: argparse.Namespace) -> dict:

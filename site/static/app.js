@@ -10,10 +10,17 @@
   const TIMEOUT_MS = 30000;
   let previewUrl = null;
   let currentFile = null;
+  // Each new image supersedes whatever was asked about the previous one: its requests are aborted and a late
+  // answer is dropped, so a heat map or result can never appear under another image's verdict.
+  let generation = 0;
+  let inFlight = new AbortController();
   const explainButton = $("explain");
 
   function setStatus(text, kind) {
-    if (kind === "ok") statusBox.dataset.last = text;
+    if (["ok", "uncertain", "refused"].includes(kind)) {  // an answer: what the heat map returns to afterwards
+      statusBox.dataset.last = text;
+      statusBox.dataset.lastKind = kind;
+    }
     statusBox.textContent = text;
     statusBox.className = kind || "";
   }
@@ -26,12 +33,15 @@
     answeredBy.textContent = "";
   }
 
+  const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1);
+
   function showPrediction(body) {
     clearResult();
+    answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}. ${body.notice}`;
     if (body.verdict === "not_dermoscopy") {
+      // A refusal: no bars, no heat map to offer, the same notice as every other answer.
       setStatus(`Not analysed: ${body.verdict_reason}. If this is a skin lesion, have it examined by a ` +
-        "clinician: the model also turns away some unusual real lesions.", "error");
-      answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}.`;
+        "clinician: the model also turns away some unusual real lesions.", "refused");
       return;
     }
     body.predictions.forEach((p, rank) => {
@@ -51,17 +61,17 @@
     const worrying = body.predictions.slice(0, 2).some((p) => config.concerning.includes(p.code)) ||
       body.predictions.some((p) => config.concerning.includes(p.code) && p.probability >= 0.25);
     concern.hidden = !worrying;
-    answeredBy.textContent = `Answered by ${body.model.name} version ${body.model.version}. ${body.notice}`;
     explainButton.hidden = false;
-    const unsure = body.verdict === "uncertain" ? ` The model is unsure: ${body.verdict_reason}.` : "";
-    setStatus(`Most similar to: ${body.top.name} (${(100 * body.top.probability).toFixed(1)}%).${unsure}`, "ok");
+    const unsure = body.verdict === "uncertain" ? ` ${sentence(body.verdict_reason)}.` : "";
+    setStatus(`Most similar to: ${body.top.name} (${(100 * body.top.probability).toFixed(1)}%).${unsure}`,
+      body.verdict === "uncertain" ? "uncertain" : "ok");
   }
 
   async function classify(file) {
+    const mine = generation, controller = inFlight;
     clearResult();
     spinner.hidden = false;
     setStatus("Analysing…", "busy");
-    const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
     try {
       // Retry policy (also ops'): 503 (queue full) and 507 (worker died) are retried twice, after the
@@ -76,9 +86,11 @@
         const wait = 1000 * (Number(response.headers.get("Retry-After")) || attempt + 1);
         setStatus("The service is busy; retrying…", "busy");
         await new Promise((resolve) => setTimeout(resolve, wait));
+        if (mine !== generation) return;
       }
       let body = null;
       try { body = await response.json(); } catch (_) { /* not JSON: handled below */ }
+      if (mine !== generation) return;  // another image was chosen meanwhile
       if (response.ok && body && body.predictions) {
         showPrediction(body);
       } else if (body && body.reason) {
@@ -91,40 +103,66 @@
         setStatus(`The prediction service answered with an error (HTTP ${response.status}).`, "error");
       }
     } catch (err) {
+      if (mine !== generation) return;
       setStatus(err.name === "AbortError"
         ? "The prediction service did not answer in time. Please try again."
         : "The prediction service is not reachable. Is the stack running?", "error");
     } finally {
       clearTimeout(timer);
-      spinner.hidden = true;
+      if (mine === generation) spinner.hidden = true;
     }
   }
 
   async function explain() {
+    const mine = generation;
     explainButton.disabled = true;
     setStatus("Computing the heat map…", "busy");
+    // Its own deadline; a new image (inFlight aborted) cancels it too.
+    const controller = new AbortController(), superseded = inFlight.signal;
+    const cancel = () => controller.abort();
+    superseded.addEventListener("abort", cancel);
+    const timer = setTimeout(cancel, TIMEOUT_MS);
     try {
       const response = await fetch(`${config.apiBase}/explanations/${encodeURIComponent(config.model)}`, {
-        method: "POST", body: currentFile, headers: { "Content-Type": "application/octet-stream" },
+        method: "POST", body: currentFile, signal: controller.signal,
+        headers: { "Content-Type": "application/octet-stream" },
       });
-      const body = await response.json();
+      let body = {};
+      try { body = await response.json(); } catch (_) { /* not JSON: reported by status below */ }
+      if (mine !== generation) return;  // another image was chosen meanwhile
+      if (response.ok && body.verdict === "not_dermoscopy") {  // the same refusal /predictions gives
+        showPrediction(body);
+        return;
+      }
       if (!response.ok || !body.explanation) throw new Error(body.reason || `HTTP ${response.status}`);
       $("explanation").src = `data:image/png;base64,${body.explanation.image_png_base64}`;
-      $("explanation-caption").textContent = `Regions that raised the score of ${body.explanation.class} ` +
+      const name = (config.classes.find((c) => c.code === body.explanation.class) || {}).name;
+      $("explanation-caption").textContent = `Regions that raised the score of ${name || body.explanation.class} ` +
         "(Grad-CAM; red = strongest). The dimmed border was not seen by the model.";
-      $("explanation-box").hidden = false;
-      setStatus(statusBox.dataset.last || "", "ok");
+      $("explanation-box").hidden = false;  // scrolled into view once the picture has its height (below)
+      setStatus(statusBox.dataset.last || "", statusBox.dataset.lastKind || "ok");
     } catch (err) {
-      setStatus(`No heat map: ${err.message}`, "error");
+      if (mine !== generation) return;
+      const why = err.name === "AbortError" ? "the service did not answer in time; please try again"
+        : err.name === "TypeError" ? "the service is not reachable" : err.message;
+      setStatus(`No heat map: ${why}.`, "error");
     } finally {
+      clearTimeout(timer);
+      superseded.removeEventListener("abort", cancel);
       explainButton.disabled = false;
     }
   }
   explainButton.addEventListener("click", explain);
+  $("explanation").addEventListener("load", () => {
+    if (!$("explanation-box").hidden) $("explanation-box").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  });
 
   function take(file) {
     if (!file) return;
     currentFile = file;
+    generation += 1;
+    inFlight.abort();
+    inFlight = new AbortController();
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     $("preview").src = previewUrl;

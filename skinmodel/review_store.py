@@ -1,0 +1,112 @@
+"""Opt-in keeping of the uploads a clinician should look at (answered `uncertain` or `not_dermoscopy`), for a
+fixed number of days, so the review queue (./skin logs review) can show the image itself.
+
+Off unless SKIN_REVIEW_KEEP_DAYS > 0 (./skin up then sets SKIN_REVIEW_DIR). Files are named by the upload's
+SHA-256 (the audit trail's key), created 0600 in a 0700 folder, and deleted once older than the retention by
+whoever touches the folder: the handler when it keeps a file, the logger sidecar on every pass. Nothing here may
+fail a prediction: errors are logged and counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+REVIEWED_VERDICTS = ("uncertain", "not_dermoscopy")
+_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,5}")  # what keep() writes; nothing else in the folder is touched
+_PARTIAL = re.compile(r"\.[0-9a-f]{64}\.\d+\.tmp")  # a write cut short (crash, full disk): pruned like the rest
+PRUNE_EVERY_S = 600.0
+
+
+class ReviewStore:
+    def __init__(self, directory: str | os.PathLike | None, keep_days: float = 0.0):
+        self.folder = Path(directory) if directory else None  # where kept uploads are (found even when off)
+        self.directory = self.folder if keep_days > 0 else None  # where new ones go: only when on
+        self.keep_seconds = keep_days * 86400.0
+        self.failures = 0
+        self._last_prune = 0.0
+
+    @classmethod
+    def from_env(cls, environ=None) -> "ReviewStore":
+        e = os.environ if environ is None else environ
+        try:
+            days = float(e.get("SKIN_REVIEW_KEEP_DAYS") or 0)
+        except ValueError:
+            log.error("SKIN_REVIEW_KEEP_DAYS=%r is not a number: keeping no uploads", e.get("SKIN_REVIEW_KEEP_DAYS"))
+            days = 0.0
+        return cls(e.get("SKIN_REVIEW_DIR"), days)
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def keep(self, sha256: str, data: bytes, image_format: str | None) -> Path | None:
+        """Store one upload (once per content); never raises."""
+        if not self.enabled or not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+            return None
+        ext = re.sub(r"[^a-z0-9]", "", (image_format or "bin").lower())[:5] or "bin"
+        path = self.directory / f"{sha256}.{ext}"
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+            if not path.exists():
+                tmp = self.directory / f".{sha256}.{os.getpid()}.tmp"
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # no partial patient image left behind
+                    raise
+            else:
+                os.utime(path)  # seen again: its retention starts over
+            self.prune_if_due()
+            return path
+        except OSError as err:
+            self.failures += 1
+            log.error("could not keep an upload for review in %s: %s", self.directory, err)
+            return None
+
+    def prune_if_due(self) -> int:
+        if time.monotonic() - self._last_prune < PRUNE_EVERY_S and self._last_prune:
+            return 0
+        self._last_prune = time.monotonic()
+        return self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete kept uploads older than the retention; -> how many."""
+        if not self.enabled or not self.directory.is_dir():
+            return 0
+        cutoff, removed = (now or time.time()) - self.keep_seconds, 0
+        for f in self.directory.iterdir():
+            try:
+                ours = _NAME.fullmatch(f.name) or _PARTIAL.fullmatch(f.name)
+                if ours and f.stat(follow_symlinks=False).st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError as err:  # removed meanwhile by another process, or not ours to remove
+                log.warning("review folder: %s: %s", f.name, err)
+        return removed
+
+    def find(self, sha256: str | None) -> Path | None:
+        """The kept file of an upload, if any and not past its retention."""
+        if not self.folder or not re.fullmatch(r"[0-9a-f]{64}", sha256 or "") or not self.folder.is_dir():
+            return None
+        cutoff = time.time() - self.keep_seconds if self.keep_seconds else 0
+        return next((p for p in self.folder.glob(f"{sha256}.*")
+                     if _NAME.fullmatch(p.name) and p.stat().st_mtime >= cutoff), None)
+
+    def purge(self) -> int:
+        """Retention turned off: every kept upload goes (./skin up calls this when SKIN_REVIEW_KEEP_DAYS is 0)."""
+        if not self.folder or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for f in self.folder.iterdir():
+            if _NAME.fullmatch(f.name) or _PARTIAL.fullmatch(f.name):
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed

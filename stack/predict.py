@@ -1,0 +1,258 @@
+"""./skin predict: score image files and folders into one CSV, one row per file, through the running service
+(its public entry, so every answer is audited) or in-process with the same handler code (--local: no server, no
+audit trail).
+
+    ./skin predict ~/archive/lesions --out results.csv            # through the page's entry (./skin up)
+    ./skin predict a.jpg b.png --local --release release --out results.csv
+
+Folders are walked recursively. A file that is not an image, is corrupt or too large becomes a row with the
+service's reason; the run goes on. Rows are written as answers come, so an interrupted run keeps its rows, and
+a rerun with the same --out skips every file already in it (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+import threading
+import types
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+
+from skinmodel.release import ReleaseError
+from stack.gate import GateLimits
+from stack.settings import MODEL_NAME, current
+from stack.torchserve_api import ClientRetry
+from training.data import CLASS_NAMES as CLASSES
+COLUMNS = ("path", "sha256", "status", "verdict", "top", *(f"p_{c}" for c in CLASSES), "model_version",
+           "request_id", "error", "reason")
+MAX_BYTES = GateLimits().max_body  # the service's own limit: bigger files are not sent
+# The page's entry answers 429 past 4 requests in flight per client and 503/507 when full or restarting:
+# all three are retried after Retry-After (else 1 s, 2 s, 4 s ...).
+RETRIED = (429, 503, 507)
+# Rows a rerun scores again: no answer, or an answer that may differ next time (busy, restarting, server error).
+TRANSIENT_ERRORS = ("timeout", "unreadable", "request_failed", "bad_answer")
+
+
+def user_path(raw: str | os.PathLike) -> Path:
+    """A path as the user meant it: ./skin runs from the repository, so relative paths are taken from where the
+    command was typed (SKIN_CALLER_DIR, set by ./skin), then made absolute (one spelling per file in the CSV)."""
+    p = Path(raw).expanduser()
+    return (p if p.is_absolute() else Path(os.environ.get("SKIN_CALLER_DIR", ".")) / p).absolute()
+
+
+def is_final(row: dict) -> bool:
+    """A row a rerun keeps: an answer (200) or a refusal that will not change (4xx but 408/429, too large)."""
+    status = int(row.get("status") or 0)
+    if row.get("error") in TRANSIENT_ERRORS:
+        return False
+    return status == 200 or (400 <= status < 500 and status not in (408, 429)) or row.get("error") == "too_large"
+
+
+class PredictError(RuntimeError):
+    """A reason to stop the whole run (the service is unreachable, --out is not our CSV)."""
+
+
+def find_files(paths: list[str]) -> list[Path]:
+    """The files named, and every file under the folders named (sorted, hidden ones skipped), each once."""
+    out, seen = [], set()
+    for raw in paths:
+        p = user_path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            found = [p]
+        else:
+            raise PredictError(f"{raw}: no such file or folder")
+        for f in found:
+            if str(f) not in seen:
+                seen.add(str(f))
+                out.append(f)
+    return out
+
+
+def done_paths(out: Path) -> set[str]:
+    """Paths an earlier run's CSV settled (the resume point). Rows of transient failures are dropped from the
+    file (rewritten atomically), so that a rerun scores those files again and the CSV keeps one row per file."""
+    if not out.exists() or out.stat().st_size == 0:
+        return set()
+    with open(out, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise PredictError(f"{out} exists and is not a ./skin predict CSV; choose another --out")
+        rows = list(reader)
+    final = {}
+    for row in rows:  # the last settled row of each path
+        if is_final(row):
+            final[row["path"]] = row
+    if len(final) != len(rows):
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(final.values())
+        os.replace(tmp, out)
+    return set(final)
+
+
+def row_for(path: Path, blob: bytes | None, status: int, answer: dict) -> dict:
+    """One CSV row from an answer (a prediction or an error body) of the service or of the handler."""
+    probs = {p["code"]: p["probability"] for p in answer.get("predictions") or []}
+    return {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest() if blob is not None else "",
+            "status": status, "verdict": answer.get("verdict", ""), "top": (answer.get("top") or {}).get("code", ""),
+            **{f"p_{c}": probs.get(c, "") for c in CLASSES},
+            "model_version": (answer.get("model") or {}).get("version", ""), "request_id": answer.get("request_id") or "",
+            "error": answer.get("error", ""), "reason": answer.get("reason", "")}
+
+
+def read_file(path: Path) -> tuple[bytes | None, dict | None]:
+    """(bytes, None), or (None, error answer) for a file the service would refuse for its size or that cannot
+    be read."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            return None, {"error": "too_large", "reason": f"the file is {size} bytes; the limit is {MAX_BYTES}"}
+        return path.read_bytes(), None
+    except OSError as err:
+        return None, {"error": "unreadable", "reason": err.strerror or str(err)}
+
+
+class RemoteScorer:
+    """POSTs each file to <url>/predictions/<model>, as the page does."""
+
+    def __init__(self, url: str, model: str, timeout: float = 60.0):
+        if not url.startswith(("http://", "https://")):
+            raise PredictError(f"--url {url!r}: give the page's address with its scheme, e.g. {current().page_url}")
+        self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
+        self.timeout = timeout
+        retry = ClientRetry(total=5, connect=0, read=0, status_forcelist=RETRIED, allowed_methods=None,
+                            backoff_factor=1, respect_retry_after_header=True, raise_on_status=False)
+        self.local = threading.local()
+        self.adapter = HTTPAdapter(max_retries=retry, pool_maxsize=16)
+
+    def _session(self) -> requests.Session:  # one per thread: requests' sessions are not thread-safe
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.mount("http://", self.adapter)
+            self.local.session.mount("https://", self.adapter)
+        return self.local.session
+
+    def score(self, path: Path) -> dict:
+        blob, refused = read_file(path)
+        if refused:
+            return row_for(path, blob, 0, refused)
+        try:
+            r = self._session().post(self.endpoint, data=blob, timeout=self.timeout,
+                                     headers={"Content-Type": "application/octet-stream"})
+        except requests.Timeout:
+            return row_for(path, blob, 0, {"error": "timeout", "reason": f"no answer within {self.timeout:.0f} s"})
+        except requests.ConnectionError as err:
+            raise PredictError(f"the service at {self.endpoint} is not reachable ({err.__class__.__name__}); "
+                               "is ./skin up running? Rows written so far are kept: rerun to resume") from None
+        except requests.RequestException as err:  # a broken answer: this file again on the next run
+            return row_for(path, blob, 0, {"error": "request_failed", "reason": err.__class__.__name__})
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = {"error": "bad_answer", "reason": f"HTTP {r.status_code} without a JSON body"}
+        return row_for(path, blob, r.status_code, answer if isinstance(answer, dict) else {"error": "bad_answer"})
+
+
+class LocalScorer:
+    """The serving handler in this process: same decoding, preprocessing, temperature and verdicts."""
+
+    def __init__(self, release: Path):
+        import logging
+
+        logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's import-time notes (OpenVINO, TensorRT ...)
+        from handler.skin_handler import SkinLesionHandler
+
+        os.environ.pop("SKIN_SPOOL_DIR", None)  # nothing reaches the audit trail from here
+        self.handler = SkinLesionHandler()
+        self.handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)},
+                                                      manifest={"model": {}}))
+        self.lock = threading.Lock()  # one image at a time through the model; threads only read files
+
+    def score(self, path: Path) -> dict:
+        blob, refused = read_file(path)
+        if refused:
+            return row_for(path, blob, 0, refused)
+        h = self.handler
+        with self.lock:
+            answer = h.postprocess(h.inference(h.preprocess([{"body": blob}])))[0]
+        return row_for(path, blob, answer.get("status", 200), answer)
+
+
+def predict(paths: list[str], out: Path, scorer, concurrency: int = 4, progress: bool = True) -> dict[str, int]:
+    """Score what is not in `out` yet, appending rows as answers come; -> counts per verdict or error."""
+    files = find_files(paths)
+    done = done_paths(out)
+    todo = [f for f in files if str(f) not in done]
+    counts: dict[str, int] = {"skipped (already in the CSV)": len(files) - len(todo)}
+    new = not out.exists() or out.stat().st_size == 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(max(1, concurrency))
+    # UTF-8 with undecodable file-name bytes kept as they are: one odd name must not end the run.
+    with open(out, "a", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        jobs = [pool.submit(scorer.score, p) for p in todo]
+        try:
+            for job in tqdm(as_completed(jobs), total=len(jobs), unit="img", disable=not progress):
+                row = job.result()
+                writer.writerow(row)
+                f.flush()  # an interrupted run keeps every row it wrote
+                key = row["verdict"] or row["error"] or "no answer"
+                counts[key] = counts.get(key, 0) + 1
+        except BaseException:
+            # Queued files are dropped and running requests are not waited for: Ctrl-C stops at once (main()
+            # exits without joining the threads); their files are scored by the next run.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    pool.shutdown()
+    return counts
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    s = current()
+    p = argparse.ArgumentParser(prog="./skin predict", description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="image files and/or folders (walked recursively)")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write or resume (default: predictions.csv)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=s.page_url, help=f"the service's public entry (default: {s.page_url})")
+    where.add_argument("--local", action="store_true", help="no server: run the serving handler in this process")
+    p.add_argument("--release", default=str(s.release_dir), help="with --local: the release folder (meta.json + weights)")
+    p.add_argument("--model", default=MODEL_NAME, help="model name in the URL (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=GateLimits().per_client,
+                   help="requests in flight (default %(default)s: what the page's entry allows one client)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        scorer = LocalScorer(user_path(args.release)) if args.local else RemoteScorer(args.url, args.model)
+        counts = predict(args.paths, user_path(args.out), scorer, args.concurrency, progress=not args.no_progress)
+    except (PredictError, ReleaseError) as err:
+        print(f"predict: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"predict: interrupted; rows written so far are in {args.out}: rerun to resume", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)  # the CSV is closed; requests still running in worker threads are abandoned, not awaited
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

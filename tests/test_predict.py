@@ -1,0 +1,101 @@
+"""./skin predict against a real stack: a folder of good, corrupt and non-image files becomes one complete CSV,
+an interrupted run resumes without repeating a file, and --local answers what the service answers."""
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stack.predict import COLUMNS
+from stress.local_stack import LocalStack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folder(tmp_path, sample_images) -> Path:
+    """7 real lesions (one per class) in two levels, 24 more copies for a run long enough to interrupt, a
+    truncated JPEG, a text file, an empty file and a hidden file that must be skipped."""
+    root = tmp_path / "archive"
+    (root / "clinic-b" / "2025").mkdir(parents=True)
+    for i, img in enumerate(sample_images):
+        shutil.copy(img, root / ("clinic-b/2025" if i % 2 else ".") / img.name)
+    for i in range(24):
+        shutil.copy(sample_images[i % len(sample_images)], root / "clinic-b" / f"copy-{i:02d}.jpg")
+    (root / "truncated.jpg").write_bytes(sample_images[0].read_bytes()[:2000])
+    (root / "notes.txt").write_text("follow-up in 6 months\n")
+    (root / "empty.png").write_bytes(b"")
+    (root / ".DS_Store").write_bytes(b"\0\1\2")
+    return root
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        return list(reader)
+
+
+def skin_predict(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "skin"), "predict", "--no-progress", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_predict_scores_a_folder_resumes_after_an_interruption_and_matches_local(tiny_release, tmp_path, folder):
+    stack = LocalStack(tiny_release, tmp_path / "stack").start()
+    try:
+        out = tmp_path / "results.csv"
+        # Interrupted as a user would (Ctrl-C) once some rows are written.
+        proc = subprocess.Popen([str(REPO / "skin"), "predict", "--no-progress", "--concurrency", "1", "--url",
+                                 stack.page_url, "--out", str(out), str(folder)], cwd=REPO, env=stack.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "rerun to resume" in err and "Traceback" not in err, err
+        first = rows(out)
+        assert 3 <= len(first) < 35, len(first)
+
+        r = skin_predict("--url", stack.page_url, "--out", out, folder, env=stack.env)
+        assert r.returncode == 0 and f"skipped (already in the CSV) {len(first)}" in r.stderr, r.stderr
+        done = rows(out)
+        paths = [d["path"] for d in done]
+        files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name != ".DS_Store")
+        assert sorted(paths) == files, "every file exactly once, the hidden one skipped"
+        by_name = {Path(d["path"]).name: d for d in done}
+        assert by_name["truncated.jpg"]["error"] == "corrupt_image" and by_name["truncated.jpg"]["status"] == "422"
+        assert by_name["notes.txt"]["error"] == "not_an_image" and by_name["empty.png"]["error"] == "empty_body"
+        good = [d for d in done if d["status"] == "200"]
+        assert len(good) == 31 and all(d["verdict"] and d["request_id"] and d["model_version"] for d in good)
+        assert all(abs(sum(float(d[f"p_{c}"]) for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1)
+                   < 1e-3 for d in good)
+
+        local = tmp_path / "local.csv"
+        r = skin_predict("--local", "--release", tiny_release, "--out", local, folder)
+        assert r.returncode == 0, r.stderr
+        here = {d["path"]: d for d in rows(local)}
+        for d in done:  # the same handler code in-process: the same answer, file by file
+            for key in ("sha256", "status", "verdict", "top", "error"):
+                assert here[d["path"]][key] == d[key], (d["path"], key)
+            for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"):  # other thread counts: last-digit noise
+                assert abs(float(here[d["path"]][f"p_{c}"] or 0) - float(d[f"p_{c}"] or 0)) <= 2e-6, (d["path"], c)
+    finally:
+        stack.stop()
+
+
+def test_predict_says_what_is_wrong_without_a_trace(tmp_path, folder):
+    r = skin_predict("--url", "http://127.0.0.1:9", "--out", tmp_path / "x.csv", folder)
+    assert r.returncode == 1 and "not reachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = skin_predict("--out", tmp_path / "x.csv", tmp_path / "nowhere")
+    assert r.returncode == 1 and "no such file or folder" in r.stderr, r.stderr
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    r = skin_predict("--local", "--out", other, folder)
+    assert r.returncode == 1 and "not a ./skin predict CSV" in r.stderr and other.read_text() == "a,b\n1,2\n"

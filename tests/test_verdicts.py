@@ -1,0 +1,217 @@
+"""One verdict, one code path: a release whose abstention thresholds put three real photos in the three
+verdicts; /predictions and /explanations agree on each, a refusal gets no heat map, and the page shows all
+three as they should read."""
+from __future__ import annotations
+
+import shutil
+import types
+
+import pytest
+import requests
+import torch
+
+from handler.skin_handler import SkinLesionHandler
+from skinmodel.networks import features_and_logits
+from skinmodel.release import ReleaseMeta
+from stack.archive import build_mar
+from stack.gate import GateThread
+from stack.page import render_page
+from stack.torchserve import TorchServe, free_port
+from tests.test_site import _wait
+
+NAME = "skin-lesion"
+
+
+@pytest.fixture(scope="module")
+def verdict_release(tiny_release, sample_images, tmp_path_factory):
+    """The tiny release with thresholds chosen so that, of the sample photos, the one farthest from the rest is
+    refused, the least confident of the others is uncertain, and the others are ok."""
+    out = tmp_path_factory.mktemp("verdicts") / "release"
+    shutil.copytree(tiny_release, out)
+    handler = SkinLesionHandler()
+    handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(out)}, manifest={"model": {}}))
+    images = [p.read_bytes() for p in sample_images]
+    tensor, _ = handler.preprocess([{"body": b} for b in images])
+    with torch.inference_mode():
+        feats, logits = features_and_logits(handler.model, tensor)
+    centre = feats.mean(0)
+    distances = (feats - centre).norm(dim=1)
+    top = torch.softmax(logits / handler.temperature, 1).max(1).values  # calibrated, as the handler answers
+    order = distances.argsort(descending=True).tolist()
+    refused, rest = order[0], order[1:]
+    by_confidence = sorted(rest, key=lambda i: float(top[i]))
+    uncertain, ok = by_confidence[0], by_confidence[-1]
+    assert float(distances[order[0]]) > float(distances[order[1]]) and float(top[by_confidence[0]]) < float(top[by_confidence[1]])
+    # A linear "is this dermoscopy" head, as training/abstention.py writes one: the projection on the direction
+    # of the farthest photo scores it highest (|d| beats every other projection, each at most its own |d|).
+    direction = (feats[refused] - centre) / distances[refused]
+    projections = (feats - centre) @ direction
+    second = float(projections[rest].max())
+    torch.save({"mean": centre, "scale": torch.ones_like(centre), "weight": direction, "bias": torch.tensor(0.0)},
+               out / "ood_stats.pt")
+    meta = ReleaseMeta.load(out)
+    meta.abstention = {"uncertain_below": float(top[by_confidence[0]] + top[by_confidence[1]]) / 2,
+                       "ood_score_above": (float(projections[refused]) + second) / 2, "ood_stats_file": "ood_stats.pt"}
+    meta.save(out)
+    return out, {"ok": sample_images[ok], "uncertain": sample_images[uncertain], "not_dermoscopy": sample_images[refused]}
+
+
+@pytest.fixture(scope="module")
+def served(verdict_release, tmp_path_factory):
+    release, photos = verdict_release
+    work = tmp_path_factory.mktemp("verdict-stack")
+    # One worker that waits 300 ms to fill a batch of 8: concurrent predictions and explanations share batches.
+    config = work / "model-config.yaml"
+    config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 300\nresponseTimeout: 60\n")
+    _, mar = build_mar(release, work / "store", model_config=config)
+    ts = TorchServe(mar.parent, {NAME: mar.name}, work / "ts", free_port(), free_port(), free_port()).start()
+    gate = None
+    try:
+        ts.wait_ready()
+        gate = GateThread(render_page(release, work / "dist"), ts.inference_url, ts.tokens).start()
+        yield gate, photos, ts
+    finally:
+        if gate:
+            gate.stop()
+        ts.stop()
+
+
+def test_predictions_and_explanations_give_the_same_verdict_and_top(served):
+    gate, photos, ts = served
+    for verdict, photo in photos.items():
+        data = photo.read_bytes()
+        p = requests.post(f"{gate.url}/predictions/{NAME}", data=data, timeout=60).json()
+        e = requests.post(f"{gate.url}/explanations/{NAME}", data=data, timeout=60).json()
+        assert p["verdict"] == e["verdict"] == verdict, (verdict, p["verdict"], e["verdict"])
+        assert p["top"] == e["top"] and p["predictions"] == e["predictions"]
+        if verdict == "not_dermoscopy":
+            assert e["top"] is None and "explanation" not in e, "a refused image got a heat map"
+        else:
+            assert e["explanation"]["class"] == e["top"]["code"] and e["explanation"]["image_png_base64"]
+
+
+def test_a_batch_mixing_predictions_and_explanations_answers_each_as_asked(served):
+    """TorchServe puts both endpoints' requests in one batch; BaseHandler alone would answer the whole batch as
+    its first request asked (heat maps for predictions, or none for explanations)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, photos, ts = served
+    data = photos["ok"].read_bytes()
+    jobs = [("explanations" if i % 2 else "predictions", i) for i in range(8)]
+    for leader in ("predictions", "explanations"):  # either kind first in the batch
+        order = sorted(jobs, key=lambda j: j[0] != leader)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda j: (j[0], requests.post(f"{ts.inference_url}/{j[0]}/{NAME}", data=data,
+                                                                      headers=ts.headers(), timeout=60)), order))
+        for path, r in answers:
+            assert r.status_code == 200, r.text
+            assert ("explanation" in r.json()) == (path == "explanations"), (leader, path)
+
+
+def test_each_request_of_a_batch_is_answered_as_its_own_header_asks(verdict_release):
+    """The same claim without TorchServe's scheduling: one batch through the handler with TorchServe's own
+    Context, kinds and verdicts mixed, each kind leading in turn. Fails if any request is answered by the
+    first request's kind, or if a refused image gets a heat map."""
+    import os
+
+    import ts
+    from ts.context import Context, RequestProcessor
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    release, photos = verdict_release
+    handler = SkinLesionHandler()
+    handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
+    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    metrics.initialize_cache()
+    batch = [(v, kind) for v in ("not_dermoscopy", "ok", "uncertain") for kind in ("explanation", "prediction")]
+    for order in (batch, batch[1:] + batch[:1]):  # an explanation leads, then a prediction does
+        context = Context(NAME, str(release), {"model": {}}, len(order), None, "0.12.0", metrics=metrics)
+        context.request_processor = [RequestProcessor({"explain": "True"} if kind == "explanation" else {})
+                                     for _, kind in order]
+        context.request_ids = {i: f"r{i}" for i in range(len(order))}
+        answers = handler.handle([{"body": photos[v].read_bytes()} for v, _ in order], context)
+        for (verdict, kind), answer in zip(order, answers):
+            assert answer["verdict"] == verdict, (order[0], verdict, kind, answer.get("verdict"))
+            wants_map = kind == "explanation" and verdict != "not_dermoscopy"
+            assert ("explanation" in answer) == wants_map, (order[0], verdict, kind)
+
+
+def test_only_uncertain_and_refused_uploads_are_kept_and_only_when_asked(verdict_release, tmp_path, monkeypatch):
+    """The opt-in review retention through the handler's real path (handle() with TorchServe's Context)."""
+    import hashlib
+    import os
+
+    import ts
+    from ts.context import Context, RequestProcessor
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    release, photos = verdict_release
+    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    metrics.initialize_cache()
+    folder = tmp_path / "review"
+    for keep_days in (None, "5"):
+        if keep_days:
+            monkeypatch.setenv("SKIN_REVIEW_DIR", str(folder))
+            monkeypatch.setenv("SKIN_REVIEW_KEEP_DAYS", keep_days)
+        else:
+            monkeypatch.delenv("SKIN_REVIEW_KEEP_DAYS", raising=False)
+            monkeypatch.setenv("SKIN_REVIEW_DIR", str(folder))  # a folder alone does not turn it on
+        handler = SkinLesionHandler()
+        handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
+        context = Context(NAME, str(release), {"model": {}}, 3, None, "0.12.0", metrics=metrics)
+        context.request_processor = [RequestProcessor({}) for _ in photos]
+        context.request_ids = {i: f"k{i}" for i in range(len(photos))}
+        answers = handler.handle([{"body": p.read_bytes()} for p in photos.values()], context)
+        assert [a["verdict"] for a in answers] == list(photos)
+        if not keep_days:
+            assert not folder.exists(), "retention is off by default"
+    kept = {p.name: p for p in folder.iterdir()}
+    expected = {hashlib.sha256(photos[v].read_bytes()).hexdigest() + ".jpeg": photos[v]
+                for v in ("uncertain", "not_dermoscopy")}
+    assert set(kept) == set(expected) and folder.stat().st_mode & 0o777 == 0o700
+    for name, source in expected.items():  # the upload itself, owner-only
+        assert kept[name].read_bytes() == source.read_bytes() and kept[name].stat().st_mode & 0o777 == 0o600
+
+
+def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
+    from selenium.webdriver.common.by import By
+
+    gate, photos, ts = served
+    browser.get(gate.url + "/")
+    status = lambda: browser.find_element(By.ID, "status")  # noqa: E731
+    explain = browser.find_element(By.ID, "explain")
+    answered = lambda: browser.find_element(By.ID, "answered-by").text  # noqa: E731
+
+    browser.find_element(By.ID, "file").send_keys(str(photos["ok"]))
+    _wait(browser, lambda: status().get_attribute("class") == "ok")
+    assert "Most similar to" in status().text and "unsure" not in status().text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 7 and explain.is_displayed()
+    assert "not a diagnosis" in answered()
+    size = browser.get_window_size()
+    browser.set_window_size(1000, 560)  # a laptop-height window: the heat map opens below the fold
+    try:
+        below = "return document.getElementById('explanation-box').offsetTop > window.innerHeight"
+        explain.click()
+        _wait(browser, lambda: browser.find_element(By.ID, "explanation-box").is_displayed())
+        assert browser.execute_script(below), "the test must start with the heat map below the fold"
+        assert status().get_attribute("class") == "ok"
+        in_view = ("const r = document.getElementById('explanation').getBoundingClientRect();"
+                   "return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight + 1")
+        _wait(browser, lambda: browser.execute_script(in_view))  # raises if the heat map never comes into view
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+
+    browser.find_element(By.ID, "file").send_keys(str(photos["uncertain"]))
+    _wait(browser, lambda: status().get_attribute("class") == "uncertain")
+    text = status().text
+    assert "unsure" in text.lower() and text.lower().count("unsure") == 1, text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 7 and explain.is_displayed()
+
+    browser.find_element(By.ID, "file").send_keys(str(photos["not_dermoscopy"]))
+    _wait(browser, lambda: status().get_attribute("class") == "refused")
+    assert "Not analysed" in status().text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#bars li") and not explain.is_displayed()
+    assert not browser.find_element(By.ID, "explanation-box").is_displayed()
+    assert "not a diagnosis" in answered(), "the refusal lacks the notice"
+    icons = browser.execute_script("return fetch('/favicon.ico').then(r => r.status)")
+    assert icons == 200
