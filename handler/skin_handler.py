@@ -48,6 +48,9 @@ class SkinLesionHandler(BaseHandler):
             self.ood_stats = {k: v.float() for k, v in stats.items()}
         self.spool = EventSpool.from_env()
         self.review = ReviewStore.from_env()  # off unless SKIN_REVIEW_KEEP_DAYS > 0
+        # Under KServe's TorchServe runtime the rows are v1 instances ({"data": "<base64>"}): the runtime sets
+        # the envelope through this variable (config.properties: enable_envvars_config=true).
+        self.instances = os.environ.get("TS_SERVICE_ENVELOPE") in ("kserve", "kservev2")
         self.initialized = True
         logger.info("loaded %s %s (%s, %d px, T=%.3f, spool %s)", self.meta.name, self.meta.version,
                     self.meta.arch, self.cfg.crop_size, self.temperature, self.spool.directory or "off")
@@ -62,7 +65,7 @@ class SkinLesionHandler(BaseHandler):
         for row in data:
             image = {}
             try:
-                payload = extract_image_bytes(row)
+                payload = extract_image_bytes(row, self.instances)
                 image.update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
                 tensors.append(preprocess_bytes(payload, self.cfg, image))
                 slots.append((len(tensors) - 1, image))
@@ -112,7 +115,7 @@ class SkinLesionHandler(BaseHandler):
                 else:
                     rows = getattr(self, "_rows", None)  # set by handle(): absent when called in-process
                     if answer["verdict"] in REVIEWED_VERDICTS and self.review.enabled and rows is not None:
-                        self.review.keep(image["sha256"], extract_image_bytes(rows[idx]), image.get("format"))
+                        self.review.keep(image["sha256"], extract_image_bytes(rows[idx], self.instances), image.get("format"))
                     answers.append(answer)
                     events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
                                              probs, answer=answer, kind=kind))
@@ -151,7 +154,7 @@ class SkinLesionHandler(BaseHandler):
             raise InputError(400, "unknown_target", "target must be one of the model's class codes")
         target = None if wanted is None else self.meta.class_names.index(wanted)
         cam, explained, _ = grad_cam(self.model, self._tensor[slot:slot + 1], target)
-        upload = decode_image(extract_image_bytes(row), self.cfg.max_pixels, min_side=MAX_SIDE)
+        upload = decode_image(extract_image_bytes(row, self.instances), self.cfg.max_pixels, min_side=MAX_SIDE)
         png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
         answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
                                  "class": self.meta.class_names[explained], "image_png_base64":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,8 +78,13 @@ def drain_once(db: Database, spool: Path, stats: Stats) -> int:
             path.unlink()
             db.forget(path.name)
             stats.deleted_files += 1
+    # A file that went away after a crash between unlink and forget. Only this host's files: several sidecars
+    # (one per replica, each with its own spool) share the offsets table, and another pod's files are never
+    # in this spool. The handler beside this sidecar names its files after the same host (pods share one).
+    mine = f"events-{socket.gethostname()}-"
     for stale in set(offsets) - present:
-        db.forget(stale)  # the file went away after a crash between unlink and forget
+        if stale.startswith(mine):
+            db.forget(stale)
     stats.inserted += written
     return written
 

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     pub = sub.add_parser("publish", help="upload a .mar + meta.json as an immutable version")
     pub.add_argument("--mar", required=True)
     pub.add_argument("--meta", required=True, help="the archive's meta.json (its name and version are used)")
+    pub.add_argument("--kserve", metavar="RELEASE_DIR", help="also publish KServe's TorchServe-runtime layout "
+                                                            "(config/ + model-store/), built from this release")
     sw = sub.add_parser("swap", help="make VERSION the served default without downtime")
     sw.add_argument("--to", required=True, metavar="VERSION")
     rb = sub.add_parser("rollback", help="swap back to the version served before the last swap")
@@ -65,8 +67,11 @@ def main(argv=None) -> int:
     model_store = current().model_store
     try:
         if args.command == "publish":
-            sums = ArchiveStore.from_env().publish(Path(args.mar), ReleaseMeta.load(args.meta))
+            store = ArchiveStore.from_env()
+            sums = store.publish(Path(args.mar), ReleaseMeta.load(args.meta), args.kserve and Path(args.kserve))
             print(f"published {sums['name']} {sums['version']}: " + json.dumps(sums["files"]))
+            if args.kserve:
+                print(f"KServe storageUri: {store.storage_uri(sums['name'], sums['version'])}")
         elif args.command == "versions":
             print("\n".join(ArchiveStore.from_env().versions(args.name)) or "(none)")
         elif args.command == "status":

@@ -1,7 +1,8 @@
 """Versioned model archives in S3-compatible storage (AWS S3, MinIO, moto, ...), with sha256 checksums.
 
-Layout: s3://BUCKET/PREFIX/<name>/<version>/{<name>.mar, meta.json, checksums.json}. checksums.json is written
-last, so a version without it is an unfinished upload and is never swapped to.
+Layout: s3://BUCKET/PREFIX/<name>/<version>/{<name>.mar, meta.json, checksums.json}, plus, when published with
+--kserve, kserve/{config/config.properties, model-store/<name>.mar} (KServe's TorchServe runtime: ops/kserve.py).
+checksums.json is written last, so a version without it is an unfinished upload and is never swapped to.
 """
 from __future__ import annotations
 
@@ -79,21 +80,40 @@ class ArchiveStore:
                     found.add(parts[-2])
         return sorted(found)
 
-    def publish(self, mar: Path, meta: ReleaseMeta) -> dict:
-        """Upload an archive and the meta.json it carries (name and version from it); never overwrites."""
+    def publish(self, mar: Path, meta: ReleaseMeta, kserve_release: Path | None = None) -> dict:
+        """Upload an archive and the meta.json it carries (name and version from it); never overwrites. With
+        kserve_release, also KServe's layout under <version>/kserve/ (ops/kserve.py), built from that release."""
         name, version = meta.name, meta.version
         if self.exists(name, version):
             raise StoreError(f"{name} {version} is already published in s3://{self.bucket}/{self.prefix}: versions "
                              "are immutable, publish a new version instead")
         with tempfile.TemporaryDirectory() as tmp:
             meta_path = meta.save(Path(tmp))
-            sums = {"name": name, "version": version, "files": {f"{name}.mar": sha256_file(mar),
-                                                                "meta.json": sha256_file(meta_path)}}
-            self.client.upload_file(str(mar), self.bucket, self.key(name, version, f"{name}.mar"))
-            self.client.upload_file(str(meta_path), self.bucket, self.key(name, version, "meta.json"))
+            files = {f"{name}.mar": mar, "meta.json": meta_path}
+            if kserve_release is not None:
+                files.update(self._kserve_files(Path(kserve_release), meta, Path(tmp)))
+            sums = {"name": name, "version": version, "files": {k: sha256_file(p) for k, p in files.items()}}
+            for key, path in files.items():
+                self.client.upload_file(str(path), self.bucket, self.key(name, version, key))
         self.client.put_object(Bucket=self.bucket, Key=self.key(name, version, "checksums.json"),
                                Body=json.dumps(sums, indent=2).encode(), ContentType="application/json")
         return sums
+
+    def storage_uri(self, name: str, version: str) -> str:
+        """The InferenceService's storageUri for a version published with its KServe layout."""
+        return f"s3://{self.bucket}/{self.key(name, version, 'kserve')}"
+
+    @staticmethod
+    def _kserve_files(release: Path, meta: ReleaseMeta, tmp: Path) -> dict[str, Path]:
+        from ops.kserve import MODEL_CONFIG, kserve_config
+        from stack.archive import build_mar
+
+        if ReleaseMeta.load(release).weights_sha256 != meta.weights_sha256:
+            raise StoreError(f"--kserve {release} holds other weights than the archive being published")
+        _, mar = build_mar(release, tmp / "kserve", meta.name, meta.version, model_config=MODEL_CONFIG)
+        config = tmp / "config.properties"
+        config.write_text(kserve_config(meta.name, meta.version, mar.name))
+        return {f"kserve/model-store/{mar.name}": mar, "kserve/config/config.properties": config}
 
     def fetch(self, name: str, version: str, dest: Path) -> Path:
         """Download the archive to dest (atomically) and verify it against checksums.json."""

@@ -19,9 +19,15 @@ def _decode_base64(text: str) -> bytes:
         raise InputError(400, "bad_base64", "the JSON image field is not valid base64") from None
 
 
-def extract_image_bytes(row) -> bytes:
+def extract_image_bytes(row, instances: bool = False) -> bytes:
     """TorchServe hands each request as a dict: raw bodies under 'body'/'data', multipart fields under
-    their names; the frontend has already turned JSON bodies into dicts and text bodies into str."""
+    their names; the frontend has already turned JSON bodies into dicts and text bodies into str.
+    instances: the rows are KServe v1 instances ({"data": "<base64>"}, TorchServe's kserve envelope), so a
+    string under an image key is base64, not a text body."""
+    if instances and isinstance(row, dict):
+        for key in JSON_IMAGE_KEYS:
+            if isinstance(row.get(key), str):
+                return _decode_base64(row[key])
     if isinstance(row, dict):
         payload = None
         for key in ("data", "file", "body"):

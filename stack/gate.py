@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import mimetypes
@@ -35,7 +36,7 @@ from aiohttp.web_server import Server
 
 from stack import gate_policy as policy
 from stack.tokens import TokenFile
-from stack.settings import Settings, torchserve_config, url
+from stack.settings import MODEL_NAME, Settings, torchserve_config, url
 
 SECURITY_HEADERS = {
     "Server": "skin-gate",  # aiohttp would otherwise announce its and Python's versions
@@ -162,10 +163,38 @@ class _Server(Server):
         transport.close()
 
 
+PROTOCOLS = ("torchserve", "kserve-v1")
+
+
+def to_kserve_v1(path: str, body: bytes | bytearray) -> tuple[str, bytes]:
+    """/predictions/<m>[/<v>] + image bytes -> KServe's v1 call: /v1/models/<m>:predict (or :explain) with the
+    image as one base64 instance. A version in the path is not part of v1: the InferenceService serves one."""
+    kind, model = path.strip("/").split("/")[:2]
+    verb = "explain" if kind == "explanations" else "predict"
+    return (f"/v1/models/{model}:{verb}",
+            json.dumps({"instances": [{"data": base64.b64encode(bytes(body)).decode()}]}).encode())
+
+
+def from_kserve_v1(status: int, data: bytes) -> tuple[int, bytes]:
+    """{"predictions": [answer]} -> the answer, with the status the handler gave it (an error answer carries it)."""
+    try:
+        doc = json.loads(data)
+        answer = doc["predictions"][0]
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError):
+        return status, data  # not an envelope: the entry's usual rules judge it
+    if isinstance(answer, dict) and isinstance(answer.get("status"), int) and "error" in answer:
+        status = answer["status"]
+    return status, json.dumps(answer).encode()
+
+
 class Gate:
     def __init__(self, dist: Path | None, upstream: str, tokens: TokenFile | None = None,
-                 limits: GateLimits = GateLimits(), client_ip_header: str | None = None):
+                 limits: GateLimits = GateLimits(), client_ip_header: str | None = None,
+                 protocol: str = "torchserve"):
         self.upstream, self.tokens, self.limits = upstream.rstrip("/"), tokens, limits
+        # torchserve: TorchServe's own REST API (./skin up, compose); kserve-v1: an InferenceService's v1 API
+        # (deploy/kserve), whose TorchServe runtime hands our handler base64 instances.
+        self.protocol = protocol
         # Behind nginx every connection comes from nginx: the client is the address it puts in this header.
         self.client_ip_header = client_ip_header
         self.files = self._load_static(Path(dist)) if dist else {}
@@ -206,7 +235,9 @@ class Gate:
         self.per_client[client] = self.per_client.get(client, 0) + 1
         try:
             if where == "ping":
-                return await self._forward("GET", "/ping", b"", None)
+                # KServe's wrapper has no /ping; its v1 readiness of the served model answers instead.
+                ping = "/ping" if self.protocol == "torchserve" else f"/v1/models/{MODEL_NAME}"
+                return await self._forward("GET", ping, b"", None)
             return await self._api(request)
         finally:
             self.per_client[client] -= 1
@@ -241,12 +272,15 @@ class Gate:
             if isinstance(decision, policy.Refusal):
                 return refuse(decision)
             forwarded = decision.body if decision.body is not None else body
+            if self.protocol == "kserve-v1":
+                path, payload = to_kserve_v1(request.path, forwarded)
+                return await self._forward("POST", path, payload, "application/json", unwrap=True)
             return await self._forward(request.method, request.path, forwarded, decision.content_type)
         finally:
             self.budget.give(held)
 
     async def _forward(self, method: str, path: str, body: bytes | bytearray, content_type: str | None,
-                       retry_auth: bool = True) -> web.StreamResponse:
+                       retry_auth: bool = True, unwrap: bool = False) -> web.StreamResponse:
         headers = {"Content-Type": content_type} if content_type else {}
         if self.tokens is not None:
             headers.update(self.tokens.header("inference"))
@@ -261,7 +295,10 @@ class Gate:
                           self.limits.restart_retry_after_s)
         if status == 400 and b"InvalidKeyException" in data and self.tokens is not None and retry_auth:
             self.tokens.reload()  # the stack renewed the keys between our read and this request
-            return await self._forward(method, path, body, content_type, retry_auth=False)
+            return await self._forward(method, path, body, content_type, retry_auth=False, unwrap=unwrap)
+        if unwrap:
+            status, data = from_kserve_v1(status, data)
+            kind = "application/json"
         refusal = policy.upstream_refusal(status, data)
         if refusal is not None:
             retry = {503: self.limits.restart_retry_after_s if refusal.code == "unavailable"
@@ -293,8 +330,9 @@ class GateThread:
     """The gate on its own event loop in a background thread (tests, benchmarks, stress runs)."""
 
     def __init__(self, dist: Path | None, upstream: str, tokens: TokenFile | None = None, host: str = "127.0.0.1",
-                 port: int = 0, limits: GateLimits = GateLimits(), client_ip_header: str | None = None):
-        self.gate = Gate(dist, upstream, tokens, limits, client_ip_header)
+                 port: int = 0, limits: GateLimits = GateLimits(), client_ip_header: str | None = None,
+                 protocol: str = "torchserve"):
+        self.gate = Gate(dist, upstream, tokens, limits, client_ip_header, protocol)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.host, self.port = host, port
@@ -323,6 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-body", type=int, default=GateLimits.max_body)
     p.add_argument("--per-client", type=int, default=GateLimits.per_client,
                    help="API requests in flight per client address")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="torchserve",
+                   help="the upstream's API: TorchServe's REST API, or a KServe InferenceService's v1 protocol")
     p.add_argument("--client-ip-header", help="take the client's address from this header (X-Real-IP behind "
                                               "nginx); only when nothing but that proxy can reach the gate")
     args = p.parse_args(argv)
@@ -334,7 +374,8 @@ def main(argv=None) -> int:
 
     async def serve() -> None:
         gate = Gate(Path(args.dist) if args.dist else None, args.upstream, tokens,
-                    GateLimits(max_body=args.max_body, per_client=args.per_client), args.client_ip_header)
+                    GateLimits(max_body=args.max_body, per_client=args.per_client), args.client_ip_header,
+                    args.protocol)
         await gate.start(args.host, args.port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

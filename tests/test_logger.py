@@ -388,3 +388,50 @@ def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path,
     run(f"sqlite:///{tmp_path / 'a.sqlite3'}", tmp_path / "spool", once=True)
     assert not old.exists() and fresh.exists() and (folder / "notes.txt").exists()
     assert store.find("b" * 64) == fresh and store.find("a" * 64) is None
+
+
+def test_two_replicas_sidecars_share_one_database_without_collisions(pg_url, tmp_path):
+    """Scale-out (deploy/kserve): each predictor pod has its own spool and sidecar, all write one PostgreSQL.
+    Rows are keyed by TorchServe's request id (unique per request); the read positions by spool file name, which
+    carries the pod's host name. Both sidecars run at once; a replayed event is inserted once."""
+    spools = [tmp_path / "pod-a", tmp_path / "pod-b"]
+    writers = []
+    for i, spool in enumerate(spools):
+        w = EventSpool(str(spool))
+        w.writer_id = f"skin-lesion-predictor-{'ab'[i]}-1"  # the pod's host name and its worker pid
+        writers.append(w)
+    events = {i: [event(0, request_id=f"{uuid.uuid4()}") for _ in range(300)] for i in range(2)}
+    sidecars = [start_sidecar(spool, pg_url) for spool in spools]
+    try:
+        for batch in range(0, 300, 30):  # both pods answering at once, in bursts
+            for i, w in enumerate(writers):
+                assert w.append(events[i][batch:batch + 30])
+        writers[1].append(events[0][:5])  # a replay of rows the other pod already wrote: no double insert
+        assert wait_rows(pg_url, 600) == 600
+    finally:
+        for s in sidecars:
+            s.terminate()
+        errors = [s.communicate(timeout=30)[1] for s in sidecars]
+    assert all("Traceback" not in e for e in errors), errors
+    with psycopg2.connect(pg_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(DISTINCT request_id) FROM predictions")
+        assert cur.fetchone()[0] == 600
+        cur.execute("SELECT file FROM spool_offsets ORDER BY file")
+        files = [f for (f,) in cur.fetchall()]
+    assert all("predictor" in f for f in files) and len(set(files)) == len(files)
+
+
+def test_a_sidecar_never_forgets_another_replicas_read_position(pg_url, tmp_path):
+    """The offsets table is shared: a pass over pod A's spool must leave pod B's positions alone (forgetting
+    them would make B's sidecar read its whole spool again on every pass)."""
+    db = Database(pg_url)
+    db.apply_schema()
+    for pod in "ab":  # files of a minute far ahead: still open, so never removed during the test
+        (tmp_path / pod).mkdir()
+        lines = "".join(json.dumps(event(i, request_id=f"{pod}{i}")) + "\n" for i in range(3))
+        (tmp_path / pod / f"events-predictor-{pod}-1-20991231T2359.jsonl").write_text(lines)
+    drain_once(db, tmp_path / "a", Stats())
+    drain_once(db, tmp_path / "b", Stats())
+    drain_once(db, tmp_path / "a", Stats())
+    assert db.count() == 6
+    assert set(db.offsets()) == {"events-predictor-a-1-20991231T2359.jsonl", "events-predictor-b-1-20991231T2359.jsonl"}

@@ -9,42 +9,16 @@ import time
 import zipfile
 from pathlib import Path
 
-import boto3
 import pytest
 import requests
 
-from ops.store import ArchiveStore, StoreError
+from ops.store import StoreError
 from ops.swap import SwapError, previous_version, swap
 from skinmodel.release import ReleaseMeta
 from stack.torchserve import TorchServe, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "skin-lesion"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    patch = pytest.MonkeyPatch()  # for this module only: no AWS setting leaks into the rest of the session
-    for key, value in env.items():
-        patch.setenv(key, value)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            requests.get(endpoint, timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
-    yield ArchiveStore("models", "models", endpoint, "us-east-1"), {**env, "SKIN_S3_BUCKET": "models",
-                                                                      "SKIN_S3_ENDPOINT": endpoint}
-    patch.undo()
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def build_version(tiny_release, out: Path, version: str) -> tuple[Path, Path]:

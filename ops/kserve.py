@@ -1,0 +1,76 @@
+"""The model layout of KServe's TorchServe runtime (InferenceService predictor `modelFormat: pytorch`, protocol
+v1), published next to the local layout:
+
+    s3://BUCKET/PREFIX/<name>/<version>/kserve/config/config.properties
+    s3://BUCKET/PREFIX/<name>/<version>/kserve/model-store/<name>.mar
+
+The runtime mounts that prefix (storageUri) at /mnt/models and starts
+`torchserve --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties`; its KServe
+wrapper listens on 8080 (/v1/models/<name>:predict) and forwards to TorchServe's inference address. The runtime
+turns requests into instances through TorchServe's kserve envelope, which reads only the first request of a
+batch: the archive published here is built with batchSize 1 (handler/model-config.kserve.yaml).
+
+The config keeps this project's limits (queue, body size, timeouts, JVM) from config.properties and changes what
+the cluster needs: TorchServe's own ports on loopback (only the wrapper in the same container talks to them),
+metrics on the pod address for Prometheus (NetworkPolicy keeps it in the namespace), model loading from the
+snapshot, no model API, no token keys (the pod's network namespace and the wrapper are the boundary), and
+enable_envvars_config so that KServe's TS_SERVICE_ENVELOPE applies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stack.gate import GateLimits
+from stack.settings import REPO, TORCHSERVE_CONFIG
+
+MODEL_CONFIG = REPO / "handler" / "model-config.kserve.yaml"
+MOUNT = "/mnt/models"  # where the runtime's storage initializer puts the storageUri's files
+INFERENCE_PORT = 8085  # TorchServe behind the wrapper (the wrapper itself is on 8080)
+KEPT = ("job_queue_size", "default_response_timeout", "max_response_size",
+        "number_of_netty_threads", "netty_client_threads", "metrics_mode", "vmargs", "install_py_dep_per_model")
+
+
+def _properties(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _yaml_ints(path: Path) -> dict[str, int]:
+    """The integer settings of a model-config.yaml (flat `key: value` lines, comments allowed)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.split("#", 1)[0].partition(":")
+        if value.strip().isdigit():
+            out[key.strip()] = int(value.strip())
+    return out
+
+
+def kserve_config(name: str, version: str, mar_name: str, base: Path = TORCHSERVE_CONFIG,
+                  model_config: Path = MODEL_CONFIG) -> str:
+    """config/config.properties of the layout: ours, adapted to the runtime (see the module's docstring)."""
+    ours, batching = _properties(base), _yaml_ints(model_config)
+    snapshot = {"name": "startup.cfg", "modelCount": 1, "models": {name: {version: {
+        "defaultVersion": True, "marName": mar_name, "minWorkers": batching["minWorkers"],
+        "maxWorkers": batching["maxWorkers"], "batchSize": batching["batchSize"],
+        "maxBatchDelay": batching["maxBatchDelay"], "responseTimeout": batching["responseTimeout"]}}}}
+    settings = {
+        **{k: ours[k] for k in KEPT if k in ours},
+        # v1 carries the image as base64 in JSON: the same largest image needs 4/3 of the bytes, plus the envelope.
+        "max_request_size": str(GateLimits().max_body * 4 // 3 + 4096),
+        "inference_address": f"http://127.0.0.1:{INFERENCE_PORT}",
+        "management_address": "http://127.0.0.1:8081",
+        "metrics_address": "http://0.0.0.0:8082",
+        "grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1",
+        "enable_model_api": "false",
+        "disable_token_authorization": "true",
+        "enable_envvars_config": "true",
+        "model_store": f"{MOUNT}/model-store",
+        "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
+    }
+    lines = ["# Written by python -m ops publish --kserve (ops/kserve.py) for KServe's TorchServe runtime."]
+    return "\n".join(lines + [f"{k}={v}" for k, v in settings.items()]) + "\n"
