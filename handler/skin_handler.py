@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class SkinLesionHandler(BaseHandler):
+    instances = False  # rows are KServe v1 instances (set in initialize from TS_SERVICE_ENVELOPE)
+
     def initialize(self, context):
         model_dir = context.system_properties.get("model_dir")
         self.manifest = context.manifest
@@ -120,8 +122,8 @@ class SkinLesionHandler(BaseHandler):
                     events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
                                              probs, answer=answer, kind=kind))
                     continue
-            if self.context:
-                self.context.set_response_status(slot.status, slot.reason, idx)
+            if self.context and not self.instances:  # KServe's wrapper makes any non-200 its own 500: the
+                self.context.set_response_status(slot.status, slot.reason, idx)  # answer carries the status
             answers.append(format_error(slot, request_id))
             events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
                                      error=slot, kind=kind))
@@ -148,7 +150,7 @@ class SkinLesionHandler(BaseHandler):
         if self.meta.arch.endswith("_int8"):  # no gradients through int8 kernels
             raise InputError(501, "not_supported", "explanations need the fp32 model; this one is int8")
         row = self._rows[idx]
-        body = row.get("body") if isinstance(row, dict) else None
+        body = row if self.instances else (row.get("body") if isinstance(row, dict) else None)  # v1: the instance
         wanted = body.get("target") if isinstance(body, dict) else None
         if wanted is not None and wanted not in self.meta.class_names:
             raise InputError(400, "unknown_target", "target must be one of the model's class codes")

@@ -30,6 +30,8 @@ class Stats:
     deleted_files: int = 0
     last_insert: str | None = None
     errors: list = field(default_factory=list)
+    seen: set = field(default_factory=set)  # spool file names this sidecar has read (its own, of all that share
+    #                                         the offsets table)
 
 
 def parse_chunk(raw: bytes, file: str, start: int, final: bool, stats: Stats) -> tuple[list[dict], int]:
@@ -60,6 +62,7 @@ def drain_once(db: Database, spool: Path, stats: Stats) -> int:
     present = set()
     for path in sorted(spool.glob(SEGMENT_GLOB)):
         present.add(path.name)
+        stats.seen.add(path.name)
         offset = offsets.get(path.name, 0)
         size = path.stat().st_size
         closed = segment_closed(path.name)
@@ -78,13 +81,14 @@ def drain_once(db: Database, spool: Path, stats: Stats) -> int:
             path.unlink()
             db.forget(path.name)
             stats.deleted_files += 1
-    # A file that went away after a crash between unlink and forget. Only this host's files: several sidecars
-    # (one per replica, each with its own spool) share the offsets table, and another pod's files are never
-    # in this spool. The handler beside this sidecar names its files after the same host (pods share one).
+    # A file that went away after a crash between unlink and forget. Only this spool's files: several sidecars
+    # (one per replica, each with its own spool) share the offsets table. Ours are those seen in this spool since
+    # start, and those named after this host (a Kubernetes pod's containers share one; compose's do not).
     mine = f"events-{socket.gethostname()}-"
     for stale in set(offsets) - present:
-        if stale.startswith(mine):
+        if stale in stats.seen or stale.startswith(mine):
             db.forget(stale)
+            stats.seen.discard(stale)
     stats.inserted += written
     return written
 

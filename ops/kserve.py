@@ -26,7 +26,9 @@ from stack.settings import REPO, TORCHSERVE_CONFIG
 
 MODEL_CONFIG = REPO / "handler" / "model-config.kserve.yaml"
 MOUNT = "/mnt/models"  # where the runtime's storage initializer puts the storageUri's files
-INFERENCE_PORT = 8085  # TorchServe behind the wrapper (the wrapper itself is on 8080)
+INFERENCE_PORT = 8085  # TorchServe behind the wrapper (the wrapper itself is on 8080 and, for gRPC, 8081)
+METRICS_PORT = 8082  # Prometheus metrics, the only TorchServe port on the pod address
+GRPC_PORTS = (7075, 7076)  # TorchServe's gRPC cannot be switched off in 0.12: loopback, off the wrapper's ports
 KEPT = ("job_queue_size", "default_response_timeout", "max_response_size",
         "number_of_netty_threads", "netty_client_threads", "metrics_mode", "vmargs", "install_py_dep_per_model")
 
@@ -63,9 +65,12 @@ def kserve_config(name: str, version: str, mar_name: str, base: Path = TORCHSERV
         # v1 carries the image as base64 in JSON: the same largest image needs 4/3 of the bytes, plus the envelope.
         "max_request_size": str(GateLimits().max_body * 4 // 3 + 4096),
         "inference_address": f"http://127.0.0.1:{INFERENCE_PORT}",
-        "management_address": "http://127.0.0.1:8081",
-        "metrics_address": "http://0.0.0.0:8082",
+        # The wrapper itself takes 8080 (REST) and 8081 (gRPC): TorchServe's management shares the loopback
+        # inference port, as in KServe's own samples, and its gRPC ports move off their 7070/7071 defaults.
+        "management_address": f"http://127.0.0.1:{INFERENCE_PORT}",
+        "metrics_address": f"http://0.0.0.0:{METRICS_PORT}",
         "grpc_inference_address": "127.0.0.1", "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(GRPC_PORTS[0]), "grpc_management_port": str(GRPC_PORTS[1]),
         "enable_model_api": "false",
         "disable_token_authorization": "true",
         "enable_envvars_config": "true",

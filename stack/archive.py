@@ -5,6 +5,7 @@ calls ensure_archive, which rebuilds only when an input is newer than the archiv
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,11 +64,15 @@ def build_mar(release: Path, out_dir: Path, name: str | None = None, version: st
         # The archiver copies a folder's contents to the archive root: stage skinmodel/ one level down.
         shutil.copytree(CORE, stage / "code" / "skinmodel", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         meta.save(stage / "meta.json")
+        (stage / "tmp").mkdir()
         extra = [stage / "code", stage / "meta.json", *(release / f for f in OPTIONAL if (release / f).exists())]
         r = subprocess.run([str(archiver), "--model-name", meta.name, "--version", meta.version,
                             "--serialized-file", str(weights), "--handler", str(HANDLER),
                             "--extra-files", ",".join(map(str, extra)), "--config-file", str(model_config),
-                            "--export-path", str(stage), "--force"], capture_output=True, text=True)
+                            "--export-path", str(stage), "--force"], capture_output=True, text=True,
+                           # The archiver assembles its files in $TMPDIR/<model name>: a private folder, so two
+                           # builds of the same model at once (./skin up and ops publish) cannot mix their files.
+                           env={**os.environ, "TMPDIR": str(stage / "tmp")})
         if r.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {r.stderr.strip()[-2000:]}")
         mar = out_dir / (file_name or f"{meta.name}.mar")

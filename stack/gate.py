@@ -166,20 +166,26 @@ class _Server(Server):
 PROTOCOLS = ("torchserve", "kserve-v1")
 
 
-def to_kserve_v1(path: str, body: bytes | bytearray) -> tuple[str, bytes]:
-    """/predictions/<m>[/<v>] + image bytes -> KServe's v1 call: /v1/models/<m>:predict (or :explain) with the
-    image as one base64 instance. A version in the path is not part of v1: the InferenceService serves one."""
+def to_kserve_v1(path: str, body: bytes | bytearray, content_type: str | None) -> tuple[str, bytes]:
+    """/predictions/<m>[/<v>] + a body the policy accepted -> KServe's v1 call: /v1/models/<m>:predict (or
+    :explain) with one instance: image bytes as {"data": "<base64>"}; a JSON body ({"data": ..., "target": ...},
+    already base64) as it is. A version in the path is not part of v1: the InferenceService serves one."""
     kind, model = path.strip("/").split("/")[:2]
     verb = "explain" if kind == "explanations" else "predict"
-    return (f"/v1/models/{model}:{verb}",
-            json.dumps({"instances": [{"data": base64.b64encode(bytes(body)).decode()}]}).encode())
+    if content_type == "application/json":
+        instance = body.decode() if isinstance(body, (bytes, bytearray)) else body
+    else:
+        instance = '{"data":"' + base64.b64encode(body).decode() + '"}'
+    return f"/v1/models/{model}:{verb}", ('{"instances":[' + instance + "]}").encode()
 
 
 def from_kserve_v1(status: int, data: bytes) -> tuple[int, bytes]:
-    """{"predictions": [answer]} -> the answer, with the status the handler gave it (an error answer carries it)."""
+    """{"predictions"|"explanations": [answer]} -> the answer, with the status the handler gave it (an error
+    answer carries it: under KServe the handler leaves the HTTP status at 200, since the wrapper turns any other
+    status into its own 500)."""
     try:
         doc = json.loads(data)
-        answer = doc["predictions"][0]
+        answer = (doc["predictions"] if "predictions" in doc else doc["explanations"])[0]
     except (ValueError, RecursionError, KeyError, IndexError, TypeError):
         return status, data  # not an envelope: the entry's usual rules judge it
     if isinstance(answer, dict) and isinstance(answer.get("status"), int) and "error" in answer:
@@ -273,7 +279,13 @@ class Gate:
                 return refuse(decision)
             forwarded = decision.body if decision.body is not None else body
             if self.protocol == "kserve-v1":
-                path, payload = to_kserve_v1(request.path, forwarded)
+                # The v1 request holds the body again, base64-encoded (4/3): that much more of the byte budget.
+                extra = len(forwarded) * 3 // 2
+                if not self.budget.take(extra):
+                    return refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads right "
+                                                              "now; retry shortly"), self.limits.retry_after_s)
+                held += extra
+                path, payload = to_kserve_v1(request.path, forwarded, decision.content_type)
                 return await self._forward("POST", path, payload, "application/json", unwrap=True)
             return await self._forward(request.method, request.path, forwarded, decision.content_type)
         finally:

@@ -54,7 +54,7 @@ def test_inference_service_pod_parts_are_a_valid_pod():
     model = predictor.pop("model")
     extension = ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "canaryTrafficPercent", "timeout",
                  "containerConcurrency", "logger", "batcher", "labels", "annotations", "deploymentStrategy")
-    assert set(predictor) - set(extension) - {"containers", "volumes", "securityContext", "serviceAccountName"} == set()
+    # Whatever is not one of KServe's own fields must be a PodSpec field: the strict Pod validation below says so.
     assert set(model) >= {"modelFormat", "protocolVersion", "storageUri"}
     container = {k: v for k, v in model.items() if k not in ("modelFormat", "protocolVersion", "storageUri", "runtime")}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
@@ -87,11 +87,14 @@ def test_the_audit_sidecar_shares_the_handlers_spool_per_pod():
 
 
 def test_management_and_metrics_stay_in_the_namespace():
+    from ops.kserve import GRPC_PORTS, INFERENCE_PORT, METRICS_PORT
+
+    private = {INFERENCE_PORT, METRICS_PORT, *GRPC_PORTS, 8081, 7070, 7071}  # TorchServe's own and the defaults
     docs = [d for _, d in documents()]
     for d in docs:
         if d["kind"] == "Service":
             ports = {p.get("targetPort") for p in d["spec"]["ports"]} | {p["port"] for p in d["spec"]["ports"]}
-            assert not ports & {8081, 8082, 7070, 7071}, d["metadata"]["name"]
+            assert not ports & private, d["metadata"]["name"]
             assert d["spec"].get("type", "ClusterIP") == "ClusterIP", "only the Ingress is public"
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
@@ -99,15 +102,19 @@ def test_management_and_metrics_stay_in_the_namespace():
     for p in policies:
         for rule in p["spec"].get("ingress", []):
             ports = {x["port"] for x in rule.get("ports", [])}
-            if ports & {8081, 8082, 7070, 7071}:
-                assert ports <= {8082} and all(set(peer) == {"podSelector"} for peer in rule["from"]), p["metadata"]
-    model = next(p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).get(
-        "serving.kserve.io/inferenceservice") == inference_service()["metadata"]["name"])
-    assert model, "no policy protects the model's pods"
+            if ports & private:
+                assert ports <= {METRICS_PORT} and all(set(peer) == {"podSelector"} for peer in rule["from"]), p["metadata"]
+    model = next((p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).get(
+        "serving.kserve.io/inferenceservice") == inference_service()["metadata"]["name"]), None)
+    assert model is not None, "no policy protects the model's pods"
+    assert inference_service()["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
     from ops.kserve import kserve_config
 
     config = dict(line.split("=", 1) for line in kserve_config("m", "1", "m.mar").splitlines() if "=" in line)
     assert "127.0.0.1" in config["management_address"] and "127.0.0.1" in config["inference_address"]
+    wrapper = {8080, 8081}  # KServe's wrapper in the same container: REST and gRPC
+    used = [int(config[k].rsplit(":", 1)[1]) for k in ("inference_address", "management_address", "metrics_address")]
+    assert not wrapper & {*used, int(config["grpc_inference_port"]), int(config["grpc_management_port"])}
 
 
 def test_kustomizations_name_existing_files_and_no_secret_is_committed():

@@ -125,6 +125,16 @@ def test_published_layout_serves_v1_instances_like_the_runtime(s3, tiny_release,
             assert r.headers["X-Content-Type-Options"] == "nosniff"
             bad = requests.post(f"{gate.url}/predictions/{NAME}", data=b"GIF89a" + b"\0" * 64, timeout=60)
             assert bad.status_code == 415 and bad.json()["error"] == "not_an_image", bad.text[:300]
+            # Under KServe the handler's refusal travels inside a 200 (the wrapper would turn any other status into
+            # its own 500); the gate gives the client the handler's status.
+            direct = requests.post(f"http://127.0.0.1:{ports['inference']}/v1/models/{NAME}:predict", timeout=60,
+                                   json={"instances": [{"data": base64.b64encode(b"GIF89a").decode()}]})
+            assert direct.status_code == 200 and direct.json()["predictions"][0]["status"] == 415, direct.text[:300]
+            e = requests.post(f"{gate.url}/explanations/{NAME}", data=image, timeout=120)
+            assert e.status_code == 200 and e.json()["explanation"]["image_png_base64"], e.text[:300]
+            targeted = requests.post(f"{gate.url}/explanations/{NAME}", timeout=120,
+                                     json={"data": base64.b64encode(image).decode(), "target": "mel"})
+            assert targeted.status_code == 200 and targeted.json()["explanation"]["class"] == "mel", targeted.text[:300]
             # /ping maps to the wrapper's v1 readiness (GET /v1/models/<name>), which TorchServe's frontend does
             # not serve: not checked here (no KServe wrapper runs in this test).
         finally:

@@ -430,8 +430,14 @@ def test_a_sidecar_never_forgets_another_replicas_read_position(pg_url, tmp_path
         (tmp_path / pod).mkdir()
         lines = "".join(json.dumps(event(i, request_id=f"{pod}{i}")) + "\n" for i in range(3))
         (tmp_path / pod / f"events-predictor-{pod}-1-20991231T2359.jsonl").write_text(lines)
-    drain_once(db, tmp_path / "a", Stats())
-    drain_once(db, tmp_path / "b", Stats())
-    drain_once(db, tmp_path / "a", Stats())
+    a, b = Stats(), Stats()  # each sidecar keeps its own across passes
+    drain_once(db, tmp_path / "a", a)
+    drain_once(db, tmp_path / "b", b)
+    drain_once(db, tmp_path / "a", a)
     assert db.count() == 6
-    assert set(db.offsets()) == {"events-predictor-a-1-20991231T2359.jsonl", "events-predictor-b-1-20991231T2359.jsonl"}
+    files = {p: f"events-predictor-{p}-1-20991231T2359.jsonl" for p in "ab"}
+    assert set(db.offsets()) == set(files.values())
+    # Its own file gone (a crash between unlink and forget): that position, and only that one, is forgotten.
+    (tmp_path / "a" / files["a"]).unlink()
+    drain_once(db, tmp_path / "a", a)
+    assert set(db.offsets()) == {files["b"]}
