@@ -130,6 +130,21 @@ class SkinLesionHandler(BaseHandler):
         self.spool.append(events)
         return answers
 
+    @classmethod
+    def in_process(cls, release) -> "SkinLesionHandler":
+        """The handler outside TorchServe (./skin predict --local, training evaluate --release): the same model,
+        preprocessing, temperature and verdicts; nothing goes to the audit trail or the review folder."""
+        import types
+
+        handler = cls()
+        handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
+        handler.spool, handler.review = EventSpool(None), ReviewStore(None)
+        return handler
+
+    def answer(self, blobs: list[bytes]) -> list[dict]:
+        """Answers to image files, as /predictions gives them, in one batch (in-process use)."""
+        return self.postprocess(self.inference(self.preprocess([{"body": b} for b in blobs])))
+
     def explain_handle(self, data_preprocess, raw_data):
         """POST /explanations/<model> leading a batch: the one path above decides per request."""
         return self.postprocess(self.inference(data_preprocess))

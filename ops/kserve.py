@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from stack.gate import GateLimits
-from stack.settings import REPO, TORCHSERVE_CONFIG
+from stack.settings import REPO, TORCHSERVE_CONFIG, torchserve_config
 
 MODEL_CONFIG = REPO / "handler" / "model-config.kserve.yaml"
 MOUNT = "/mnt/models"  # where the runtime's storage initializer puts the storageUri's files
@@ -33,35 +35,17 @@ KEPT = ("job_queue_size", "default_response_timeout", "max_response_size",
         "number_of_netty_threads", "netty_client_threads", "metrics_mode", "vmargs", "install_py_dep_per_model")
 
 
-def _properties(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
-def _yaml_ints(path: Path) -> dict[str, int]:
-    """The integer settings of a model-config.yaml (flat `key: value` lines, comments allowed)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.split("#", 1)[0].partition(":")
-        if value.strip().isdigit():
-            out[key.strip()] = int(value.strip())
-    return out
-
-
 def kserve_config(name: str, version: str, mar_name: str, base: Path = TORCHSERVE_CONFIG,
                   model_config: Path = MODEL_CONFIG) -> str:
     """config/config.properties of the layout: ours, adapted to the runtime (see the module's docstring)."""
-    ours, batching = _properties(base), _yaml_ints(model_config)
+    ours = {k: torchserve_config(k, base) for k in KEPT}
+    batching = yaml.safe_load(model_config.read_text())
     snapshot = {"name": "startup.cfg", "modelCount": 1, "models": {name: {version: {
         "defaultVersion": True, "marName": mar_name, "minWorkers": batching["minWorkers"],
         "maxWorkers": batching["maxWorkers"], "batchSize": batching["batchSize"],
         "maxBatchDelay": batching["maxBatchDelay"], "responseTimeout": batching["responseTimeout"]}}}}
     settings = {
-        **{k: ours[k] for k in KEPT if k in ours},
+        **{k: v for k, v in ours.items() if v is not None},
         # v1 carries the image as base64 in JSON: the same largest image needs 4/3 of the bytes, plus the envelope.
         "max_request_size": str(GateLimits().max_body * 4 // 3 + 4096),
         "inference_address": f"http://127.0.0.1:{INFERENCE_PORT}",

@@ -17,7 +17,6 @@ import hashlib
 import os
 import sys
 import threading
-import types
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -174,19 +173,15 @@ class LocalScorer:
         logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's import-time notes (OpenVINO, TensorRT ...)
         from handler.skin_handler import SkinLesionHandler
 
-        os.environ.pop("SKIN_SPOOL_DIR", None)  # nothing reaches the audit trail from here
-        self.handler = SkinLesionHandler()
-        self.handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)},
-                                                      manifest={"model": {}}))
+        self.handler = SkinLesionHandler.in_process(release)
         self.lock = threading.Lock()  # one image at a time through the model; threads only read files
 
     def score(self, path: Path) -> dict:
         blob, refused = read_file(path)
         if refused:
             return row_for(path, blob, 0, refused)
-        h = self.handler
         with self.lock:
-            answer = h.postprocess(h.inference(h.preprocess([{"body": blob}])))[0]
+            answer = self.handler.answer([blob])[0]
         return row_for(path, blob, answer.get("status", 200), answer)
 
 

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,8 @@ def evaluate(*args):
 def handler_answers(release, paths):
     from handler.skin_handler import SkinLesionHandler
 
-    h = SkinLesionHandler()
-    h.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
-    return [h.postprocess(h.inference(h.preprocess([{"body": Path(p).read_bytes()}])))[0] for p in paths]
+    h = SkinLesionHandler.in_process(release)
+    return [h.answer([Path(p).read_bytes()])[0] for p in paths]
 
 
 def test_folder_and_one_hot_csv_give_the_handlers_numbers(labelled, tiny_release, tmp_path):

@@ -108,27 +108,32 @@ def test_a_batch_mixing_predictions_and_explanations_answers_each_as_asked(serve
             assert ("explanation" in r.json()) == (path == "explanations"), (leader, path)
 
 
-def test_each_request_of_a_batch_is_answered_as_its_own_header_asks(verdict_release):
-    """The same claim without TorchServe's scheduling: one batch through the handler with TorchServe's own
-    Context, kinds and verdicts mixed, each kind leading in turn. Fails if any request is answered by the
-    first request's kind, or if a refused image gets a heat map."""
+def ts_context(release, headers: list[dict]):
+    """TorchServe's own Context for one batch, one request header dict per request (as its frontend builds it)."""
     import os
 
     import ts
     from ts.context import Context, RequestProcessor
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+    metrics.initialize_cache()
+    context = Context(NAME, str(release), {"model": {}}, len(headers), None, "0.12.0", metrics=metrics)
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"r{i}" for i in range(len(headers))}
+    return context
+
+
+def test_each_request_of_a_batch_is_answered_as_its_own_header_asks(verdict_release):
+    """The same claim without TorchServe's scheduling: one batch through the handler with TorchServe's own
+    Context, kinds and verdicts mixed, each kind leading in turn. Fails if any request is answered by the
+    first request's kind, or if a refused image gets a heat map."""
     release, photos = verdict_release
     handler = SkinLesionHandler()
     handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
-    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
-    metrics.initialize_cache()
     batch = [(v, kind) for v in ("not_dermoscopy", "ok", "uncertain") for kind in ("explanation", "prediction")]
     for order in (batch, batch[1:] + batch[:1]):  # an explanation leads, then a prediction does
-        context = Context(NAME, str(release), {"model": {}}, len(order), None, "0.12.0", metrics=metrics)
-        context.request_processor = [RequestProcessor({"explain": "True"} if kind == "explanation" else {})
-                                     for _, kind in order]
-        context.request_ids = {i: f"r{i}" for i in range(len(order))}
+        context = ts_context(release, [{"explain": "True"} if kind == "explanation" else {} for _, kind in order])
         answers = handler.handle([{"body": photos[v].read_bytes()} for v, _ in order], context)
         for (verdict, kind), answer in zip(order, answers):
             assert answer["verdict"] == verdict, (order[0], verdict, kind, answer.get("verdict"))
@@ -139,15 +144,8 @@ def test_each_request_of_a_batch_is_answered_as_its_own_header_asks(verdict_rele
 def test_only_uncertain_and_refused_uploads_are_kept_and_only_when_asked(verdict_release, tmp_path, monkeypatch):
     """The opt-in review retention through the handler's real path (handle() with TorchServe's Context)."""
     import hashlib
-    import os
-
-    import ts
-    from ts.context import Context, RequestProcessor
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     release, photos = verdict_release
-    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
-    metrics.initialize_cache()
     folder = tmp_path / "review"
     for keep_days in (None, "5"):
         if keep_days:
@@ -158,10 +156,8 @@ def test_only_uncertain_and_refused_uploads_are_kept_and_only_when_asked(verdict
             monkeypatch.setenv("SKIN_REVIEW_DIR", str(folder))  # a folder alone does not turn it on
         handler = SkinLesionHandler()
         handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
-        context = Context(NAME, str(release), {"model": {}}, 3, None, "0.12.0", metrics=metrics)
-        context.request_processor = [RequestProcessor({}) for _ in photos]
-        context.request_ids = {i: f"k{i}" for i in range(len(photos))}
-        answers = handler.handle([{"body": p.read_bytes()} for p in photos.values()], context)
+        answers = handler.handle([{"body": p.read_bytes()} for p in photos.values()],
+                                 ts_context(release, [{} for _ in photos]))
         assert [a["verdict"] for a in answers] == list(photos)
         if not keep_days:
             assert not folder.exists(), "retention is off by default"

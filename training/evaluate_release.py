@@ -10,7 +10,6 @@ reliability plot, a confusion matrix, and subgroup tables where the set carries 
 from __future__ import annotations
 
 import json
-import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,18 +30,14 @@ REFUSED = -1  # the predicted class of a refused image (not_dermoscopy or an err
 def serve_in_process(release: Path, items: list[Labelled], batch: int = 32) -> tuple[list[dict], object]:
     """Each image's answer from the serving handler, as /predictions gives it; and the release's meta."""
     import logging
-    import os
 
     logging.getLogger("ts").setLevel(logging.ERROR)  # TorchServe's import-time notes
     from handler.skin_handler import SkinLesionHandler
 
-    os.environ.pop("SKIN_SPOOL_DIR", None)  # an evaluation is not a prediction: nothing for the audit trail
-    h = SkinLesionHandler()
-    h.initialize(types.SimpleNamespace(system_properties={"model_dir": str(release)}, manifest={"model": {}}))
+    h = SkinLesionHandler.in_process(release)  # an evaluation is not a prediction: nothing is audited
     answers = []
     for i in tqdm(range(0, len(items), batch), desc="scoring", unit="batch"):
-        rows = [{"body": it.path.read_bytes()} for it in items[i:i + batch]]
-        answers += h.postprocess(h.inference(h.preprocess(rows)))
+        answers += h.answer([it.path.read_bytes() for it in items[i:i + batch]])
     return answers, h.meta
 
 
