@@ -3,6 +3,7 @@ benchmarks. Talking to it goes through its `api` (stack/torchserve_api.py)."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,8 +22,27 @@ class ServeError(RuntimeError):
     pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on, drawn below the kernel's ephemeral range. A port from that range (what
+    binding port 0 gives) may be taken by an outgoing connection, or linger in TIME_WAIT, before the server
+    binds it: TorchServe's gRPC listener then fails with "Address already in use" (seen in a full test run)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is full: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
