@@ -136,8 +136,8 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: 
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32, scaled to [0, 1] then standardised per channel."""
     x = images_uint8.float().div_(255.0)
-    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x - m) / s
 
 

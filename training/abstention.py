@@ -18,6 +18,8 @@ gate_scores.png (where the scores of each group fall against the threshold).
 from __future__ import annotations
 
 import argparse
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training import data as D
 from training.checkpoint import StudyError, atomic_save
+from training.device import add_device_args, resolve_device
 from training.nonskin import evaluation_sets, fitting_negatives
 from training.plots import plot_gate_scores
 from training.shifts import FAMILIES, shifted
@@ -53,13 +56,16 @@ def features(model, meta: ReleaseMeta, blobs: list[bytes], desc: str) -> tuple[t
     """Penultimate features, calibrated top probabilities and predicted classes of image files, computed as the
     handler computes them."""
     feats, tops, preds = [], [], []
-    for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
-        x = torch.stack([preprocess_bytes(b, meta.preprocessing) for b in blobs[i:i + 128]])
-        f, logits = features_and_logits(model, x)
-        probs = (logits / meta.temperature).softmax(1)
-        feats.append(f)
-        tops.append(probs.max(1).values)
-        preds.append(probs.argmax(1))
+    device = next(model.parameters()).device  # features come from the fp32 network, never the int8 one
+    # Decoding dominates on a GPU machine; Pillow lets go of the GIL while it decodes and resizes.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
+            x = torch.stack(list(pool.map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
+            f, logits = (t.float().cpu() for t in features_and_logits(model, x.to(device)))
+            probs = (logits / meta.temperature).softmax(1)
+            feats.append(f)
+            tops.append(probs.max(1).values)
+            preds.append(probs.argmax(1))
     return torch.cat(feats), torch.cat(tops), torch.cat(preds).numpy()
 
 
@@ -96,7 +102,8 @@ def _share(scores, threshold: float, mask=None):
 
 
 def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
-                   lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None) -> dict:
+                   lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
+                   device: str = "auto") -> dict:
     """Fit, measure and write the abstention of a release. A new `version` names the result: the same weights
     with another gate answer differently, and the audit trail records the version with each answer."""
     release = Path(release)
@@ -106,7 +113,7 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
         raise StudyError("the release was trained on another split than --data / --split-seed make")
     model = build_model(meta.arch, meta.num_classes)
     model.load_state_dict(load_state_dict_file(release / meta.weights_file))
-    model.eval()
+    model.eval().to(resolve_device(device))
     data.use_threads()
     labels = {name: np.array([r.label for r in split.part(name)]) for name in ("val", "test")}
     read = lambda recs: [open(r.path, "rb").read() for r in recs]  # noqa: E731
@@ -219,12 +226,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lesion-keep", type=float, default=LESION_KEEP,
                    help="share of the validation lesions of every class (plain and shifted) the gate must accept")
     p.add_argument("--version", default=None, help="new version for the release (default: keep meta.json's)")
+    add_device_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     return fit_abstention(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
-                          version=args.version)
+                          version=args.version, device=args.device)
 
 
 if __name__ == "__main__":

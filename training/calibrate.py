@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from skinmodel.release import ReleaseMeta
 from training import data as D
 from training.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
+from training.device import add_device_args, resolve_device
 from training.metrics import predict_logits
 
 
@@ -74,12 +75,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--release", required=True, help="folder with the meta.json to update (and for the PNG)")
     D.add_data_args(p, sizes=False)
+    add_device_args(p)
     return p
 
 
-def calibrate(checkpoint: str, release: Path, data: D.DataConfig) -> dict:
+def calibrate(checkpoint: str, release: Path, data: D.DataConfig, device: str = "auto") -> dict:
     """Fit T on validation, measure test ECE before and after, store T in the release's meta.json."""
     model, ckpt = model_from_checkpoint(checkpoint)
+    model.to(resolve_device(device))
     release = Path(release)
     meta = ReleaseMeta.load(release)
     if meta.split_hash != ckpt["split_hash"]:
@@ -111,7 +114,7 @@ def calibrate(checkpoint: str, release: Path, data: D.DataConfig) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    return calibrate(args.checkpoint, Path(args.release), D.DataConfig.from_args(args))
+    return calibrate(args.checkpoint, Path(args.release), D.DataConfig.from_args(args), args.device)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from training import data as D
 from training.checkpoint import StudyError, checkpoint_preprocessing, models_from_spec
+from training.device import add_device_args, resolve_device
 from training.metrics import classification_metrics, predict_logits
 from training.plots import plot_confusion
 
@@ -37,6 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--latency-runs", type=int, default=30, help="single-image forward passes timed per model")
     p.add_argument("--command", default="", help="the command line to record in the report")
+    add_device_args(p)
     return p
 
 
@@ -60,7 +62,7 @@ def cpu_latency_ms(model, crop: int, runs: int) -> float:
 
 
 def evaluate(data: D.DataConfig, models: dict[str, str], out: Path, latency_runs: int = 30,
-             command: str = "") -> dict:
+             command: str = "", device: str = "auto") -> dict:
     """Every model (name -> checkpoint, or checkpoints joined by +) on the test split, never used for a choice:
     report.md, results.json and a confusion matrix per model in OUT."""
     out = Path(out)
@@ -85,7 +87,8 @@ def evaluate(data: D.DataConfig, models: dict[str, str], out: Path, latency_runs
                              f"{split_hash[:12]}): its test numbers would not be honest")
         cfg = checkpoint_preprocessing(ckpt)
         x_test = D.build_cache(test, "eval", cfg, data.cache, "decode test")
-        logits = predict_logits(model, x_test, cfg.mean, cfg.std)
+        logits = predict_logits(model.to(resolve_device(device)), x_test, cfg.mean, cfg.std)
+        model.cpu()  # latency is the serving CPU's
         m = classification_metrics(y_test, logits.argmax(1).numpy(), D.CLASS_NAMES)
         m.update(size_mb=round(size_mb, 2), latency_ms=round(cpu_latency_ms(model, cfg.crop_size, latency_runs), 2),
                  arch=ckpt["arch"], checkpoint=paths, input_size=cfg.crop_size, preprocessing=cfg.to_dict(),
@@ -140,7 +143,8 @@ def main(args: argparse.Namespace) -> dict:
               f"(refusals as misses) over {results['images']} images")
         return results
     models = dict(spec.partition("=")[::2] for spec in args.model)
-    return evaluate(D.DataConfig.from_args(args), models, Path(args.out), args.latency_runs, args.command)
+    return evaluate(D.DataConfig.from_args(args), models, Path(args.out), args.latency_runs, args.command,
+                    args.device)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from training import data as D
+from training.device import add_device_args
 from training.plots import plot_grid
 from training.train import TrainConfig, train
 
@@ -27,12 +28,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-train-images", type=int, default=None, help="per-run budget in training images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall time per cell (sizes its epochs, at most --epochs)")
     return p
 
 
 def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS, temps=TEMPERATURES,
                 arch: str = "resnet18", epochs: int = 3, max_train_images: int | None = None, batch_size: int = 64,
-                seed: int = 0) -> dict:
+                seed: int = 0, device: str = "auto", time_budget: float | None = None) -> dict:
     """One short run per (alpha, T) cell, each skipped when already complete; the best cell on validation
     macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
     out = Path(out)
@@ -42,7 +46,8 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
         for temperature in temps:
             run = TrainConfig(out=str(out / f"a{alpha:g}_t{temperature:g}"), data=data, arch=arch, epochs=epochs,
                               batch_size=batch_size, seed=seed, max_train_images=max_train_images,
-                              teacher=list(teacher), alpha=alpha, temperature=temperature)
+                              teacher=list(teacher), alpha=alpha, temperature=temperature, device=device,
+                              time_budget=time_budget)
             done = Path(run.out) / "best.json"
             best = json.loads(done.read_text()) if done.exists() else train(run)
             scores[(alpha, temperature)] = best["val_macro_f1"]
@@ -62,7 +67,7 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
 
 def main(args: argparse.Namespace) -> dict:
     return grid_search(D.DataConfig.from_args(args), Path(args.out), args.teacher, args.alphas, args.temps, args.arch,
-                       args.epochs, args.max_train_images, args.batch_size, args.seed)
+                       args.epochs, args.max_train_images, args.batch_size, args.seed, args.device, args.time_budget)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ from skinmodel.preprocessing import normalize
 
 
 @torch.no_grad()
-def predict_logits(model, images_uint8: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model, images_uint8: torch.Tensor, mean, std, batch_size: int = 256, device=None) -> torch.Tensor:
+    """fp32 logits (on the CPU) of a uint8 image cache, in batches on `device` (default: where the model is).
+    Deterministic: the shared normalisation and nothing else, so on the CPU the inputs are bit for bit the
+    handler's."""
     model.eval()
-    outs = [model(normalize(images_uint8[i:i + batch_size], mean, std))
+    if device is None:
+        first = next(model.parameters(), None)  # an int8 network keeps its weights in packed params: CPU
+        device = first.device if first is not None else torch.device("cpu")
+    outs = [model(normalize(images_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std)).float().cpu()
             for i in range(0, len(images_uint8), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, 0)
 

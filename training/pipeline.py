@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +27,15 @@ from training import data as D
 from training.abstention import fit_abstention
 from training.evaluate_release import evaluate_release
 from training.calibrate import calibrate
-from training.checkpoint import checkpoint_preprocessing, model_from_checkpoint
+from training.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
+from training.device import add_device_args, resolve_device
 from training.evaluate import evaluate
 from training.export import export
 from training.grid import ALPHAS, TEMPERATURES, grid_search
 from training.metrics import classification_metrics, predict_logits
 from training.model_card import SERVED_TEST, write_model_card
 from training.subgroups import render_subgroups
+from training.recipe import CLASS_WEIGHTINGS
 from training.train import TrainConfig, train
 
 
@@ -51,6 +55,11 @@ class StudyConfig:
     grid_temps: list[float] = field(default_factory=lambda: list(TEMPERATURES))
     grid_epochs: int = 3
     grid_max_train_images: int | None = None
+    class_weighting: str = "inverse"  # the recipe every run shares (training/recipe.py, TrainConfig)
+    label_smoothing: float = 0.0
+    ema: float = 0.0
+    device: str = "auto"
+    time_budget: float | None = None  # seconds for all training runs together, shared as in BUDGET_SHARES
     release_dir: str | None = None  # default: OUT/release
     name: str = MODEL_NAME
     version: str = "1.0"
@@ -87,11 +96,47 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--grid-temps", type=float, nargs="+", default=d.grid_temps)
     p.add_argument("--grid-epochs", type=int, default=d.grid_epochs)
     p.add_argument("--grid-max-train-images", type=int, default=None)
+    p.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights (0: off)")
+    add_device_args(p)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall time for all training runs together (each run's share sizes its epochs, at most the "
+                        "--epochs-* given); evaluation, calibration and the gate come on top")
     p.add_argument("--release-dir", default=None, help="export the distilled student here (default: OUT/release)")
     p.add_argument("--name", default=d.name)
     p.add_argument("--version", default=d.version)
     p.add_argument("--quick", action="store_true", help="smoke run: 12 images per class, 32 px, 1 epoch each")
     return p
+
+
+BUDGET_SHARES = {"resnet18": 0.2, "resnet50": 0.25, "grid": 0.2, "kd": 0.35}
+
+
+class Budget:
+    """Each training run's seconds of a study's time budget (the grid's share goes to the others without --grid).
+    A run gets its share, but never more than the time left before the study's deadline minus the shares of the
+    runs still to come: a run that overran (every run takes at least two epochs) is paid for by the later ones,
+    not by the steps after training."""
+
+    def __init__(self, total: float | None, grid: bool, clock=time.time):
+        self.keys = [k for k in BUDGET_SHARES if grid or k != "grid"]
+        weight = sum(BUDGET_SHARES[k] for k in self.keys)
+        self.share = {k: (total or 0) * BUDGET_SHARES[k] / weight for k in self.keys}
+        self.clock = clock
+        self.deadline = clock() + total if total else None
+
+    def __call__(self, key: str) -> float | None:
+        if self.deadline is None:
+            return None
+        later = sum(self.share[k] for k in self.keys[self.keys.index(key) + 1:])
+        return max(1.0, min(self.share[key], self.deadline - self.clock() - later))
+
+
+def epochs_run(run_dir: Path) -> int:
+    """How many epochs a finished run trained (its history's rows)."""
+    with open(run_dir / "history.csv") as f:
+        return sum(1 for _ in f) - 1
 
 
 def train_once(run: TrainConfig) -> dict:
@@ -103,8 +148,10 @@ def train_once(run: TrainConfig) -> dict:
     return train(dataclasses.replace(run, resume=True))
 
 
-def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]]) -> tuple[str, list[str], dict]:
+def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]],
+                   device: str = "auto") -> tuple[str, list[str], dict]:
     """Pick the teacher with the best validation macro-F1 among trained checkpoints and their ensemble."""
+    dev = resolve_device(device)
     val = D.load_split(data).part("val")
     y = np.array([r.label for r in val])
     scores = {}
@@ -113,7 +160,8 @@ def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]]) -> tupl
         cfg = checkpoint_preprocessing(models[0][1])
         x = D.build_cache(val, "eval", cfg, data.cache, "decode val")
         model = models[0][0] if len(models) == 1 else ProbabilityEnsemble([m for m, _ in models]).eval()
-        m = classification_metrics(y, predict_logits(model, x, cfg.mean, cfg.std).argmax(1).numpy(), D.CLASS_NAMES)
+        logits = predict_logits(model.to(dev), x, cfg.mean, cfg.std)
+        m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         scores[name] = {"val_macro_f1": m["macro_f1"], "val_balanced_accuracy": m["balanced_accuracy"]}
         print(f"teacher candidate {name:18} val macro-F1 {m['macro_f1']:.3f} bal-acc {m['balanced_accuracy']:.3f}")
     best = max(scores, key=lambda k: scores[k]["val_macro_f1"])
@@ -123,42 +171,61 @@ def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]]) -> tupl
 def run_study(study: StudyConfig) -> ReleaseMeta:
     out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StudyError("the whole study runs in one process: under torchrun, run `python -m training train` "
+                         "steps (the study's evaluation and export steps are not sharded)")
     data = study.data
     data.use_threads()
-    common = dict(data=data, batch_size=study.batch_size, seed=study.seed)
+    budget = Budget(study.time_budget, study.grid)
+    common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device,
+                  class_weighting=study.class_weighting, label_smoothing=study.label_smoothing, ema=study.ema)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
-    train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18, **common))
-    train_once(TrainConfig(out=str(runs["resnet50"]), arch="resnet50", epochs=study.epochs_resnet50, **common))
+    train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18,
+                           time_budget=budget("resnet18"), **common))
+    train_once(TrainConfig(out=str(runs["resnet50"]), arch="resnet50", epochs=study.epochs_resnet50,
+                           time_budget=budget("resnet50"), **common))
     r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
     teacher_name, teacher, scores = choose_teacher(
-        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]})
+        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device)
     alpha, temperature = study.alpha, study.temperature
     if study.grid:
+        cells = len(study.grid_alphas) * len(study.grid_temps)
         chosen = grid_search(data, out / "grid", teacher, study.grid_alphas, study.grid_temps, epochs=study.grid_epochs,
                              max_train_images=study.grid_max_train_images, batch_size=study.batch_size,
-                             seed=study.seed)
+                             seed=study.seed, device=study.device,
+                             time_budget=budget("grid") / cells if study.time_budget else None)
         alpha, temperature = chosen["alpha"], chosen["temperature"]
     (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "candidates": scores,
                                                   "alpha": alpha, "temperature": temperature}, indent=2))
-    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=study.epochs_kd, teacher=list(teacher),
-                           alpha=alpha, temperature=temperature, **common))
+    # Under a time budget the student gets as many epochs as the ResNet18 trained without a teacher, at most:
+    # "distillation helps" is then a comparison at equal epochs, not at equal seconds.
+    epochs_kd = min(study.epochs_kd, epochs_run(runs["resnet18"])) if study.time_budget else study.epochs_kd
+    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=epochs_kd, teacher=list(teacher),
+                           alpha=alpha, temperature=temperature, time_budget=budget("kd"), **common))
     student = str(runs["kd"] / "best.pt")
 
     report_dir = out / "report"
     evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,
                     f"teacher: {teacher_name}": "+".join(teacher), "resnet18 distilled": student},
-             report_dir, command=study.command)
+             report_dir, command=study.command, device=study.device)
     release = Path(study.release_dir) if study.release_dir else out / "release"
     export(student, release, study.name, study.version, str(report_dir / "results.json"), "resnet18 distilled",
            command=study.command)
-    calibrate(student, release, data)
-    fit_abstention(release, data)
+    calibrate(student, release, data, study.device)
+    fit_abstention(release, data, device=study.device)
     # The release as served, on the test split with its metadata: the subgroup tables of the report and card.
     try:
         served = evaluate_release(release, str(D.resolve_data_dir(data.data)), release / SERVED_TEST, "test",
                                   data.split_seed, data.limit_per_class)
     except D.DataError as err:  # e.g. a smoke run whose test split lacks a class: the release itself is fine
         print(f"no served test report: {err}")
+        served = None
+    except ModuleNotFoundError as err:  # a GPU box without TorchServe's Python package: keep the trained release
+        if err.name != "ts":
+            raise
+        print(f"no served test report: TorchServe's Python package is not installed here. Where it is: "
+              f"python -m training evaluate --release {release} --data HAM10000_DIR --split test "
+              f"--out {release / SERVED_TEST}", flush=True)
         served = None
     for png in report_dir.glob("*.png"):
         shutil.copy(png, release / png.name)

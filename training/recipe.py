@@ -1,46 +1,47 @@
-"""The training recipe's pieces: augmentation, the distillation loss, class weights and the learning-rate
-schedule (train.py reads them top to bottom)."""
+"""The training recipe's pieces: the losses, class weights, the learning-rate schedule and the epoch count a
+time budget allows (train.py reads them top to bottom; augmentation is training/augment.py)."""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
+
+CLASS_WEIGHTINGS = ("inverse", "sqrt", "none")
 
 
-def kd_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float, class_weights=None):
+def weighted_ce(logits, targets, class_weights=None, label_smoothing: float = 0.0):
+    """Mean over samples of w[y] * CE. Unlike cross_entropy(weight=...), which divides by the batch's sum of
+    weights, this is a plain per-sample mean: the mean over ranks of each rank's loss is then exactly the loss of
+    the global batch, so N processes train what one process would."""
+    ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+    return (ce * class_weights[targets]).mean() if class_weights is not None else ce.mean()
+
+
+def kd_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float, class_weights=None,
+            label_smoothing: float = 0.0):
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 
     Returns (total, kd_term, ce_term). The T^2 factor keeps the soft-target gradients on the same
     scale as the hard-label ones when T changes (Hinton et al., 2015).
     """
-    ce = F.cross_entropy(student_logits, targets, weight=class_weights)
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    ce = weighted_ce(student_logits, targets, class_weights, label_smoothing)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
     return alpha * kd + (1 - alpha) * ce, kd, ce
 
 
-def class_weights_from_counts(counts) -> torch.Tensor:
-    """Inverse-frequency weights, normalised so a uniformly distributed batch has mean weight 1."""
+def class_weights_from_counts(counts, weighting: str = "inverse") -> torch.Tensor:
+    """Per-class loss weights, normalised so that their mean over the training images is 1.
+    inverse: 1/n (every class counts as much as any other); sqrt: 1/sqrt(n), a milder push towards the rare
+    classes that costs `nv` less recall; none: all 1."""
+    if weighting not in CLASS_WEIGHTINGS:
+        raise ValueError(f"unknown class weighting {weighting!r}")
     counts = torch.as_tensor(counts, dtype=torch.float32).clamp_min(1)
-    return counts.sum() / (len(counts) * counts)
-
-
-def make_augment(crop_size: int):
-    """Dermoscopy has no up or down: flips and any rotation are label-preserving."""
-    return v2.Compose([
-        v2.RandomResizedCrop(crop_size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomRotation(30),
-        v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
-    ])
-
-
-def augment_batch(images_uint8: torch.Tensor, augment) -> torch.Tensor:
-    return torch.stack([augment(img) for img in images_uint8])
+    power = {"inverse": 1.0, "sqrt": 0.5, "none": 0.0}[weighting]
+    w = counts.pow(-power)
+    return w * counts.sum() / (w * counts).sum()
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -49,3 +50,14 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+MEASURED_EPOCHS = 2  # a time budget is sized from the second epoch: the first pays for warm-up
+
+
+def epochs_for_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int) -> int:
+    """How many epochs in all fit a time budget, given the time spent so far (MEASURED_EPOCHS epochs and the
+    set-up before them) and the measured length of one epoch, validation included: never fewer than have run,
+    never more than the cap (--epochs)."""
+    more = int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-9))
+    return max(MEASURED_EPOCHS, min(cap, MEASURED_EPOCHS + more))

@@ -1,11 +1,19 @@
-"""Train one network on HAM10000, optionally distilled from a frozen teacher.
+"""Train one network on HAM10000, optionally distilled from a frozen teacher, on a CPU, a GPU or under torchrun.
 
     python -m training train --arch resnet18 --out runs/resnet18
     python -m training train --arch resnet18 --out runs/kd --teacher runs/resnet18/best.pt runs/resnet50/best.pt
+    python -m training train --device cuda --img-size 224 --epochs 400 --time-budget 120 --out runs/r18
+    torchrun --nproc_per_node=4 -m training train --device cuda --batch-size 512 --out runs/r18
+
+The decoded uint8 images live on the training device for the whole run and are augmented there in batches
+(training/augment.py). --batch-size is the global batch: under torchrun each rank takes its rows of every batch
+of one shared order, so N processes take the same optimiser steps one process would with --grad-accum N.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -20,12 +28,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from skinmodel.networks import ARCHITECTURES, build_model
-from skinmodel.preprocessing import normalize
 from training import data as D
-from training.checkpoint import atomic_save, load_checkpoint, load_init_weights, load_teacher
+from training.augment import augment, draw, step_generator
+from training.checkpoint import StudyError, atomic_save, load_checkpoint, load_init_weights, load_teacher
+from training.device import Runtime, add_device_args, setup
 from training.metrics import classification_metrics, predict_logits
 from training.plots import plot_history
-from training.recipe import augment_batch, class_weights_from_counts, kd_loss, make_augment, warmup_cosine
+from training.recipe import (CLASS_WEIGHTINGS, MEASURED_EPOCHS, class_weights_from_counts, epochs_for_budget,
+                             kd_loss, warmup_cosine, weighted_ce)
 
 
 @dataclass
@@ -49,6 +59,12 @@ class TrainConfig:
     teacher_arch: str | None = None
     alpha: float = 0.5               # weight of the KD term (1 - alpha on cross-entropy)
     temperature: float = 4.0
+    class_weighting: str = "inverse"  # inverse | sqrt | none (training/recipe.py)
+    label_smoothing: float = 0.0
+    ema: float = 0.0                 # decay of an exponential moving average of the weights (0: off)
+    device: str = "auto"
+    grad_accum: int = 1              # micro-batches per optimiser step and rank
+    time_budget: float | None = None  # seconds; sizes the epoch count (at most `epochs`)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -83,6 +99,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     kd.add_argument("--teacher-arch", choices=ARCHITECTURES)
     kd.add_argument("--alpha", type=float, default=d.alpha, help="weight of the KD term (1 - alpha on cross-entropy)")
     kd.add_argument("--temperature", type=float, default=d.temperature)
+    r = p.add_argument_group("recipe")
+    r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
+                   help="loss weight per class: inverse frequency, its square root, or none")
+    r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
+                                                            "validation and checkpoints then use the average")
+    c = p.add_argument_group("compute")
+    add_device_args(c)
+    c.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="split each rank's share of a batch into this many micro-batches (same steps, less memory)")
+    c.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="fit the run into this wall time: the epoch count (at most --epochs) is sized from the "
+                        "second epoch's measured length, so the cosine schedule still completes")
     return p
 
 
@@ -92,100 +121,183 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def validate(rt: Runtime, model, x_val: torch.Tensor, y_val: np.ndarray, cfg) -> tuple[torch.Tensor, dict]:
+    """The whole validation split, scored once across all ranks: each rank its shard, every rank all logits."""
+    rows = rt.shard(len(x_val))
+    local = predict_logits(model, x_val[rows.start:rows.stop], cfg.mean, cfg.std, device=rt.device)
+    logits = rt.gather_rows(local)
+    return logits, classification_metrics(y_val, logits.argmax(1).numpy(), D.CLASS_NAMES)
+
+
 def train(run: TrainConfig) -> dict:
     """Train (or resume) one run; returns the best epoch's validation figures (also in OUT/best.json)."""
+    rt = setup(run.device)
+    try:
+        return _train(run, rt)
+    finally:
+        rt.close()
+
+
+def _train(run: TrainConfig, rt: Runtime) -> dict:
+    started = time.time()
     out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    per_rank = run.batch_size // rt.world
+    if run.batch_size % (rt.world * run.grad_accum):
+        raise StudyError(f"--batch-size {run.batch_size} must be a multiple of processes x --grad-accum "
+                         f"({rt.world} x {run.grad_accum})")
     run.data.use_threads()
-    seed_everything(run.seed)
+    seed_everything(run.seed)  # the same seed on every rank: identical initial weights
     split = D.load_split(run.data)
-    D.write_splits(split.records, out / "splits.csv")
     train_set, val = split.part("train"), split.part("val")
     if run.max_train_images and run.max_train_images < len(train_set):
         train_set = random.Random(run.seed).sample(train_set, run.max_train_images)
+    steps_per_epoch = len(train_set) // run.batch_size
+    if steps_per_epoch == 0:
+        raise StudyError(f"the training set has {len(train_set)} images, fewer than one batch of {run.batch_size}")
     cfg = run.data.preprocess()
-    x_train = D.build_cache(train_set, "train", cfg, run.data.cache, "decode train")
-    y_train = torch.tensor([r.label for r in train_set])
-    x_val = D.build_cache(val, "eval", cfg, run.data.cache, "decode val")
+    with rt.main_first():  # rank 0 decodes into the cache; the others then read it
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            D.write_splits(split.records, out / "splits.csv")
+        x_train = D.build_cache(train_set, "train", cfg, run.data.cache, "decode train")
+        x_val = D.build_cache(val, "eval", cfg, run.data.cache, "decode val")
+    # The whole uint8 dataset stays on the device: no loader, no per-step copies from the host.
+    x_train, x_val = x_train.to(rt.device), x_val.to(rt.device)
+    y_train = torch.tensor([r.label for r in train_set], device=rt.device)
     y_val = np.array([r.label for r in val])
-    weights = class_weights_from_counts(D.class_counts(train_set))
+    weights = class_weights_from_counts(D.class_counts(train_set), run.class_weighting).to(rt.device)
 
     model = build_model(run.arch, len(D.CLASS_NAMES))
     if run.init_weights:
         skipped = load_init_weights(model, run.init_weights)
         print(f"initialised from {run.init_weights} (re-initialised: {', '.join(skipped) or 'nothing'})")
+    model = rt.prepare(model)
     teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg)
+    teacher = rt.prepare(teacher) if teacher is not None else None
+    ema = copy.deepcopy(model).requires_grad_(False) if run.ema else None
+    net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    steps_per_epoch = len(train_set) // run.batch_size or 1
-    total, warmup = run.epochs * steps_per_epoch, int(run.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    plan = {"epochs": run.epochs}  # a time budget shortens it after the second epoch; the schedule follows
+    warmup = int(run.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, plan["epochs"] * steps_per_epoch, warmup))
     start_epoch, best = 0, {"val_macro_f1": -1.0}
     if run.resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema") or state["model"])
+        if run.time_budget:  # the count the budget chose; without a budget, --epochs may extend a finished run
+            plan["epochs"] = state.get("planned_epochs", run.epochs)
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
 
-    augment = make_augment(cfg.crop_size)
     history_path = out / "history.csv"
-    if start_epoch == 0 and history_path.exists():
+    if rt.is_main and start_epoch == 0 and history_path.exists():
         history_path.unlink()
     base = {"arch": run.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": cfg.to_dict(),
             "split_hash": split.hash, "args": run.record(), "teacher": bool(teacher)}
-    (out / "args.json").write_text(json.dumps(run.record(), indent=2))
+    if rt.is_main:
+        (out / "args.json").write_text(json.dumps(run.record(), indent=2))
 
-    for epoch in range(start_epoch, run.epochs):
+    epoch = start_epoch
+    while epoch < plan["epochs"]:
         model.train()
-        started, seen, loss_sum, kd_sum = time.time(), 0, 0.0, 0.0
-        order = torch.randperm(len(train_set))
-        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} epoch {epoch + 1}/{run.epochs}", unit="batch")
+        epoch_started = time.time()
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(run.seed * 1_000_003 + epoch))
+        micro = per_rank // run.grad_accum
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        kd_sum = torch.zeros_like(loss_sum)
+        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} epoch {epoch + 1}/{plan['epochs']}", unit="batch",
+                   disable=not rt.is_main)
         for step in bar:
-            idx = order[step * run.batch_size:(step + 1) * run.batch_size]
-            x = normalize(augment_batch(x_train[idx], augment), cfg.mean, cfg.std)
-            y = y_train[idx]
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)  # same augmented view as the student
-                loss, kd, _ = kd_loss(logits, teacher_logits, y, run.alpha, run.temperature, weights)
-                kd_sum += kd.item() * len(idx)
-            else:
-                loss = F.cross_entropy(logits, y, weight=weights)
+            batch = order[step * run.batch_size:(step + 1) * run.batch_size]
+            draws = draw(run.batch_size, step_generator(run.seed, epoch, step))  # one draw per sample, all ranks
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for k in range(run.grad_accum):
+                rows = slice(rt.rank * per_rank + k * micro, rt.rank * per_rank + (k + 1) * micro)
+                idx = batch[rows].to(rt.device)
+                x = augment(x_train[idx], draws.rows(rows), cfg.crop_size, cfg.mean, cfg.std)
+                if rt.cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y_train[idx]
+                # DDP all-reduces gradients on the last micro-batch of a step only.
+                last = k == run.grad_accum - 1
+                with (net.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
+                    with rt.autocast():
+                        logits = net(x)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)  # same augmented view as the student
+                    if teacher is not None:
+                        loss, kd, _ = kd_loss(logits.float(), teacher_logits, y, run.alpha, run.temperature,
+                                              weights, run.label_smoothing)
+                        kd_sum += kd.detach() * len(idx)
+                    else:
+                        loss = weighted_ce(logits.float(), y, weights, run.label_smoothing)
+                    (loss / run.grad_accum).backward()
+                loss_sum += loss.detach() * len(idx)
             optimizer.step()
             scheduler.step()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if ema is not None:
+                _ema_update(ema, model, run.ema)
+            if rt.is_main and step % 20 == 0:  # .item() waits for the GPU: not every step
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
 
-        val_logits = predict_logits(model, x_val, cfg.mean, cfg.std)
-        m = classification_metrics(y_val, val_logits.argmax(1).numpy(), D.CLASS_NAMES)
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / seen,
-               "train_kd": kd_sum / seen if teacher is not None else "",
+        train_seconds = time.time() - epoch_started
+        rt.average_buffers(model)
+        scored = ema if ema is not None else model
+        val_logits, m = validate(rt, scored, x_val, y_val, cfg)
+        loss_total, kd_total, seen = rt.sum([loss_sum.item(), kd_sum.item(), steps_per_epoch * per_rank])
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss_total / seen,
+               "train_kd": kd_total / seen if teacher is not None else "",
                "val_nll": F.cross_entropy(val_logits, torch.from_numpy(y_val)).item(),
                "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"],
                "val_macro_f1": m["macro_f1"], "val_weighted_f1": m["weighted_f1"],
                **{f"val_recall_{c}": v for c, v in m["per_class_recall"].items()},
-               "seconds": round(time.time() - started, 1)}
-        with open(history_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
-        plot_history(history_path, out / "history.png")
-        print(f"{out.name} epoch {epoch + 1}: loss {row['train_loss']:.3f} val bal-acc {m['balanced_accuracy']:.3f} "
-              f"macro-F1 {m['macro_f1']:.3f} ({row['seconds']} s)", flush=True)
+               "images_per_s": round(steps_per_epoch * run.batch_size / train_seconds, 1),
+               "seconds": round(time.time() - epoch_started, 2)}
+        if run.time_budget and epoch + 1 == MEASURED_EPOCHS and plan["epochs"] > MEASURED_EPOCHS:
+            # Rounded before use, so budget.json holds exactly the figures the decision was made from.
+            elapsed, epoch_s = round(time.time() - started, 3), round(time.time() - epoch_started, 3)
+            plan["epochs"] = rt.broadcast_int(epochs_for_budget(run.time_budget, elapsed, epoch_s, run.epochs))
+            if rt.is_main:  # rank 0's clock decided for all
+                (out / "budget.json").write_text(json.dumps({
+                    "time_budget_s": run.time_budget, "elapsed_s": elapsed, "epoch_s": epoch_s, "cap": run.epochs,
+                    "planned_epochs": plan["epochs"]}, indent=2))
+                print(f"time budget {run.time_budget:.0f} s: {plan['epochs']} epochs "
+                      f"({epoch_s:.1f} s per epoch measured)", flush=True)
         if m["macro_f1"] > best["val_macro_f1"]:
             best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            atomic_save({**base, "model": model.state_dict(), "epoch": epoch, "val_metrics": m}, out / "best.pt")
-        atomic_save({**base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                     "best": best}, out / "last.pt")
-    (out / "best.json").write_text(json.dumps(best, indent=2))
+            if rt.is_main:
+                atomic_save({**base, "model": scored.state_dict(), "epoch": epoch, "val_metrics": m}, out / "best.pt")
+        if rt.is_main:
+            with open(history_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerow(row)
+            plot_history(history_path, out / "history.png")
+            print(f"{out.name} epoch {epoch + 1}/{plan['epochs']}: loss {row['train_loss']:.3f} val bal-acc "
+                  f"{m['balanced_accuracy']:.3f} macro-F1 {m['macro_f1']:.3f} ({row['seconds']} s)", flush=True)
+            atomic_save({**base, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": torch.get_rng_state(), "epoch": epoch, "planned_epochs": plan["epochs"],
+                         "best": best}, out / "last.pt")
+        epoch += 1
+    if rt.is_main:
+        (out / "best.json").write_text(json.dumps(best, indent=2))
+    rt.barrier()
     return best
 
 

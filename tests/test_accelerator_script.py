@@ -1,0 +1,73 @@
+"""training/accelerator.sh in --quick mode on the CPU: the whole study inside a budget, packed into at most 8 files
+of < 16 MiB, and `python -m training unpack` turning them back into a release the handler serves."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_training
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, data_dir):
+    work = tmp_path_factory.mktemp("accelerator")
+    out = work / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--data", str(data_dir), "--work",
+                        str(work / "study"), "--budget", "120", "--after-training", "60"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return work, out
+
+
+def test_the_run_leaves_few_small_files_with_a_manifest(packed):
+    _, out = packed
+    files = sorted(p for p in out.iterdir())
+    assert all(p.is_file() for p in files) and len(files) <= 8
+    assert all(p.stat().st_size < 16 * 2**20 for p in files)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {p["name"] for p in manifest["parts"]} | {"manifest.json", "study.log"} == {p.name for p in files}
+    assert len(manifest["parts"]) >= 2, "fp16 ResNet18 weights (~22 MB) must have been cut into parts"
+    assert "accelerator study on cpu" in (out / "study.log").read_text()
+    # every run measured itself; the budgeted ones ran at least the two epochs the sizing needs, at most the cap
+    assert {"resnet18", "resnet50", "resnet18_kd"} <= set(manifest["runs"])
+    assert all(2 <= manifest["runs"][r]["epochs"] <= 3 for r in ("resnet18", "resnet18_kd"))
+    assert all(r["images_per_s"] > 0 for r in manifest["runs"].values())
+    assert manifest["test"]["resnet18 distilled"]["balanced_accuracy"] >= 0 and manifest["version"] == "2.0"
+
+
+def test_unpack_rebuilds_a_release_the_handler_serves(packed, tmp_path, sample_images):
+    from handler.skin_handler import SkinLesionHandler
+    from skinmodel.release import ReleaseMeta
+
+    work, out = packed
+    r = run_training("unpack", "--from", str(out), "--release", str(tmp_path / "release"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = ReleaseMeta.load(tmp_path / "release")
+    assert meta.version == "2.0" and meta.abstention and meta.calibration
+    assert json.loads((tmp_path / "release" / "results.json").read_text()) == json.loads(
+        (work / "study" / "release" / "results.json").read_text())
+    answer = SkinLesionHandler.in_process(tmp_path / "release").answer([sample_images[0].read_bytes()])[0]
+    assert answer["model"]["version"] == "2.0" and len(answer["predictions"]) == 7, answer
+
+    again = run_training("unpack", "--from", str(out), "--release", str(tmp_path / "release"))
+    assert again.returncode == 1 and "--replace" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_damaged_part_is_refused_and_nothing_is_written(packed, tmp_path):
+    import shutil
+
+    _, out = packed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    part = copy / "release.tar.gz.001"
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    r = run_training("unpack", "--from", str(copy), "--release", str(tmp_path / "release"))
+    assert r.returncode == 1 and "damaged" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "release").exists()

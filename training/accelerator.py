@@ -1,0 +1,185 @@
+"""The whole study inside a wall-clock budget on an accelerator machine, packed into a few small files that a CPU
+machine turns back into a release folder with one command.
+
+    OUT=/path/to/out training/accelerator.sh                     # on the GPU box (defaults: 224 px, 8 minutes)
+    python -m training unpack --from /path/to/out --release release-2.0     # back on any machine
+
+What comes back is at most MAX_FILES files of under PART_BYTES each (a lent device returns 8 files of < 16 MB):
+the release folder as a tar.gz cut into parts, manifest.json (sha256 of every part, the device, the measured
+throughput of every run, the test table, the time each step took) and the script's log.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from skinmodel.networks import build_model, load_state_dict_file
+from skinmodel.release import ReleaseMeta
+from training import data as D
+from training.checkpoint import StudyError
+from training.device import add_device_args, resolve_device
+from training.pipeline import StudyConfig, run_study
+from training.recipe import CLASS_WEIGHTINGS
+
+MAX_FILES = 8
+PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file
+BUDGET_S = 480.0                 # 8 minutes: one device call of at most 10, with room to spare
+AFTER_TRAINING_S = 150.0         # evaluation, calibration, the gate, the served test report, packing
+MANIFEST = "manifest.json"
+ARCHIVE = "release.tar.gz"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run the whole study within a time budget and pack the release into "
+                                            f"at most {MAX_FILES} files of < {PART_BYTES // 2**20} MiB in --out.",
+                                add_help=add_help)
+    p.add_argument("--out", default=os.environ.get("OUT"), help="where the files go (default: $OUT)")
+    p.add_argument("--work", default="runs/accelerator", help="study folder (checkpoints stay here, not in --out)")
+    p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
+    p.add_argument("--budget", type=float, default=BUDGET_S, help="wall seconds for everything, packing included")
+    p.add_argument("--after-training", type=float, default=AFTER_TRAINING_S,
+                   help="seconds of the budget kept for the steps after training")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--resize-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-epochs", type=int, default=400, help="cap of every run; the budget decides below it")
+    p.add_argument("--grid-images", type=int, default=2000,
+                   help="the grid's proxy budget: each alpha x T cell trains on this many images (its share of the "
+                        "time sizes the epochs)")
+    p.add_argument("--version", default="2.0")
+    p.add_argument("--class-weighting", default="inverse", choices=CLASS_WEIGHTINGS)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    add_device_args(p)
+    p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
+    return p
+
+
+def _throughput(run_dir: Path) -> dict:
+    """What a run measured of itself: epochs, training images per second (epochs after the first) and seconds."""
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "history.csv")))
+    steady = [float(r["images_per_s"]) for r in rows[1:]] or [float(r["images_per_s"]) for r in rows]
+    return {"epochs": len(rows), "images_per_s": round(sorted(steady)[len(steady) // 2], 1),
+            "seconds": round(sum(float(r["seconds"]) for r in rows), 1)}
+
+
+def pack(release: Path, out: Path, extra: dict) -> list[Path]:
+    """release/ -> OUT/release.tar.gz.000, .001, ... + OUT/manifest.json (sha256 of each part and of the whole)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / ARCHIVE
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(release, arcname="release")
+        blob = archive.read_bytes()
+    parts = []
+    for i in range(0, max(1, len(blob)), PART_BYTES):
+        path = out / f"{ARCHIVE}.{i // PART_BYTES:03d}"
+        path.write_bytes(blob[i:i + PART_BYTES])
+        parts.append({"name": path.name, "bytes": path.stat().st_size,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = {"archive_sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, **extra}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
+        raise StudyError(f"{out} holds {len(files)} files (limit {MAX_FILES}, each < 16 MiB): "
+                         + ", ".join(f"{p.name} {p.stat().st_size}" for p in files))
+    return files
+
+
+def unpack(source: Path, release: Path, replace: bool = False) -> ReleaseMeta:
+    """Parts + manifest -> a checked release folder. Every part's hash is verified before anything is written, the
+    archive is extracted beside the target and swapped in only once its weights load."""
+    source, release = Path(source), Path(release)
+    manifest_path = source / MANIFEST
+    if not manifest_path.is_file():
+        raise StudyError(f"{source} has no {MANIFEST}: point --from at the folder the accelerator run filled")
+    manifest = json.loads(manifest_path.read_text())
+    chunks = []
+    for part in manifest["parts"]:
+        path = source / part["name"]
+        if not path.is_file():
+            raise StudyError(f"{path} is missing: all {len(manifest['parts'])} parts are needed")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise StudyError(f"{path} is damaged or from another run (sha256 differs from {MANIFEST})")
+        chunks.append(data)
+    blob = b"".join(chunks)
+    if hashlib.sha256(blob).hexdigest() != manifest["archive_sha256"]:
+        raise StudyError("the parts do not add up to the archive the manifest describes")
+    if release.exists() and any(release.iterdir()) and not replace:
+        raise StudyError(f"{release} exists and is not empty: choose another folder or pass --replace")
+    release.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=release.parent) as tmp:
+        archive = Path(tmp) / ARCHIVE
+        archive.write_bytes(blob)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # no absolute paths, links out or devices
+        staged = Path(tmp) / "release"
+        meta = ReleaseMeta.load(staged)
+        build_model(meta.arch, meta.num_classes).load_state_dict(load_state_dict_file(staged / meta.weights_file))
+        (staged / MANIFEST).write_text(manifest_path.read_text())
+        if release.exists():
+            shutil.rmtree(release)
+        os.replace(staged, release)
+    return meta
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    started = time.time()
+    if not args.out:
+        raise StudyError("no --out and no $OUT: say where the files should go")
+    out, work = Path(args.out), Path(args.work)
+    device = resolve_device(args.device)
+    cap = 3 if args.quick else args.max_epochs
+    data = D.DataConfig(data=args.data, img_size=args.img_size, resize_size=args.resize_size,
+                        cache_dir=str(work / "cache"))
+    study = StudyConfig(out=str(work), data=data, epochs_resnet18=cap, epochs_resnet50=cap, epochs_kd=cap,
+                        batch_size=args.batch_size, grid=True, grid_epochs=cap,
+                        grid_max_train_images=args.grid_images, device=args.device,
+                        class_weighting=args.class_weighting, label_smoothing=args.label_smoothing, ema=args.ema,
+                        release_dir=str(work / "release"), version=args.version,
+                        command="training/accelerator.sh " + " ".join(sys.argv[2:]))
+    if args.quick:
+        study = dataclasses.replace(study.quick(), epochs_resnet18=cap, epochs_kd=cap, grid_max_train_images=None)
+    study.time_budget = max(1.0, args.budget - args.after_training - (time.time() - started))
+    print(f"accelerator study on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+          f"): {study.time_budget:.0f} s for training, {args.budget:.0f} s in all", flush=True)
+    if (work / "release").exists():
+        shutil.rmtree(work / "release")  # a release is rebuilt from the (resumable) runs every time
+    meta = run_study(study)
+    results = json.loads((work / "report" / "results.json").read_text())
+    runs = {p.name: _throughput(p) for p in sorted(work.iterdir()) if (p / "history.csv").exists()}
+    runs.update({f"grid/{p.name}": _throughput(p) for p in sorted((work / "grid").glob("a*_t*"))})
+    extra = {
+        "version": meta.version, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "img_size": study.data.img_size, "batch_size": study.batch_size,
+        "budget_s": args.budget, "training_budget_s": round(study.time_budget, 1), "runs": runs,
+        "test": {name: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+                 for name, m in results["models"].items()},
+        "split_hash": results["split_hash"], "seconds": round(time.time() - started, 1),
+    }
+    files = pack(work / "release", out, extra)
+    print(f"{len(files)} files in {out} after {time.time() - started:.0f} s; rebuild the release with\n"
+          f"  python -m training unpack --from {out} --release release-{meta.version}", flush=True)
+    return files
+
+
+def main(args: argparse.Namespace):
+    return run(args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
