@@ -69,6 +69,24 @@ class ProbabilityEnsemble(nn.Module):
         return probs.clamp_min(1e-8).log()
 
 
+class DihedralTTA(nn.Module):
+    """Test-time augmentation over the 8 flips and right-angle rotations (dermoscopy has no up or down): the
+    mean of the 8 views' probabilities, returned as log-probabilities like ProbabilityEnsemble. For a teacher
+    only: it costs 8 forward passes, and the served handler scores one view."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        probs = 0
+        for k in range(4):
+            turned = torch.rot90(x, k, (2, 3))
+            for view in (turned, turned.flip(3)):
+                probs = probs + self.model(view).softmax(dim=1)
+        return (probs / 8).clamp_min(1e-8).log()
+
+
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Penultimate features (what the classifier head receives) and logits, from one ordinary forward pass.
     Networks without an `fc` head (convnext_tiny) return no features."""

@@ -17,8 +17,8 @@ def packed(tmp_path_factory, data_dir):
     work = tmp_path_factory.mktemp("accelerator")
     out = work / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--data", str(data_dir), "--work",
-                        str(work / "study"), "--budget", "120", "--after-training", "60"],
+    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--teacher-tta", "--data", str(data_dir),
+                        "--work", str(work / "study"), "--budget", "120", "--after-training", "60"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return work, out
@@ -38,6 +38,15 @@ def test_the_run_leaves_few_small_files_with_a_manifest(packed):
     assert all(2 <= manifest["runs"][r]["epochs"] <= 3 for r in ("resnet18", "resnet18_kd"))
     assert all(r["images_per_s"] > 0 for r in manifest["runs"].values())
     assert manifest["test"]["resnet18 distilled"]["balanced_accuracy"] >= 0 and manifest["version"] == "2.0"
+
+
+def test_teacher_candidates_include_their_test_time_augmented_views(packed):
+    work, _ = packed
+    teacher = json.loads((work / "study" / "teacher.json").read_text())
+    assert {"resnet18", "resnet18 + TTA", "resnet18+resnet50 + TTA"} <= set(teacher["candidates"])
+    assert teacher["tta"] == teacher["chosen"].endswith(" + TTA")
+    kd_args = json.loads((work / "study" / "resnet18_kd" / "args.json").read_text())
+    assert kd_args["teacher_tta"] == teacher["tta"] and kd_args["teacher"] == teacher["checkpoints"]
 
 
 def test_unpack_rebuilds_a_release_the_handler_serves(packed, tmp_path, sample_images):

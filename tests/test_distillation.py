@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skinmodel.networks import ProbabilityEnsemble, build_model
+from skinmodel.networks import DihedralTTA, ProbabilityEnsemble, build_model
 from training.recipe import kd_loss
 
 pytestmark = pytest.mark.fast
@@ -65,3 +65,15 @@ def test_ensemble_teacher_returns_log_of_mean_probabilities():
         out = ProbabilityEnsemble([a, b])(x)
         expected = (a(x).softmax(1) + b(x).softmax(1)) / 2
     assert torch.allclose(out.exp(), expected, atol=1e-6)
+
+
+def test_a_tta_teacher_answers_the_same_for_every_flip_and_right_angle_turn():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 7).eval()
+    tta, x = DihedralTTA(model).eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = tta(x)
+        assert torch.allclose(out.exp().sum(1), torch.ones(2), atol=1e-5)
+        for view in (torch.rot90(x, 1, (2, 3)), x.flip(3), torch.rot90(x, 3, (2, 3)).flip(2)):
+            assert torch.allclose(tta(view), out, atol=1e-5)
+        assert not torch.allclose(model(torch.rot90(x, 1, (2, 3))).log_softmax(1), model(x).log_softmax(1), atol=1e-3)

@@ -61,6 +61,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--class-weighting", default="inverse", choices=CLASS_WEIGHTINGS)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    p.add_argument("--teacher-tta", action="store_true", help="teacher candidates with 8-view test-time augmentation")
     add_device_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
     return p
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                         batch_size=args.batch_size, grid=True, grid_epochs=cap,
                         grid_max_train_images=args.grid_images, device=args.device,
                         class_weighting=args.class_weighting, label_smoothing=args.label_smoothing, ema=args.ema,
+                        teacher_tta=args.teacher_tta,
                         release_dir=str(work / "release"), version=args.version,
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))
     if args.quick:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import ProbabilityEnsemble, build_model, load_state_dict_file
+from skinmodel.networks import DihedralTTA, ProbabilityEnsemble, build_model, load_state_dict_file
 
 
 class StudyError(RuntimeError):
@@ -47,11 +47,21 @@ def checkpoint_preprocessing(ckpt: dict) -> PreprocessConfig:
     return PreprocessConfig.from_dict(ckpt["preprocessing"])
 
 
+TTA_PREFIX = "tta:"
+
+
+def teacher_spec(checkpoints: list[str], tta: bool = False) -> str:
+    """The one-string name of a teacher that models_from_spec rebuilds."""
+    return (TTA_PREFIX if tta else "") + "+".join(checkpoints)
+
+
 def models_from_spec(spec: str) -> tuple[nn.Module, dict]:
-    """'a.pt' or 'a.pt+b.pt' (an ensemble averaging probabilities) -> (model, the first checkpoint)."""
-    models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.split("+")))
-    model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models)).eval()
-    return model, ckpts[0]
+    """'a.pt', 'a.pt+b.pt' (an ensemble averaging probabilities), either behind 'tta:' (the 8 dihedral views
+    averaged) -> (model, the first checkpoint)."""
+    tta = spec.startswith(TTA_PREFIX)
+    models, ckpts = zip(*(model_from_checkpoint(p) for p in spec.removeprefix(TTA_PREFIX).split("+")))
+    model = models[0] if len(models) == 1 else ProbabilityEnsemble(list(models))
+    return (DihedralTTA(model) if tta else model).eval(), ckpts[0]
 
 
 def load_init_weights(model: nn.Module, path) -> list[str]:
@@ -70,8 +80,10 @@ def load_init_weights(model: nn.Module, path) -> list[str]:
     return skipped
 
 
-def load_teacher(checkpoints, weights=None, arch=None, num_classes=7, expected_cfg: PreprocessConfig | None = None):
-    """A frozen teacher: one checkpoint, several (averaged as an ensemble) or a plain state_dict file."""
+def load_teacher(checkpoints, weights=None, arch=None, num_classes=7, expected_cfg: PreprocessConfig | None = None,
+                 tta: bool = False):
+    """A frozen teacher: one checkpoint, several (averaged as an ensemble) or a plain state_dict file; with tta,
+    every prediction averaged over the 8 dihedral views."""
     members = []
     for path in checkpoints or []:
         model, ckpt = model_from_checkpoint(path)
@@ -90,6 +102,7 @@ def load_teacher(checkpoints, weights=None, arch=None, num_classes=7, expected_c
     if not members:
         return None
     teacher = members[0] if len(members) == 1 else ProbabilityEnsemble(members)
+    teacher = DihedralTTA(teacher) if tta else teacher
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -28,6 +28,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-train-images", type=int, default=None, help="per-run budget in training images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-tta", action="store_true", help="the teacher averages its 8 dihedral views")
     add_device_args(p)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time per cell (sizes its epochs, at most --epochs)")
@@ -36,7 +37,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS, temps=TEMPERATURES,
                 arch: str = "resnet18", epochs: int = 3, max_train_images: int | None = None, batch_size: int = 64,
-                seed: int = 0, device: str = "auto", time_budget: float | None = None) -> dict:
+                seed: int = 0, device: str = "auto", time_budget: float | None = None,
+                teacher_tta: bool = False) -> dict:
     """One short run per (alpha, T) cell, each skipped when already complete; the best cell on validation
     macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
     out = Path(out)
@@ -46,7 +48,8 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
         for temperature in temps:
             run = TrainConfig(out=str(out / f"a{alpha:g}_t{temperature:g}"), data=data, arch=arch, epochs=epochs,
                               batch_size=batch_size, seed=seed, max_train_images=max_train_images,
-                              teacher=list(teacher), alpha=alpha, temperature=temperature, device=device,
+                              teacher=list(teacher), teacher_tta=teacher_tta, alpha=alpha, temperature=temperature,
+                              device=device,
                               time_budget=time_budget)
             done = Path(run.out) / "best.json"
             best = json.loads(done.read_text()) if done.exists() else train(run)
@@ -67,7 +70,8 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
 
 def main(args: argparse.Namespace) -> dict:
     return grid_search(D.DataConfig.from_args(args), Path(args.out), args.teacher, args.alphas, args.temps, args.arch,
-                       args.epochs, args.max_train_images, args.batch_size, args.seed, args.device, args.time_budget)
+                       args.epochs, args.max_train_images, args.batch_size, args.seed, args.device, args.time_budget,
+                       args.teacher_tta)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from skinmodel.networks import ProbabilityEnsemble
 from skinmodel.release import ReleaseMeta
 from stack.settings import MODEL_NAME
 from training import data as D
 from training.abstention import fit_abstention
 from training.evaluate_release import evaluate_release
 from training.calibrate import calibrate
-from training.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
+from training.checkpoint import TTA_PREFIX, StudyError, checkpoint_preprocessing, models_from_spec, teacher_spec
 from training.device import add_device_args, resolve_device
 from training.evaluate import evaluate
 from training.export import export
@@ -58,6 +57,7 @@ class StudyConfig:
     class_weighting: str = "inverse"  # the recipe every run shares (training/recipe.py, TrainConfig)
     label_smoothing: float = 0.0
     ema: float = 0.0
+    teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
     device: str = "auto"
     time_budget: float | None = None  # seconds for all training runs together, shared as in BUDGET_SHARES
     release_dir: str | None = None  # default: OUT/release
@@ -99,6 +99,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights (0: off)")
+    p.add_argument("--teacher-tta", action="store_true",
+                   help="also consider every teacher averaged over its 8 flipped/rotated views (8x its cost in "
+                        "distillation); chosen only if it wins on validation")
     add_device_args(p)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time for all training runs together (each run's share sizes its epochs, at most the "
@@ -148,24 +151,27 @@ def train_once(run: TrainConfig) -> dict:
     return train(dataclasses.replace(run, resume=True))
 
 
-def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]],
-                   device: str = "auto") -> tuple[str, list[str], dict]:
-    """Pick the teacher with the best validation macro-F1 among trained checkpoints and their ensemble."""
+def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]], device: str = "auto",
+                   tta: bool = False) -> tuple[str, str, dict]:
+    """Pick the teacher with the best validation macro-F1 among trained checkpoints and their ensemble (and, with
+    tta, each of them averaged over its 8 dihedral views). Returns (name, spec for models_from_spec, scores)."""
     dev = resolve_device(device)
     val = D.load_split(data).part("val")
     y = np.array([r.label for r in val])
+    specs = {name: teacher_spec(paths) for name, paths in candidates.items()}
+    if tta:
+        specs.update({f"{name} + TTA": teacher_spec(paths, tta=True) for name, paths in candidates.items()})
     scores = {}
-    for name, paths in candidates.items():
-        models = [model_from_checkpoint(p) for p in paths]
-        cfg = checkpoint_preprocessing(models[0][1])
+    for name, spec in specs.items():
+        model, ckpt = models_from_spec(spec)
+        cfg = checkpoint_preprocessing(ckpt)
         x = D.build_cache(val, "eval", cfg, data.cache, "decode val")
-        model = models[0][0] if len(models) == 1 else ProbabilityEnsemble([m for m, _ in models]).eval()
         logits = predict_logits(model.to(dev), x, cfg.mean, cfg.std)
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         scores[name] = {"val_macro_f1": m["macro_f1"], "val_balanced_accuracy": m["balanced_accuracy"]}
-        print(f"teacher candidate {name:18} val macro-F1 {m['macro_f1']:.3f} bal-acc {m['balanced_accuracy']:.3f}")
+        print(f"teacher candidate {name:24} val macro-F1 {m['macro_f1']:.3f} bal-acc {m['balanced_accuracy']:.3f}")
     best = max(scores, key=lambda k: scores[k]["val_macro_f1"])
-    return best, candidates[best], scores
+    return best, specs[best], scores
 
 
 def run_study(study: StudyConfig) -> ReleaseMeta:
@@ -185,28 +191,31 @@ def run_study(study: StudyConfig) -> ReleaseMeta:
     train_once(TrainConfig(out=str(runs["resnet50"]), arch="resnet50", epochs=study.epochs_resnet50,
                            time_budget=budget("resnet50"), **common))
     r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
-    teacher_name, teacher, scores = choose_teacher(
-        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device)
+    teacher_name, spec, scores = choose_teacher(
+        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device, study.teacher_tta)
+    teacher, teacher_tta = spec.removeprefix(TTA_PREFIX).split("+"), spec.startswith(TTA_PREFIX)
     alpha, temperature = study.alpha, study.temperature
     if study.grid:
         cells = len(study.grid_alphas) * len(study.grid_temps)
         chosen = grid_search(data, out / "grid", teacher, study.grid_alphas, study.grid_temps, epochs=study.grid_epochs,
                              max_train_images=study.grid_max_train_images, batch_size=study.batch_size,
-                             seed=study.seed, device=study.device,
+                             seed=study.seed, device=study.device, teacher_tta=teacher_tta,
                              time_budget=budget("grid") / cells if study.time_budget else None)
         alpha, temperature = chosen["alpha"], chosen["temperature"]
-    (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "candidates": scores,
+    (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "tta": teacher_tta,
+                                                  "candidates": scores,
                                                   "alpha": alpha, "temperature": temperature}, indent=2))
     # Under a time budget the student gets as many epochs as the ResNet18 trained without a teacher, at most:
     # "distillation helps" is then a comparison at equal epochs, not at equal seconds.
     epochs_kd = min(study.epochs_kd, epochs_run(runs["resnet18"])) if study.time_budget else study.epochs_kd
-    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=epochs_kd, teacher=list(teacher),
+    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=epochs_kd, teacher=teacher,
+                           teacher_tta=teacher_tta,
                            alpha=alpha, temperature=temperature, time_budget=budget("kd"), **common))
     student = str(runs["kd"] / "best.pt")
 
     report_dir = out / "report"
     evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,
-                    f"teacher: {teacher_name}": "+".join(teacher), "resnet18 distilled": student},
+                    f"teacher: {teacher_name}": spec, "resnet18 distilled": student},
              report_dir, command=study.command, device=study.device)
     release = Path(study.release_dir) if study.release_dir else out / "release"
     export(student, release, study.name, study.version, str(report_dir / "results.json"), "resnet18 distilled",

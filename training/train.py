@@ -59,6 +59,7 @@ class TrainConfig:
     teacher_arch: str | None = None
     alpha: float = 0.5               # weight of the KD term (1 - alpha on cross-entropy)
     temperature: float = 4.0
+    teacher_tta: bool = False        # the teacher averages its 8 dihedral views (8 forward passes a step)
     class_weighting: str = "inverse"  # inverse | sqrt | none (training/recipe.py)
     label_smoothing: float = 0.0
     ema: float = 0.0                 # decay of an exponential moving average of the weights (0: off)
@@ -99,6 +100,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     kd.add_argument("--teacher-arch", choices=ARCHITECTURES)
     kd.add_argument("--alpha", type=float, default=d.alpha, help="weight of the KD term (1 - alpha on cross-entropy)")
     kd.add_argument("--temperature", type=float, default=d.temperature)
+    kd.add_argument("--teacher-tta", action="store_true",
+                    help="the teacher answers with the mean of its 8 flipped/rotated views (8x its cost)")
     r = p.add_argument_group("recipe")
     r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
                    help="loss weight per class: inverse frequency, its square root, or none")
@@ -180,7 +183,8 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
         skipped = load_init_weights(model, run.init_weights)
         print(f"initialised from {run.init_weights} (re-initialised: {', '.join(skipped) or 'nothing'})")
     model = rt.prepare(model)
-    teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg)
+    teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg,
+                           run.teacher_tta)
     teacher = rt.prepare(teacher) if teacher is not None else None
     ema = copy.deepcopy(model).requires_grad_(False) if run.ema else None
     net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks
