@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_training
 
@@ -80,3 +81,26 @@ def test_a_damaged_part_is_refused_and_nothing_is_written(packed, tmp_path):
     r = run_training("unpack", "--from", str(copy), "--release", str(tmp_path / "release"))
     assert r.returncode == 1 and "damaged" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "release").exists()
+
+
+def test_a_failure_after_training_still_sends_the_weights_back(packed, tmp_path):
+    import io
+    import tarfile
+
+    from training.accelerator import rescue
+    from training.checkpoint import model_from_checkpoint
+
+    work, _ = packed
+    rescue(work / "study", tmp_path / "out", RuntimeError("the gate step broke"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["error"] == "RuntimeError: the gate step broke" and manifest["rescued"] == "resnet18_kd_best.pt"
+    blob = b"".join((tmp_path / "out" / p["name"]).read_bytes() for p in manifest["parts"])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    names = {p.name for p in (tmp_path / "x" / "release").iterdir()}
+    assert {"resnet18_kd_best.pt", "resnet18_kd_history.csv", "teacher.json"} <= names
+    model, ckpt = model_from_checkpoint(tmp_path / "x" / "release" / "resnet18_kd_best.pt")  # fp16 in, fp32 network
+    original, _ = model_from_checkpoint(work / "study" / "resnet18_kd" / "best.pt")
+    assert ckpt["teacher"] is True and next(model.parameters()).dtype == torch.float32
+    for (k, v), w in zip(model.state_dict().items(), original.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-2, rtol=1e-2), k

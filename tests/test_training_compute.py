@@ -59,6 +59,18 @@ def test_identity_draw_returns_the_image_and_flips_flip():
 
 
 @fast
+def test_a_crop_of_half_the_area_takes_the_left_or_right_half_of_a_wide_image():
+    x = torch.randint(0, 256, (2, 3, 16, 32), dtype=torch.uint8)  # height 16, width 32: a mix-up shows
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    d = _identity(2)
+    d.area = d.area * 0.5                                         # 16 x 16 of the 16 x 32 source
+    d.cx = torch.tensor([0.0, 1.0])                              # leftmost, rightmost
+    out = A.augment(x, d, 16, mean, std)
+    assert torch.allclose(out[0], x[0, :, :, :16].float() / 255, atol=1e-5)
+    assert torch.allclose(out[1], x[1, :, :, 16:].float() / 255, atol=1e-5)
+
+
+@fast
 def test_every_sample_of_a_batch_draws_its_own_transform():
     x = torch.randint(0, 256, (1, 3, 24, 32), dtype=torch.uint8).repeat(8, 1, 1, 1)  # one image, eight times
     d = A.draw(8, A.step_generator(seed=0, epoch=0, step=0))
@@ -91,6 +103,7 @@ def test_time_budget_sizing():
     assert epochs_for_budget(100, 20, 10, cap=6) == 6             # never more than --epochs
     assert epochs_for_budget(10, 20, 10, cap=400) == 2            # over budget already: stop after what ran
     assert epochs_for_budget(100, 20, 10.5, cap=400) == 9         # a partial epoch does not fit
+    assert epochs_for_budget(100, 90, 10, cap=400, done=7) == 8   # a resumed run: counted from what it did
 
 
 @fast
@@ -162,10 +175,13 @@ def test_time_budget_sizes_the_run_and_the_schedule_completes(tmp_path, data_dir
                      str(tmp_path / "cache"), "--data", str(data_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     budget = json.loads((tmp_path / "run" / "budget.json").read_text())
-    planned = epochs_for_budget(budget["time_budget_s"], budget["elapsed_s"], budget["epoch_s"], budget["cap"])
-    assert budget["planned_epochs"] == planned and 2 <= planned < 200
+    planned = epochs_for_budget(budget["time_budget_s"], budget["elapsed_s"], budget["epoch_s"], budget["cap"],
+                                budget["done"])
+    assert budget["done"] == 2 and budget["planned_epochs"] == planned and 2 <= planned < 200
     rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
     assert len(rows) == planned
+    # sized, not merely recorded: 200 epochs would take far longer than the 8 s asked for (noise allowed)
+    assert sum(float(r["seconds"]) for r in rows) < 8 * 1.5
     # the cosine schedule ran to its end: the last epoch's learning rate is the floor (1 % of the peak)
     assert float(rows[-1]["lr"]) == pytest.approx(2e-3 * 0.01, rel=1e-3)
 
@@ -178,19 +194,20 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, da
     from training.metrics import classification_metrics, predict_logits
 
     common = ["--img-size", "32", "--limit-per-class", "8", "--batch-size", "8", "--epochs", "2", "--threads", "1",
-              "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
+              "--device", "cpu", "--ema", "0.9", "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "training", "train", "--out", str(tmp_path / "ddp"), *common],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = run_training("train", "--out", str(tmp_path / "one"), "--grad-accum", "2", *common)
+    one = subprocess.run([sys.executable, "-m", "training", "train", "--out", str(tmp_path / "one"),
+                          "--grad-accum", "2", *common], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
 
     a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
     params = dict(model_from_checkpoint(tmp_path / "one" / "last.pt")[0].named_parameters())
-    worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in params)
+    worst = max((a[w][k] - b[w][k]).abs().max().item() for k in params for w in ("model", "ema"))
     assert worst < 1e-5, f"2 ranks and 1 process ended {worst} apart"
     assert a["epoch"] == b["epoch"] == 1
 
@@ -200,10 +217,11 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, da
     assert len(lines) == 3 and lines[0].startswith("epoch,")
     assert ddp.stdout.count("ddp epoch 2/2: loss") == 1, "a rank other than 0 printed or wrote"
 
-    # the validation figure of the last epoch is the saved network's on the whole split
+    # the validation figure of the last epoch is the saved average's (--ema) on the whole split
     cfg = D.DataConfig(data=str(data_dir), limit_per_class=8, img_size=32, cache_dir=str(tmp_path / "cache"))
     val = D.load_split(cfg).part("val")
-    model, ckpt = model_from_checkpoint(tmp_path / "ddp" / "last.pt")
+    model, _ = model_from_checkpoint(tmp_path / "ddp" / "last.pt")
+    model.load_state_dict(a["ema"])
     x = D.build_cache(val, "eval", cfg.preprocess(), cfg.cache)
     y = np.array([r.label for r in val])
     m = classification_metrics(y, predict_logits(model, x, cfg.preprocess().mean, cfg.preprocess().std)

@@ -33,7 +33,7 @@ from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training import data as D
 from training.checkpoint import StudyError, atomic_save
-from training.device import add_device_args, resolve_device
+from training.device import add_device_args, full_fp32, resolve_device
 from training.nonskin import evaluation_sets, fitting_negatives
 from training.plots import plot_gate_scores
 from training.shifts import FAMILIES, shifted
@@ -58,7 +58,7 @@ def features(model, meta: ReleaseMeta, blobs: list[bytes], desc: str) -> tuple[t
     feats, tops, preds = [], [], []
     device = next(model.parameters()).device  # features come from the fp32 network, never the int8 one
     # Decoding dominates on a GPU machine; Pillow lets go of the GIL while it decodes and resizes.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, full_fp32():
         for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
             x = torch.stack(list(pool.map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
             f, logits = (t.float().cpu() for t in features_and_logits(model, x.to(device)))

@@ -85,6 +85,12 @@ def pack(release: Path, out: Path, extra: dict) -> list[Path]:
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(release, arcname="release")
         blob = archive.read_bytes()
+    for stale in out.glob(f"{ARCHIVE}.*"):  # parts of an earlier run would be sent back too
+        stale.unlink()
+    others = [p for p in out.iterdir() if p.is_file() and p.name != MANIFEST]
+    if len(others) + -(-len(blob) // PART_BYTES) + 1 > MAX_FILES:
+        raise StudyError(f"{len(blob)} bytes make too many parts of {PART_BYTES} beside {len(others)} other files "
+                         f"(limit {MAX_FILES} files)")
     parts = []
     for i in range(0, max(1, len(blob)), PART_BYTES):
         path = out / f"{ARCHIVE}.{i // PART_BYTES:03d}"
@@ -138,10 +144,42 @@ def unpack(source: Path, release: Path, replace: bool = False) -> ReleaseMeta:
     return meta
 
 
+NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # the gate, plots, the split
+
+
+def rescue(work: Path, out: Path, error: BaseException) -> None:
+    """After a failure past training, what cannot be rebuilt without the GPU leaves with the log: the best
+    checkpoint of the most advanced run, its weights in fp16 (loads like any checkpoint: export, calibrate and
+    trust take it on a CPU), with every run's history. Nothing is lost but the steps a CPU can redo."""
+    for run in ("resnet18_kd", "resnet18"):
+        best = work / run / "best.pt"
+        if best.exists():
+            break
+    else:
+        print(f"nothing to rescue: no run finished ({error})", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "release"
+        folder.mkdir()
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        torch.save(ckpt, folder / f"{run}_best.pt")
+        for path in [*work.glob("*/history.csv"), *work.glob("*.json"), *work.glob("*/budget.json")]:
+            shutil.copy(path, folder / f"{path.parent.name}_{path.name}" if path.parent != work else folder / path.name)
+        pack(folder, out, {"error": f"{type(error).__name__}: {error}", "rescued": f"{run}_best.pt"})
+    print(f"the study failed after training ({error}); {run}/best.pt (fp16) and the histories are in {out}",
+          flush=True)
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     started = time.time()
     if not args.out:
         raise StudyError("no --out and no $OUT: say where the files should go")
+    import importlib.util
+
+    missing = [m for m in NEEDED_AFTER_TRAINING if importlib.util.find_spec(m) is None]
+    if missing:  # found out now, not after the GPU time is spent
+        raise StudyError(f"python {sys.version.split()[0]} here lacks {', '.join(missing)}, needed after training")
     out, work = Path(args.out), Path(args.work)
     device = resolve_device(args.device)
     cap = 3 if args.quick else args.max_epochs
@@ -161,7 +199,11 @@ def run(args: argparse.Namespace) -> list[Path]:
           f"): {study.time_budget:.0f} s for training, {args.budget:.0f} s in all", flush=True)
     if (work / "release").exists():
         shutil.rmtree(work / "release")  # a release is rebuilt from the (resumable) runs every time
-    meta = run_study(study)
+    try:
+        meta = run_study(study)
+    except Exception as error:  # noqa: BLE001 - whatever broke, the trained weights must still come back
+        rescue(work, out, error)
+        raise
     results = json.loads((work / "report" / "results.json").read_text())
     runs = {p.name: _throughput(p) for p in sorted(work.iterdir()) if (p / "history.csv").exists()}
     runs.update({f"grid/{p.name}": _throughput(p) for p in sorted((work / "grid").glob("a*_t*"))})

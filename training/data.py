@@ -273,7 +273,7 @@ def build_cache(records: list[Record], kind: str, cfg: PreprocessConfig, cache_d
             out[i] = t
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # ranks of other nodes may write the same file
         torch.save(out, tmp)
         os.replace(tmp, cache_file)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """cuDNN convolutions in real fp32 for scoring: on Ampere and later they default to TF32, and validation,
+    test, calibration and gate figures fitted on a GPU must be those of the fp32 network the CPU handler runs."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def add_device_args(p) -> None:
@@ -157,5 +170,7 @@ def setup(device: str = "auto") -> Runtime:
         dev = torch.device("cuda", local_rank)
         torch.backends.cudnn.benchmark = True
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # An hour before a collective gives up: rank 0 may decode the whole dataset while the others wait.
+        extra = {"device_id": dev} if dev.type == "cuda" else {}  # binds NCCL to this rank's GPU from the start
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1), **extra)
     return Runtime(dev, rank, world, local_rank)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from skinmodel.preprocessing import normalize
+from training.device import full_fp32
 
 
 @torch.no_grad()
@@ -17,8 +18,9 @@ def predict_logits(model, images_uint8: torch.Tensor, mean, std, batch_size: int
     if device is None:
         first = next(model.parameters(), None)  # an int8 network keeps its weights in packed params: CPU
         device = first.device if first is not None else torch.device("cpu")
-    outs = [model(normalize(images_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std)).float().cpu()
-            for i in range(0, len(images_uint8), batch_size)]
+    with full_fp32():
+        outs = [model(normalize(images_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std)).float().cpu()
+                for i in range(0, len(images_uint8), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 

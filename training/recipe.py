@@ -52,12 +52,9 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-MEASURED_EPOCHS = 2  # a time budget is sized from the second epoch: the first pays for warm-up
-
-
-def epochs_for_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int) -> int:
-    """How many epochs in all fit a time budget, given the time spent so far (MEASURED_EPOCHS epochs and the
-    set-up before them) and the measured length of one epoch, validation included: never fewer than have run,
-    never more than the cap (--epochs)."""
+def epochs_for_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int, done: int = 2) -> int:
+    """How many epochs in all fit a time budget, given the time spent so far (the set-up and the `done` epochs
+    run) and the measured length of one epoch (validation, checkpoints and plots included): never fewer than
+    have run, never more than the cap (--epochs). train.py measures the second epoch: the first pays for warm-up."""
     more = int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-9))
-    return max(MEASURED_EPOCHS, min(cap, MEASURED_EPOCHS + more))
+    return max(done, min(cap, done + more))

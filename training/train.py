@@ -34,8 +34,8 @@ from training.checkpoint import StudyError, atomic_save, load_checkpoint, load_i
 from training.device import Runtime, add_device_args, setup
 from training.metrics import classification_metrics, predict_logits
 from training.plots import plot_history
-from training.recipe import (CLASS_WEIGHTINGS, MEASURED_EPOCHS, class_weights_from_counts, epochs_for_budget,
-                             kd_loss, warmup_cosine, weighted_ce)
+from training.recipe import (CLASS_WEIGHTINGS, class_weights_from_counts, epochs_for_budget, kd_loss,
+                             warmup_cosine, weighted_ce)
 
 
 @dataclass
@@ -124,7 +124,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """One step of the weights' moving average. The decay ramps up over the first steps ((1 + n) / (10 + n)), so
+    the random initial weights do not linger in the average of a short run."""
+    decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - decay)
@@ -135,7 +138,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def validate(rt: Runtime, model, x_val: torch.Tensor, y_val: np.ndarray, cfg) -> tuple[torch.Tensor, dict]:
     """The whole validation split, scored once across all ranks: each rank its shard, every rank all logits."""
     rows = rt.shard(len(x_val))
-    local = predict_logits(model, x_val[rows.start:rows.stop], cfg.mean, cfg.std, device=rt.device)
+    local = (predict_logits(model, x_val[rows.start:rows.stop], cfg.mean, cfg.std, device=rt.device) if len(rows)
+             else torch.empty(0, len(D.CLASS_NAMES)))  # more ranks than batches of the split: nothing to score
     logits = rt.gather_rows(local)
     return logits, classification_metrics(y_val, logits.argmax(1).numpy(), D.CLASS_NAMES)
 
@@ -187,24 +191,29 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
                            run.teacher_tta)
     teacher = rt.prepare(teacher) if teacher is not None else None
     ema = copy.deepcopy(model).requires_grad_(False) if run.ema else None
-    net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    plan = {"epochs": run.epochs}  # a time budget shortens it after the second epoch; the schedule follows
+    plan = {"epochs": run.epochs, "decided": False}  # a time budget sizes it after two epochs; the schedule follows
     warmup = int(run.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, plan["epochs"] * steps_per_epoch, warmup))
     start_epoch, best = 0, {"val_macro_f1": -1.0}
-    if run.resume and (out / "last.pt").exists():
+    # Every rank must resume or none: a run folder that only some nodes see would make them train different epochs.
+    resuming = rt.sum([float(run.resume and (out / "last.pt").exists())])[0]
+    if 0 < resuming < rt.world:
+        raise StudyError(f"{out / 'last.pt'} exists for some ranks only: under multi-node torchrun the run folder "
+                         "(--out) and --cache-dir must be on a filesystem every node sees")
+    if resuming:
         state = load_checkpoint(out / "last.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state.get("ema") or state["model"])
-        if run.time_budget:  # the count the budget chose; without a budget, --epochs may extend a finished run
-            plan["epochs"] = state.get("planned_epochs", run.epochs)
+        if run.time_budget and state.get("budget_decided"):  # without a budget, --epochs may extend a finished run
+            plan.update(epochs=min(run.epochs, state["planned_epochs"]), decided=True)
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+    net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks (after any resume)
 
     history_path = out / "history.csv"
     if rt.is_main and start_epoch == 0 and history_path.exists():
@@ -214,8 +223,25 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
     if rt.is_main:
         (out / "args.json").write_text(json.dumps(run.record(), indent=2))
 
-    epoch = start_epoch
+    epoch, measure_from = start_epoch, None
     while epoch < plan["epochs"]:
+        if run.time_budget and not plan["decided"]:
+            # The first epoch of a process pays for warm-up (cuDNN autotuning, caches): the next one, saves and
+            # plots included, is the measure.
+            if epoch == start_epoch + 1:
+                measure_from = time.time()
+            elif measure_from is not None:
+                elapsed, epoch_s = round(time.time() - started, 3), round(time.time() - measure_from, 3)
+                planned = epochs_for_budget(run.time_budget, elapsed, epoch_s, run.epochs, done=epoch)
+                plan.update(epochs=rt.broadcast_int(planned), decided=True)  # rank 0's clock decides for all
+                if rt.is_main:
+                    (out / "budget.json").write_text(json.dumps({
+                        "time_budget_s": run.time_budget, "elapsed_s": elapsed, "epoch_s": epoch_s,
+                        "done": epoch, "cap": run.epochs, "planned_epochs": plan["epochs"]}, indent=2))
+                    print(f"time budget {run.time_budget:.0f} s: {plan['epochs']} epochs "
+                          f"({epoch_s:.1f} s per epoch measured)", flush=True)
+                if epoch >= plan["epochs"]:
+                    break
         model.train()
         epoch_started = time.time()
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(run.seed * 1_000_003 + epoch))
@@ -254,12 +280,16 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
             optimizer.step()
             scheduler.step()
             if ema is not None:
-                _ema_update(ema, model, run.ema)
+                _ema_update(ema, model, run.ema, scheduler.last_epoch)
             if rt.is_main and step % 20 == 0:  # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
 
         train_seconds = time.time() - epoch_started
         rt.average_buffers(model)
+        if ema is not None:  # the average's BatchNorm statistics: the network's, the same on every rank
+            with torch.no_grad():
+                for e, b in zip(ema.buffers(), model.buffers()):
+                    e.copy_(b)
         scored = ema if ema is not None else model
         val_logits, m = validate(rt, scored, x_val, y_val, cfg)
         loss_total, kd_total, seen = rt.sum([loss_sum.item(), kd_sum.item(), steps_per_epoch * per_rank])
@@ -271,16 +301,6 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
                **{f"val_recall_{c}": v for c, v in m["per_class_recall"].items()},
                "images_per_s": round(steps_per_epoch * run.batch_size / train_seconds, 1),
                "seconds": round(time.time() - epoch_started, 2)}
-        if run.time_budget and epoch + 1 == MEASURED_EPOCHS and plan["epochs"] > MEASURED_EPOCHS:
-            # Rounded before use, so budget.json holds exactly the figures the decision was made from.
-            elapsed, epoch_s = round(time.time() - started, 3), round(time.time() - epoch_started, 3)
-            plan["epochs"] = rt.broadcast_int(epochs_for_budget(run.time_budget, elapsed, epoch_s, run.epochs))
-            if rt.is_main:  # rank 0's clock decided for all
-                (out / "budget.json").write_text(json.dumps({
-                    "time_budget_s": run.time_budget, "elapsed_s": elapsed, "epoch_s": epoch_s, "cap": run.epochs,
-                    "planned_epochs": plan["epochs"]}, indent=2))
-                print(f"time budget {run.time_budget:.0f} s: {plan['epochs']} epochs "
-                      f"({epoch_s:.1f} s per epoch measured)", flush=True)
         if m["macro_f1"] > best["val_macro_f1"]:
             best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if k.startswith("val_")}}
             if rt.is_main:
@@ -297,6 +317,7 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
             atomic_save({**base, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "rng": torch.get_rng_state(), "epoch": epoch, "planned_epochs": plan["epochs"],
+                         "budget_decided": plan["decided"],
                          "best": best}, out / "last.pt")
         epoch += 1
     if rt.is_main:
