@@ -90,9 +90,16 @@ def _load(path) -> Image.Image:
 def _shifted_sets(records: list[D.Record], seed: int):
     """(family, files): every record under each shift family in turn (a different draw per image and family);
     one family's files at a time, since "source resolution" makes files several times the original's size."""
-    images = [_load(r.path) for r in records]
+    images = _parallel(lambda r: _load(r.path), records)
     for f, family in enumerate(tqdm(FAMILIES, desc="shifting", unit="family", leave=False)):
-        yield family, [shifted(img, family, seed + 1000 * f + i) for i, img in enumerate(images)]
+        yield family, _parallel(lambda i: shifted(images[i], family, seed + 1000 * f + i), range(len(images)))
+
+
+def _parallel(fn, items) -> list:
+    """fn over items in threads, in order: Pillow's decoders, filters and encoders let go of the GIL, and every
+    draw is seeded by its item, so the result is the sequential one."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
 
 
 def _share(scores, threshold: float, mask=None):
@@ -121,8 +128,9 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     train_recs = split.part("train")
     rng = np.random.default_rng(seed)
     families = list(FAMILIES)
-    train_shifted = [shifted(_load(r.path), families[int(rng.integers(len(families)))], 10_000_000 + i)
-                     for i, r in enumerate(tqdm(train_recs, desc="shifting train", unit="img", leave=False))]
+    picks = [families[int(rng.integers(len(families)))] for _ in train_recs]  # drawn in order, as always
+    train_shifted = _parallel(lambda i: shifted(_load(train_recs[i].path), picks[i], 10_000_000 + i),
+                              range(len(train_recs)))
     lesions = torch.cat([features(model, meta, read(train_recs), "train")[0],
                          features(model, meta, train_shifted, "train, shifted")[0]])
     fitting = {part: fitting_negatives(part, seed + 1) for part in ("train", "val")}

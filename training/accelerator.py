@@ -35,7 +35,7 @@ from training.recipe import CLASS_WEIGHTINGS
 MAX_FILES = 8
 PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file
 BUDGET_S = 480.0                 # 8 minutes: one device call of at most 10, with room to spare
-AFTER_TRAINING_S = 150.0         # evaluation, calibration, the gate, the served test report, packing
+AFTER_TRAINING_S = 180.0         # evaluation, calibration, the gate, the served test report, packing
 MANIFEST = "manifest.json"
 ARCHIVE = "release.tar.gz"
 
@@ -78,31 +78,38 @@ def _throughput(run_dir: Path) -> dict:
 
 
 def pack(release: Path, out: Path, extra: dict) -> list[Path]:
-    """release/ -> OUT/release.tar.gz.000, .001, ... + OUT/manifest.json (sha256 of each part and of the whole)."""
+    """release/ -> OUT/release.tar.gz.<hash>.000, .001, ... + OUT/manifest.json (sha256 of each part and the whole)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / ARCHIVE
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(release, arcname="release")
         blob = archive.read_bytes()
-    for stale in out.glob(f"{ARCHIVE}.*"):  # parts of an earlier run would be sent back too
-        stale.unlink()
-    others = [p for p in out.iterdir() if p.is_file() and p.name != MANIFEST]
-    if len(others) + -(-len(blob) // PART_BYTES) + 1 > MAX_FILES:
-        raise StudyError(f"{len(blob)} bytes make too many parts of {PART_BYTES} beside {len(others)} other files "
+    # Parts named by the archive's hash, the manifest switched by one rename, old parts removed last: a run
+    # killed at any moment leaves a manifest whose parts are all there (the early student or the release).
+    tag = hashlib.sha256(blob).hexdigest()[:12]
+    old = set(out.glob(f"{ARCHIVE}.*"))
+    others = [p for p in out.iterdir() if p.is_file() and p.name != MANIFEST and p not in old]
+    count = -(-len(blob) // PART_BYTES) or 1
+    if len(others) + count + 1 > MAX_FILES:
+        raise StudyError(f"{len(blob)} bytes make {count} parts of {PART_BYTES} beside {len(others)} other files "
                          f"(limit {MAX_FILES} files)")
     parts = []
-    for i in range(0, max(1, len(blob)), PART_BYTES):
-        path = out / f"{ARCHIVE}.{i // PART_BYTES:03d}"
-        path.write_bytes(blob[i:i + PART_BYTES])
+    for i in range(count):
+        path = out / f"{ARCHIVE}.{tag}.{i:03d}"
+        path.write_bytes(blob[i * PART_BYTES:(i + 1) * PART_BYTES])
         parts.append({"name": path.name, "bytes": path.stat().st_size,
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     manifest = {"archive_sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, **extra}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    tmp_manifest = out / f"{MANIFEST}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp_manifest, out / MANIFEST)
+    for stale in old - {out / p["name"] for p in parts}:
+        stale.unlink()
     files = sorted(p for p in out.iterdir() if p.is_file())
-    if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
-        raise StudyError(f"{out} holds {len(files)} files (limit {MAX_FILES}, each < 16 MiB): "
-                         + ", ".join(f"{p.name} {p.stat().st_size}" for p in files))
+    if any(p.stat().st_size >= 16 * 2**20 for p in files):
+        raise StudyError(f"{out} holds a file of 16 MiB or more: " + ", ".join(f"{p.name} {p.stat().st_size}"
+                                                                          for p in files))
     return files
 
 
@@ -147,16 +154,17 @@ def unpack(source: Path, release: Path, replace: bool = False) -> ReleaseMeta:
 NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # the gate, plots, the split
 
 
-def rescue(work: Path, out: Path, error: BaseException) -> None:
-    """After a failure past training, what cannot be rebuilt without the GPU leaves with the log: the best
-    checkpoint of the most advanced run, its weights in fp16 (loads like any checkpoint: export, calibrate and
-    trust take it on a CPU), with every run's history. Nothing is lost but the steps a CPU can redo."""
+def rescue(work: Path, out: Path, error: BaseException | None = None) -> None:
+    """What cannot be rebuilt without the GPU, in OUT: the best checkpoint of the most advanced run, its weights
+    in fp16 (it loads like any checkpoint: export, calibrate and trust take it on a CPU), with every run's history.
+    Written as soon as training ends (error None; the full release replaces it at the end, so a run killed at its
+    time limit still sends the student back) and again after a failure."""
     for run in ("resnet18_kd", "resnet18"):
         best = work / run / "best.pt"
         if best.exists():
             break
     else:
-        print(f"nothing to rescue: no run finished ({error})", flush=True)
+        print(f"nothing to send back: no run finished ({error or 'no error'})", flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "release"
@@ -166,9 +174,9 @@ def rescue(work: Path, out: Path, error: BaseException) -> None:
         torch.save(ckpt, folder / f"{run}_best.pt")
         for path in [*work.glob("*/history.csv"), *work.glob("*.json"), *work.glob("*/budget.json")]:
             shutil.copy(path, folder / f"{path.parent.name}_{path.name}" if path.parent != work else folder / path.name)
-        pack(folder, out, {"error": f"{type(error).__name__}: {error}", "rescued": f"{run}_best.pt"})
-    print(f"the study failed after training ({error}); {run}/best.pt (fp16) and the histories are in {out}",
-          flush=True)
+        state = f"{type(error).__name__}: {error}" if error else "training done; the steps after it did not end"
+        pack(folder, out, {"error": state, "rescued": f"{run}_best.pt"})
+    print(f"{run}/best.pt (fp16) and the histories are in {out} ({state})", flush=True)
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -200,7 +208,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if (work / "release").exists():
         shutil.rmtree(work / "release")  # a release is rebuilt from the (resumable) runs every time
     try:
-        meta = run_study(study)
+        meta = run_study(study, after_training=lambda: rescue(work, out))
     except Exception as error:  # noqa: BLE001 - whatever broke, the trained weights must still come back
         rescue(work, out, error)
         raise

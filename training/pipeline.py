@@ -174,7 +174,9 @@ def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]], device:
     return best, specs[best], scores
 
 
-def run_study(study: StudyConfig) -> ReleaseMeta:
+def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
+    """Every step in order; after_training() is called once the last network is trained (the accelerator run
+    sends the student back from there, before the steps a CPU could redo)."""
     out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -212,6 +214,8 @@ def run_study(study: StudyConfig) -> ReleaseMeta:
                            teacher_tta=teacher_tta,
                            alpha=alpha, temperature=temperature, time_budget=budget("kd"), **common))
     student = str(runs["kd"] / "best.pt")
+    if after_training:
+        after_training()
 
     report_dir = out / "report"
     evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,
