@@ -12,7 +12,7 @@ from tests.conftest import run_training
 from training.checkpoint import StudyError, load_init_weights, model_from_checkpoint
 
 
-@pytest.mark.parametrize("command", ["split", "train", "grid", "evaluate", "export", "all"])
+@pytest.mark.parametrize("command", ["split", "train", "grid", "evaluate", "export", "all", "accelerator", "unpack"])
 def test_every_command_has_help(command, capsys):
     from training.__main__ import main
 

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${PYTHON:-python3}"
+for a in "$@"; do [[ "$a" == "-h" || "$a" == "--help" ]] && exec "$python" -m training accelerator --help; done
 out="${OUT:-}"
 for ((i = 1; i <= $#; i++)); do [[ "${!i}" == "--out" ]] && { j=$((i + 1)); out="${!j}"; }; done
 if [[ -z "$out" ]]; then echo "accelerator.sh: set OUT or pass --out DIR" >&2; exit 2; fi
