@@ -64,6 +64,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--teacher-tta", action="store_true", help="teacher candidates with 8-view test-time augmentation")
     add_device_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
+    p.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="on CUDA, skip the 32 px run of every step that comes first (about half a minute)")
     return p
 
 
@@ -202,6 +204,14 @@ def run(args: argparse.Namespace) -> list[Path]:
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))
     if args.quick:
         study = dataclasses.replace(study.quick(), epochs_resnet18=cap, epochs_kd=cap, grid_max_train_images=None)
+    elif args.preflight and device.type == "cuda":
+        # Every step once on the GPU at 32 px before the real run: a CUDA-only fault then costs seconds, not the
+        # call. Its budget path runs too (3 epochs capped, a budget of 60 s).
+        t0 = time.time()
+        run_study(dataclasses.replace(study.quick(), out=str(work / "preflight"), epochs_resnet18=3, epochs_kd=3,
+                                      release_dir=str(work / "preflight" / "release"), time_budget=60.0,
+                                      grid_max_train_images=None))
+        print(f"preflight: every step ran on {device} in {time.time() - t0:.0f} s", flush=True)
     study.time_budget = max(1.0, args.budget - args.after_training - (time.time() - started))
     print(f"accelerator study on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
           f"): {study.time_budget:.0f} s for training, {args.budget:.0f} s in all", flush=True)
