@@ -27,7 +27,7 @@ import torch
 from skinmodel.networks import build_model, load_state_dict_file
 from skinmodel.release import ReleaseMeta
 from training import data as D
-from training.checkpoint import StudyError
+from training.checkpoint import StudyError, model_from_checkpoint
 from training.device import add_device_args, resolve_device
 from training.pipeline import StudyConfig, run_study
 from training.recipe import CLASS_WEIGHTINGS
@@ -115,9 +115,11 @@ def pack(release: Path, out: Path, extra: dict) -> list[Path]:
     return files
 
 
-def unpack(source: Path, release: Path, replace: bool = False) -> ReleaseMeta:
+def unpack(source: Path, release: Path, replace: bool = False) -> tuple[ReleaseMeta | None, dict]:
     """Parts + manifest -> a checked release folder. Every part's hash is verified before anything is written, the
-    archive is extracted beside the target and swapped in only once its weights load."""
+    archive is extracted beside the target and swapped in only once its weights load. A run that ended before its
+    release was made sent back its student checkpoint instead (manifest "rescued"): that folder comes out as it
+    is, checkpoint checked, and no ReleaseMeta. Returns (meta or None, manifest)."""
     source, release = Path(source), Path(release)
     manifest_path = source / MANIFEST
     if not manifest_path.is_file():
@@ -144,13 +146,17 @@ def unpack(source: Path, release: Path, replace: bool = False) -> ReleaseMeta:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")  # no absolute paths, links out or devices
         staged = Path(tmp) / "release"
-        meta = ReleaseMeta.load(staged)
-        build_model(meta.arch, meta.num_classes).load_state_dict(load_state_dict_file(staged / meta.weights_file))
+        if manifest.get("rescued"):
+            meta = None
+            model_from_checkpoint(staged / manifest["rescued"])  # fp16 weights into the fp32 network: they load
+        else:
+            meta = ReleaseMeta.load(staged)
+            build_model(meta.arch, meta.num_classes).load_state_dict(load_state_dict_file(staged / meta.weights_file))
         (staged / MANIFEST).write_text(manifest_path.read_text())
         if release.exists():
             shutil.rmtree(release)
         os.replace(staged, release)
-    return meta
+    return meta, manifest
 
 
 NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # the gate, plots, the split

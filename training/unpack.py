@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from training.accelerator import unpack
@@ -21,9 +22,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
-    meta = unpack(Path(args.source), Path(args.release), args.replace)
-    print(f"release {meta.version} ({meta.arch}, {meta.preprocessing.crop_size} px) in {args.release}")
-    return meta
+    meta, manifest = unpack(Path(args.source), Path(args.release), args.replace)
+    if meta is not None:
+        print(f"release {meta.version} ({meta.arch}, {meta.preprocessing.crop_size} px) in {args.release}")
+        return meta
+    here = Path(args.release)
+    ckpt, report, r = here / manifest["rescued"], here / "report", f"{args.release}-release"
+    steps = [["evaluate", "--model", f"resnet18 distilled={ckpt}", "--out", report],
+             ["export", "--checkpoint", ckpt, "--out", r, "--results", report / "results.json",
+              "--results-key", "resnet18 distilled"],
+             ["calibrate", "--checkpoint", ckpt, "--release", r], ["trust", "--release", r],
+             ["model-card", "--release", r]]
+    print(f"the accelerator run sent back its student only ({manifest['error']}).\n{here} holds "
+          f"{manifest['rescued']} (fp16 weights) and every run's history. Finish on this machine:")
+    for step in steps:
+        print("  python -m training " + shlex.join(map(str, step)))
+    return None
 
 
 if __name__ == "__main__":
