@@ -101,7 +101,8 @@ def test_time_budget_sizing():
     # 100 s budget, 20 s spent on set-up and two epochs, 10 s per epoch: 8 more epochs fit, 10 in all
     assert epochs_for_budget(100, 20, 10, cap=400) == 10
     assert epochs_for_budget(100, 20, 10, cap=6) == 6             # never more than --epochs
-    assert epochs_for_budget(10, 20, 10, cap=400) == 2            # over budget already: stop after what ran
+    assert epochs_for_budget(10, 20, 10, cap=400) == 3            # over budget: one more, to anneal the rate
+    assert epochs_for_budget(10, 20, 10, cap=2) == 2              # ... unless the cap says no
     assert epochs_for_budget(100, 20, 10.5, cap=400) == 9         # a partial epoch does not fit
     assert epochs_for_budget(100, 90, 10, cap=400, done=7) == 8   # a resumed run: counted from what it did
 
@@ -229,3 +230,7 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, da
     last = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))[-1]
     assert float(last["val_balanced_accuracy"]) == pytest.approx(m["balanced_accuracy"])
     assert float(last["val_macro_f1"]) == pytest.approx(m["macro_f1"])
+    # the logits themselves (BatchNorm statistics of the average included), not only their argmax
+    nll = torch.nn.functional.cross_entropy(predict_logits(model, x, cfg.preprocess().mean, cfg.preprocess().std),
+                                            torch.from_numpy(y)).item()
+    assert float(last["val_nll"]) == pytest.approx(nll, rel=1e-4)

@@ -30,7 +30,7 @@ from training import data as D
 from training.checkpoint import StudyError, model_from_checkpoint
 from training.device import add_device_args, resolve_device
 from training.pipeline import StudyConfig, run_study
-from training.recipe import CLASS_WEIGHTINGS
+from training.train import RECIPE_FIELDS, add_recipe_args
 
 MAX_FILES = 8
 PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file
@@ -58,9 +58,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="the grid's proxy budget: each alpha x T cell trains on this many images (its share of the "
                         "time sizes the epochs)")
     p.add_argument("--version", default="2.0")
-    p.add_argument("--class-weighting", default="inverse", choices=CLASS_WEIGHTINGS)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    add_recipe_args(p)
     p.add_argument("--teacher-tta", action="store_true", help="teacher candidates with 8-view test-time augmentation")
     add_device_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
@@ -91,11 +89,15 @@ def pack(release: Path, out: Path, extra: dict) -> list[Path]:
     # killed at any moment leaves a manifest whose parts are all there (the early student or the release).
     tag = hashlib.sha256(blob).hexdigest()[:12]
     old = set(out.glob(f"{ARCHIVE}.*"))
-    others = [p for p in out.iterdir() if p.is_file() and p.name != MANIFEST and p not in old]
+    others = [p for p in out.iterdir() if p.is_file() and not p.name.startswith(MANIFEST) and p not in old]
     count = -(-len(blob) // PART_BYTES) or 1
     if len(others) + count + 1 > MAX_FILES:
         raise StudyError(f"{len(blob)} bytes make {count} parts of {PART_BYTES} beside {len(others)} other files "
                          f"(limit {MAX_FILES} files)")
+    if len(others) + len(old) + count + 2 > MAX_FILES:  # no room for both at once: the earlier pack goes first
+        for stale in (*old, out / MANIFEST):
+            stale.unlink(missing_ok=True)
+        old = set()
     parts = []
     for i in range(count):
         path = out / f"{ARCHIVE}.{tag}.{i:03d}"
@@ -204,8 +206,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     study = StudyConfig(out=str(work), data=data, epochs_resnet18=cap, epochs_resnet50=cap, epochs_kd=cap,
                         batch_size=args.batch_size, grid=True, grid_epochs=cap,
                         grid_max_train_images=args.grid_images, device=args.device,
-                        class_weighting=args.class_weighting, label_smoothing=args.label_smoothing, ema=args.ema,
-                        teacher_tta=args.teacher_tta,
+                        teacher_tta=args.teacher_tta, **{k: getattr(args, k) for k in RECIPE_FIELDS},
                         release_dir=str(work / "release"), version=args.version,
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))
     if args.quick:

@@ -120,7 +120,7 @@ Test split: {results['n_test_images']} images of {results['n_test_lesions']} les
 `lesion_id`, so no lesion of the test split was seen in training or used for any choice (checkpoint, teacher,
 alpha/T were all chosen on the validation split). Split sha256 `{results['split_hash']}`.
 Evaluation is deterministic: the shared preprocessing (resize shorter side, centre crop, normalise), no test-time
-augmentation. Latency: median single-image forward pass on this CPU with {results['torch_threads']} torch thread(s).
+augmentation (but for a teacher named "+ TTA": the mean of its 8 flipped and rotated views). Latency: median single-image forward pass on this CPU with {results['torch_threads']} torch thread(s).
 Generated {results['date']} by `{results['command'] or 'python -m training evaluate ...'}`.
 
 {render_table(results)}

@@ -9,7 +9,7 @@ from pathlib import Path
 from training import data as D
 from training.device import add_device_args
 from training.plots import plot_grid
-from training.train import TrainConfig, train
+from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, train
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TEMPERATURES = (1.0, 5.0, 10.0, 15.0, 20.0)
@@ -29,6 +29,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-tta", action="store_true", help="the teacher averages its 8 dihedral views")
+    add_recipe_args(p)
     add_device_args(p)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time per cell (sizes its epochs, at most --epochs)")
@@ -38,7 +39,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS, temps=TEMPERATURES,
                 arch: str = "resnet18", epochs: int = 3, max_train_images: int | None = None, batch_size: int = 64,
                 seed: int = 0, device: str = "auto", time_budget: float | None = None,
-                teacher_tta: bool = False) -> dict:
+                teacher_tta: bool = False, recipe: dict | None = None) -> dict:
     """One short run per (alpha, T) cell, each skipped when already complete; the best cell on validation
     macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
     out = Path(out)
@@ -49,8 +50,7 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
             run = TrainConfig(out=str(out / f"a{alpha:g}_t{temperature:g}"), data=data, arch=arch, epochs=epochs,
                               batch_size=batch_size, seed=seed, max_train_images=max_train_images,
                               teacher=list(teacher), teacher_tta=teacher_tta, alpha=alpha, temperature=temperature,
-                              device=device,
-                              time_budget=time_budget)
+                              device=device, time_budget=time_budget, **(recipe or {}))
             done = Path(run.out) / "best.json"
             best = json.loads(done.read_text()) if done.exists() else train(run)
             scores[(alpha, temperature)] = best["val_macro_f1"]
@@ -71,7 +71,7 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
 def main(args: argparse.Namespace) -> dict:
     return grid_search(D.DataConfig.from_args(args), Path(args.out), args.teacher, args.alphas, args.temps, args.arch,
                        args.epochs, args.max_train_images, args.batch_size, args.seed, args.device, args.time_budget,
-                       args.teacher_tta)
+                       args.teacher_tta, {k: getattr(args, k) for k in RECIPE_FIELDS})
 
 
 if __name__ == "__main__":

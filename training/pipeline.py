@@ -34,8 +34,7 @@ from training.grid import ALPHAS, TEMPERATURES, grid_search
 from training.metrics import classification_metrics, predict_logits
 from training.model_card import SERVED_TEST, write_model_card
 from training.subgroups import render_subgroups
-from training.recipe import CLASS_WEIGHTINGS
-from training.train import TrainConfig, train
+from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, train
 
 
 @dataclass
@@ -96,9 +95,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--grid-temps", type=float, nargs="+", default=d.grid_temps)
     p.add_argument("--grid-epochs", type=int, default=d.grid_epochs)
     p.add_argument("--grid-max-train-images", type=int, default=None)
-    p.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights (0: off)")
+    add_recipe_args(p)
     p.add_argument("--teacher-tta", action="store_true",
                    help="also consider every teacher averaged over its 8 flipped/rotated views (8x its cost in "
                         "distillation); chosen only if it wins on validation")
@@ -137,7 +134,7 @@ class Budget:
 
 
 def epochs_run(run_dir: Path) -> int:
-    """How many epochs a finished run trained (its history's rows)."""
+    """How many epochs a finished run trained (its history's rows; train.py drops rows a resume repeats)."""
     with open(run_dir / "history.csv") as f:
         return sum(1 for _ in f) - 1
 
@@ -185,8 +182,8 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
     data = study.data
     data.use_threads()
     budget = Budget(study.time_budget, study.grid)
-    common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device,
-                  class_weighting=study.class_weighting, label_smoothing=study.label_smoothing, ema=study.ema)
+    recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
+    common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device, **recipe)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
     train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18,
                            time_budget=budget("resnet18"), **common))
@@ -201,7 +198,7 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
         cells = len(study.grid_alphas) * len(study.grid_temps)
         chosen = grid_search(data, out / "grid", teacher, study.grid_alphas, study.grid_temps, epochs=study.grid_epochs,
                              max_train_images=study.grid_max_train_images, batch_size=study.batch_size,
-                             seed=study.seed, device=study.device, teacher_tta=teacher_tta,
+                             seed=study.seed, device=study.device, teacher_tta=teacher_tta, recipe=recipe,
                              time_budget=budget("grid") / cells if study.time_budget else None)
         alpha, temperature = chosen["alpha"], chosen["temperature"]
     (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "tta": teacher_tta,
@@ -215,7 +212,10 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
                            alpha=alpha, temperature=temperature, time_budget=budget("kd"), **common))
     student = str(runs["kd"] / "best.pt")
     if after_training:
-        after_training()
+        try:
+            after_training()
+        except Exception as err:  # noqa: BLE001 - sending a copy early must not stop the study that trained
+            print(f"could not send the student back early: {err}", flush=True)
 
     report_dir = out / "report"
     evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,

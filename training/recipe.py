@@ -54,7 +54,9 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 def epochs_for_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int, done: int = 2) -> int:
     """How many epochs in all fit a time budget, given the time spent so far (the set-up and the `done` epochs
-    run) and the measured length of one epoch (validation, checkpoints and plots included): never fewer than
-    have run, never more than the cap (--epochs). train.py measures the second epoch: the first pays for warm-up."""
+    run) and the measured length of one epoch (validation, checkpoints and plots included): at least one more
+    than have run (the epochs so far followed a schedule planned for the cap: one more lets the learning rate
+    come down to its floor, even past the budget), never more than the cap (--epochs). train.py measures the
+    second epoch: the first pays for warm-up."""
     more = int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-9))
-    return max(done, min(cap, done + more))
+    return min(cap, done + max(1, more))

@@ -102,12 +102,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     kd.add_argument("--temperature", type=float, default=d.temperature)
     kd.add_argument("--teacher-tta", action="store_true",
                     help="the teacher answers with the mean of its 8 flipped/rotated views (8x its cost)")
-    r = p.add_argument_group("recipe")
-    r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
-                   help="loss weight per class: inverse frequency, its square root, or none")
-    r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
-                                                            "validation and checkpoints then use the average")
+    add_recipe_args(p)
     c = p.add_argument_group("compute")
     add_device_args(c)
     c.add_argument("--grad-accum", type=int, default=d.grad_accum,
@@ -116,6 +111,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="fit the run into this wall time: the epoch count (at most --epochs) is sized from the "
                         "second epoch's measured length, so the cosine schedule still completes")
     return p
+
+
+RECIPE_FIELDS = ("class_weighting", "label_smoothing", "ema")  # shared by every run of a study, grid included
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The recipe flags, once, for train, grid, all and accelerator."""
+    d = TrainConfig(out="")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
+                   help="loss weight per class: inverse frequency, its square root, or none")
+    r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
+                                                            "validation and checkpoints then use the average")
 
 
 def seed_everything(seed: int) -> None:
@@ -216,8 +225,13 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
     net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks (after any resume)
 
     history_path = out / "history.csv"
-    if rt.is_main and start_epoch == 0 and history_path.exists():
-        history_path.unlink()
+    if rt.is_main and history_path.exists():
+        # Rows of epochs after the checkpoint (a run killed between writing its row and saving last.pt) go.
+        lines = history_path.read_text().splitlines(keepends=True)
+        if start_epoch:
+            history_path.write_text("".join(lines[:1 + start_epoch]))
+        else:
+            history_path.unlink()
     base = {"arch": run.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": cfg.to_dict(),
             "split_hash": split.hash, "args": run.record(), "teacher": bool(teacher)}
     if rt.is_main:

@@ -28,9 +28,9 @@ def main(args: argparse.Namespace):
         return meta
     here = Path(args.release)
     ckpt, report, r = here / manifest["rescued"], here / "report", f"{args.release}-release"
-    steps = [["evaluate", "--model", f"resnet18 distilled={ckpt}", "--out", report],
-             ["export", "--checkpoint", ckpt, "--out", r, "--results", report / "results.json",
-              "--results-key", "resnet18 distilled"],
+    name = "resnet18 distilled" if manifest["rescued"].startswith("resnet18_kd") else "resnet18 (scratch)"
+    steps = [["evaluate", "--model", f"{name}={ckpt}", "--out", report],
+             ["export", "--checkpoint", ckpt, "--out", r, "--results", report / "results.json", "--results-key", name],
              ["calibrate", "--checkpoint", ckpt, "--release", r], ["trust", "--release", r],
              ["model-card", "--release", r]]
     print(f"the accelerator run sent back its student only ({manifest['error']}).\n{here} holds "
