@@ -125,6 +125,37 @@ def test_a_study_budget_makes_later_runs_pay_for_an_overrun_not_the_steps_after_
 
 
 @fast
+def test_mixup_and_cutmix_pair_mirrored_samples_and_say_how_much_is_their_own():
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()  # sample i is all i
+    lam = torch.tensor([1.0, 0.75, 0.25, 0.5])
+    blended, own = A.mix(x, lam, torch.full((4, 2), 0.5), "mixup")
+    assert torch.equal(own, lam) and torch.allclose(blended[1], 0.75 * x[1] + 0.25 * x[2])
+    pasted, own = A.mix(x, lam, torch.full((4, 2), 0.5), "cutmix")
+    for i in range(4):  # every pixel is the sample's own or its mirror's (3 - i), in the share `own` says
+        assert torch.all((pasted[i] == i) | (pasted[i] == 3 - i))
+        assert own[i] == pytest.approx((pasted[i] == i).float().mean().item())
+    assert own[0] == 1.0 and torch.equal(pasted[0], x[0]) and abs(own[2] - lam[2]) < 0.2  # whole pixels of 8 x 8
+    edge, own = A.mix(x, torch.full((4,), 0.75), torch.zeros(4, 2), "cutmix")  # a box clipped at the corner
+    assert own[1] == pytest.approx(1 - 2 * 2 / 64)
+
+
+@fast
+def test_a_mixed_loss_weights_both_labels():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 7), torch.randint(0, 7, (6,))
+    w = class_weights_from_counts([300, 50, 110, 10, 110, 670, 15])
+    partner, lam = y.flip(0), torch.rand(6)
+    mixed = weighted_ce(logits, y, w, 0.0, partner, lam)
+    by_hand = (lam * weighted_ce_each(logits, y, w) + (1 - lam) * weighted_ce_each(logits, partner, w)).mean()
+    assert torch.isclose(mixed, by_hand, atol=1e-6)
+    assert torch.isclose(weighted_ce(logits, y, w, 0.0, partner, torch.ones(6)), weighted_ce(logits, y, w))
+
+
+def weighted_ce_each(logits, y, w):
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none") * w[y]
+
+
+@fast
 def test_loss_of_a_batch_is_the_mean_of_its_halves_so_ranks_add_up():
     torch.manual_seed(0)
     logits, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
@@ -195,7 +226,7 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, da
     from training.metrics import classification_metrics, predict_logits
 
     common = ["--img-size", "32", "--limit-per-class", "8", "--batch-size", "8", "--epochs", "2", "--threads", "1",
-              "--device", "cpu", "--ema", "0.9", "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
+              "--device", "cpu", "--ema", "0.9", "--mix", "cutmix", "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "training", "train", "--out", str(tmp_path / "ddp"), *common],

@@ -126,3 +126,41 @@ def augment(images_uint8: torch.Tensor, d: Draws, crop: int, mean, std) -> torch
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+MIXES = ("none", "mixup", "cutmix")
+
+
+def draw_mix(n: int, gen: torch.Generator, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the share lam ~ Beta(alpha, alpha) it keeps of itself, and a box centre (cutmix), both from
+    the step's generator (numpy's Beta, seeded from it: torch's Beta takes no generator)."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, n)).float()
+    return lam, torch.rand(n, 2, generator=gen)
+
+
+def mix(x: torch.Tensor, lam: torch.Tensor, centres: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample mixed with its partner, the sample at the mirrored position of the same micro-batch (x.flip(0):
+    the same pairs whatever the number of ranks). mixup blends the pixels; cutmix pastes a box of area 1 - lam of
+    the partner. Returns the images and the share of each that is its own (the loss weights the two labels so)."""
+    partner = x.flip(0)
+    lam = lam.to(x.device, x.dtype)
+    if kind == "mixup":
+        return x * lam.view(-1, 1, 1, 1) + partner * (1 - lam).view(-1, 1, 1, 1), lam
+    if kind != "cutmix":
+        raise ValueError(f"unknown mix {kind!r}")
+    n, _, height, width = x.shape
+    side = (1 - lam).sqrt()
+    c = centres.to(x.device, x.dtype)
+    top = (c[:, 1] * height - side * height / 2).round().clamp(0, height)
+    bottom = (c[:, 1] * height + side * height / 2).round().clamp(0, height)
+    left = (c[:, 0] * width - side * width / 2).round().clamp(0, width)
+    right = (c[:, 0] * width + side * width / 2).round().clamp(0, width)
+    rows = torch.arange(height, device=x.device, dtype=x.dtype).view(1, height, 1)
+    cols = torch.arange(width, device=x.device, dtype=x.dtype).view(1, 1, width)
+    box = ((rows >= top.view(-1, 1, 1)) & (rows < bottom.view(-1, 1, 1))
+           & (cols >= left.view(-1, 1, 1)) & (cols < right.view(-1, 1, 1)))
+    own = 1 - box.flatten(1).float().mean(1)  # the box as it landed, clipped at the edges
+    return torch.where(box.unsqueeze(1), partner, x), own.to(x.dtype)

@@ -56,6 +56,8 @@ class StudyConfig:
     class_weighting: str = "inverse"  # the recipe every run shares (training/recipe.py, TrainConfig)
     label_smoothing: float = 0.0
     ema: float = 0.0
+    mix: str = "none"
+    mix_alpha: float = 1.0
     teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
     device: str = "auto"
     time_budget: float | None = None  # seconds for all training runs together, shared as in BUDGET_SHARES

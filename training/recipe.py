@@ -10,22 +10,28 @@ import torch.nn.functional as F
 CLASS_WEIGHTINGS = ("inverse", "sqrt", "none")
 
 
-def weighted_ce(logits, targets, class_weights=None, label_smoothing: float = 0.0):
+def weighted_ce(logits, targets, class_weights=None, label_smoothing: float = 0.0, partner=None, lam=None):
     """Mean over samples of w[y] * CE. Unlike cross_entropy(weight=...), which divides by the batch's sum of
     weights, this is a plain per-sample mean: the mean over ranks of each rank's loss is then exactly the loss of
-    the global batch, so N processes train what one process would."""
-    ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
-    return (ce * class_weights[targets]).mean() if class_weights is not None else ce.mean()
+    the global batch, so N processes train what one process would. With a mix (augment.mix), each sample's
+    loss is lam * its own label's + (1 - lam) * its partner's."""
+    def per_sample(y):
+        ce = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+        return ce * class_weights[y] if class_weights is not None else ce
+
+    if partner is None:
+        return per_sample(targets).mean()
+    return (lam * per_sample(targets) + (1 - lam) * per_sample(partner)).mean()
 
 
 def kd_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float, class_weights=None,
-            label_smoothing: float = 0.0):
+            label_smoothing: float = 0.0, partner=None, lam=None):
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 
     Returns (total, kd_term, ce_term). The T^2 factor keeps the soft-target gradients on the same
     scale as the hard-label ones when T changes (Hinton et al., 2015).
     """
-    ce = weighted_ce(student_logits, targets, class_weights, label_smoothing)
+    ce = weighted_ce(student_logits, targets, class_weights, label_smoothing, partner, lam)
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from skinmodel.networks import ARCHITECTURES, build_model
 from training import data as D
-from training.augment import augment, draw, step_generator
+from training.augment import MIXES, augment, draw, draw_mix, mix, step_generator
 from training.checkpoint import StudyError, atomic_save, load_checkpoint, load_init_weights, load_teacher
 from training.device import Runtime, add_device_args, setup
 from training.metrics import classification_metrics, predict_logits
@@ -63,6 +63,8 @@ class TrainConfig:
     class_weighting: str = "inverse"  # inverse | sqrt | none (training/recipe.py)
     label_smoothing: float = 0.0
     ema: float = 0.0                 # decay of an exponential moving average of the weights (0: off)
+    mix: str = "none"                # none | mixup | cutmix (training/augment.py)
+    mix_alpha: float = 1.0           # Beta(alpha, alpha) of the share each image keeps
     device: str = "auto"
     grad_accum: int = 1              # micro-batches per optimiser step and rank
     time_budget: float | None = None  # seconds; sizes the epoch count (at most `epochs`)
@@ -113,7 +115,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-RECIPE_FIELDS = ("class_weighting", "label_smoothing", "ema")  # shared by every run of a study, grid included
+RECIPE_FIELDS = ("class_weighting", "label_smoothing", "ema", "mix", "mix_alpha")  # shared by every run of a study, grid included
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -125,6 +127,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
                                                             "validation and checkpoints then use the average")
+    r.add_argument("--mix", default=d.mix, choices=MIXES, help="mix each image with another of its batch")
+    r.add_argument("--mix-alpha", type=float, default=d.mix_alpha, help="Beta(alpha, alpha) of the mix")
 
 
 def seed_everything(seed: int) -> None:
@@ -266,15 +270,20 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
                    disable=not rt.is_main)
         for step in bar:
             batch = order[step * run.batch_size:(step + 1) * run.batch_size]
-            draws = draw(run.batch_size, step_generator(run.seed, epoch, step))  # one draw per sample, all ranks
+            gen = step_generator(run.seed, epoch, step)
+            draws = draw(run.batch_size, gen)  # one draw per sample of the global batch, the same on all ranks
+            mixes = draw_mix(run.batch_size, gen, run.mix_alpha) if run.mix != "none" else None
             optimizer.zero_grad(set_to_none=True)
             for k in range(run.grad_accum):
                 rows = slice(rt.rank * per_rank + k * micro, rt.rank * per_rank + (k + 1) * micro)
                 idx = batch[rows].to(rt.device)
                 x = augment(x_train[idx], draws.rows(rows), cfg.crop_size, cfg.mean, cfg.std)
+                y, partner, lam = y_train[idx], None, None
+                if mixes is not None:
+                    x, lam = mix(x, mixes[0][rows], mixes[1][rows], run.mix)
+                    partner = y.flip(0)
                 if rt.cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                y = y_train[idx]
                 # DDP all-reduces gradients on the last micro-batch of a step only.
                 last = k == run.grad_accum - 1
                 with (net.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
@@ -285,10 +294,10 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
                                 teacher_logits = teacher(x)  # same augmented view as the student
                     if teacher is not None:
                         loss, kd, _ = kd_loss(logits.float(), teacher_logits, y, run.alpha, run.temperature,
-                                              weights, run.label_smoothing)
+                                              weights, run.label_smoothing, partner, lam)
                         kd_sum += kd.detach() * len(idx)
                     else:
-                        loss = weighted_ce(logits.float(), y, weights, run.label_smoothing)
+                        loss = weighted_ce(logits.float(), y, weights, run.label_smoothing, partner, lam)
                     (loss / run.grad_accum).backward()
                 loss_sum += loss.detach() * len(idx)
             optimizer.step()
