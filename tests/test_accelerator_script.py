@@ -19,7 +19,8 @@ def packed(tmp_path_factory, data_dir):
     work = tmp_path_factory.mktemp("accelerator")
     out = work / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--teacher-tta", "--data", str(data_dir),
+    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--teacher-tta", "--recipe-search",
+                        "--data", str(data_dir),
                         "--work", str(work / "study"), "--budget", "120", "--after-training", "60"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -51,6 +52,20 @@ def test_teacher_candidates_include_their_test_time_augmented_views(packed):
     assert teacher["tta"] == teacher["chosen"].endswith(" + TTA")
     kd_args = json.loads((work / "study" / "resnet18_kd" / "args.json").read_text())
     assert kd_args["teacher_tta"] == teacher["tta"] and kd_args["teacher"] == teacher["checkpoints"]
+
+
+def test_the_recipe_is_chosen_on_validation_and_every_later_run_uses_it(packed):
+    work, _ = packed
+    recipe = json.loads((work / "study" / "recipe" / "recipe.json").read_text())
+    assert len(recipe["runs"]) == 2
+    assert recipe["chosen"] in [{k: r[k] for k in recipe["chosen"]} for r in recipe["runs"]]
+    eligible = [r for r in recipe["runs"] if r["val_accuracy"] > recipe["accuracy_floor"]] or recipe["runs"]
+    assert max(r["val_balanced_accuracy"] for r in eligible) == next(
+        r["val_balanced_accuracy"] for r in recipe["runs"] if {k: r[k] for k in recipe["chosen"]} == recipe["chosen"])
+    for run in ("resnet18", "resnet50", "resnet18_kd", "grid/a0.1_t1"):
+        args = json.loads((work / "study" / run / "args.json").read_text())
+        assert {k: args[k] for k in recipe["chosen"]} == recipe["chosen"], run
+    assert (work / "study" / "release" / "recipe.json").exists()
 
 
 def test_unpack_rebuilds_a_release_the_handler_serves(packed, tmp_path, sample_images):

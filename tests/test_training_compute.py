@@ -112,7 +112,7 @@ def test_a_study_budget_makes_later_runs_pay_for_an_overrun_not_the_steps_after_
     from training.pipeline import Budget
 
     now = [1000.0]
-    budget = Budget(100, grid=True, clock=lambda: now[0])
+    budget = Budget(100, {"resnet18", "resnet50", "grid", "kd"}, clock=lambda: now[0])
     assert budget("resnet18") == pytest.approx(20)
     now[0] += 40                                              # the ResNet18 took 40 s instead of 20
     assert budget("resnet50") == pytest.approx(5)              # 60 s left, 20 + 35 of them belong to grid and kd
@@ -120,8 +120,9 @@ def test_a_study_budget_makes_later_runs_pay_for_an_overrun_not_the_steps_after_
     assert budget("grid") == pytest.approx(20) and budget("kd") == pytest.approx(35)
     now[0] += 60
     assert budget("kd") == 1.0                                 # past the deadline: the shortest run (2 epochs)
-    assert Budget(80, grid=False, clock=lambda: 0.0)("resnet18") == pytest.approx(20)  # 0.2 / 0.8 of 80
-    assert Budget(None, grid=True)("kd") is None
+    without_grid = Budget(80, {"resnet18", "resnet50", "kd"}, clock=lambda: 0.0)
+    assert without_grid("resnet18") == pytest.approx(20)          # 0.2 / 0.8 of 80: the grid's share is shared
+    assert Budget(None, {"kd"})("kd") is None
 
 
 @fast
@@ -226,7 +227,8 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, da
     from training.metrics import classification_metrics, predict_logits
 
     common = ["--img-size", "32", "--limit-per-class", "8", "--batch-size", "8", "--epochs", "2", "--threads", "1",
-              "--device", "cpu", "--ema", "0.9", "--mix", "cutmix", "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
+              "--device", "cpu", "--ema", "0.9", "--mix", "cutmix", "--cache-dir", str(tmp_path / "cache"),
+              "--data", str(data_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "training", "train", "--out", str(tmp_path / "ddp"), *common],

@@ -60,6 +60,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--version", default="2.0")
     add_recipe_args(p)
     p.add_argument("--teacher-tta", action="store_true", help="teacher candidates with 8-view test-time augmentation")
+    p.add_argument("--recipe-search", action="store_true", help="choose class weighting x mix on validation first")
     add_device_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
     p.add_argument("--no-preflight", dest="preflight", action="store_false",
@@ -206,7 +207,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     study = StudyConfig(out=str(work), data=data, epochs_resnet18=cap, epochs_resnet50=cap, epochs_kd=cap,
                         batch_size=args.batch_size, grid=True, grid_epochs=cap,
                         grid_max_train_images=args.grid_images, device=args.device,
-                        teacher_tta=args.teacher_tta, **{k: getattr(args, k) for k in RECIPE_FIELDS},
+                        teacher_tta=args.teacher_tta, recipe_search=args.recipe_search,
+                        **{k: getattr(args, k) for k in RECIPE_FIELDS},
                         release_dir=str(work / "release"), version=args.version,
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))
     if args.quick:

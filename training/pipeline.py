@@ -1,5 +1,5 @@
-"""The whole study, resumable: baselines -> teacher choice -> (grid) -> distilled student -> test table -> export
--> calibration -> abstention thresholds -> model card. Every step is called as a function with typed settings.
+"""The whole study, resumable: (recipe search) -> baselines -> teacher choice -> (grid) -> distilled student -> test
+table -> export -> calibration -> abstention thresholds -> model card. Every step is called as a function with typed settings.
 
     python -m training all                 # the real run (CPU: about 1.5 h at 96 px)
     python -m training all --quick --out /tmp/q   # tiny subset, tiny images: well under a minute
@@ -34,6 +34,7 @@ from training.grid import ALPHAS, TEMPERATURES, grid_search
 from training.metrics import classification_metrics, predict_logits
 from training.model_card import SERVED_TEST, write_model_card
 from training.subgroups import render_subgroups
+from training.recipe_search import search_recipe, variants
 from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, train
 
 
@@ -59,6 +60,8 @@ class StudyConfig:
     mix: str = "none"
     mix_alpha: float = 1.0
     teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
+    recipe_search: bool = False       # choose class weighting x mix on validation first (training/recipe_search.py)
+    recipe_variants: int | None = None  # the first N of the search space (smoke runs)
     device: str = "auto"
     time_budget: float | None = None  # seconds for all training runs together, shared as in BUDGET_SHARES
     release_dir: str | None = None  # default: OUT/release
@@ -76,7 +79,7 @@ class StudyConfig:
         """A smoke run: 12 images per class, 32 px, one epoch per run, a 2 x 2 grid."""
         return dataclasses.replace(
             self, data=dataclasses.replace(self.data, limit_per_class=self.data.limit_per_class or 12, img_size=32),
-            epochs_resnet18=1, epochs_resnet50=1, epochs_kd=1, grid_epochs=1, batch_size=8,
+            epochs_resnet18=1, epochs_resnet50=1, epochs_kd=1, grid_epochs=1, batch_size=8, recipe_variants=2,
             grid_alphas=self.grid_alphas[:2], grid_temps=self.grid_temps[:2])
 
 
@@ -98,6 +101,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--grid-epochs", type=int, default=d.grid_epochs)
     p.add_argument("--grid-max-train-images", type=int, default=None)
     add_recipe_args(p)
+    p.add_argument("--recipe-search", action="store_true",
+                   help="first choose class weighting x mix on validation with short ResNet18 runs (grid budget); "
+                        "every later run uses the winner")
     p.add_argument("--teacher-tta", action="store_true",
                    help="also consider every teacher averaged over its 8 flipped/rotated views (8x its cost in "
                         "distillation); chosen only if it wins on validation")
@@ -112,17 +118,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-BUDGET_SHARES = {"resnet18": 0.2, "resnet50": 0.25, "grid": 0.2, "kd": 0.35}
+BUDGET_SHARES = {"recipe": 0.15, "resnet18": 0.2, "resnet50": 0.25, "grid": 0.2, "kd": 0.35}
 
 
 class Budget:
-    """Each training run's seconds of a study's time budget (the grid's share goes to the others without --grid).
+    """Each training step's seconds of a study's time budget (shares of the steps that do not run go to the others).
     A run gets its share, but never more than the time left before the study's deadline minus the shares of the
     runs still to come: a run that overran (every run takes at least two epochs) is paid for by the later ones,
     not by the steps after training."""
 
-    def __init__(self, total: float | None, grid: bool, clock=time.time):
-        self.keys = [k for k in BUDGET_SHARES if grid or k != "grid"]
+    def __init__(self, total: float | None, steps, clock=time.time):
+        self.keys = [k for k in BUDGET_SHARES if k in steps]
         weight = sum(BUDGET_SHARES[k] for k in self.keys)
         self.share = {k: (total or 0) * BUDGET_SHARES[k] / weight for k in self.keys}
         self.clock = clock
@@ -183,8 +189,15 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
                          "steps (the study's evaluation and export steps are not sharded)")
     data = study.data
     data.use_threads()
-    budget = Budget(study.time_budget, study.grid)
+    budget = Budget(study.time_budget, {"resnet18", "resnet50", "kd"} | {k for k, on in (("grid", study.grid),
+                    ("recipe", study.recipe_search)) if on})
     recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
+    if study.recipe_search:
+        base = TrainConfig(out="", data=data, arch="resnet18", epochs=study.grid_epochs, batch_size=study.batch_size,
+                           seed=study.seed, device=study.device, max_train_images=study.grid_max_train_images,
+                           **recipe)
+        recipe.update(search_recipe(data, out / "recipe", base, variants(limit=study.recipe_variants),
+                                    budget("recipe")))
     common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device, **recipe)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
     train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18,
@@ -248,7 +261,8 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
         for name in ("history.csv", "history.png"):
             shutil.copy(run / name, release / name.replace("history", f"history_{key}"))
     shutil.copy(out / "teacher.json", release / "teacher.json")
-    for src, dst in (("grid/grid.csv", "kd_grid.csv"), ("grid/grid.png", "kd_grid.png"), ("report/report.md", "report.md"),
+    for src, dst in (("recipe/recipe.csv", "recipe.csv"), ("recipe/recipe.json", "recipe.json"),
+                     ("grid/grid.csv", "kd_grid.csv"), ("grid/grid.png", "kd_grid.png"), ("report/report.md", "report.md"),
                      ("report/results.json", "results.json")):
         if (out / src).exists():
             shutil.copy(out / src, release / dst)
