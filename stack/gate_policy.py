@@ -179,6 +179,10 @@ def upstream_refusal(status: int, body: bytes) -> Refusal | None:
         return Refusal(503, "unavailable", "the model server is renewing its keys or restarting; retry shortly")
     if status == 500 and "DecoderException" in kind + str(body[:2000]):
         return Refusal(400, "malformed_request", "the request body does not match its Content-Type")
+    if isinstance(doc, dict) and doc.get("message") == "Worker died.":
+        # TorchServe answers a killed worker's requests 507 when it has read the exit code (137) in time, else
+        # 500 with the same message: one retryable answer either way.
+        status = 507
     return {
         404: Refusal(404, "model_not_found", "no such model or model version"),
         413: Refusal(413, "too_large", "the upload is larger than the model server accepts"),

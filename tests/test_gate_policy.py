@@ -147,6 +147,9 @@ def test_json_must_be_a_flat_object_with_the_image():
     (507, b'{"code": 507, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
     (400, b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"}', (503, "unavailable")),
     (500, b'{"code": 500, "type": "DecoderException", "message": "..."}', (400, "malformed_request")),
+    (500, b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
+    (507, b'{"code": 507, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
+    (500, b'{"code": 500, "type": "InternalServerException", "message": "Worker died, twice."}', (500, "upstream_error")),
     (413, b"", (413, "too_large")),
     (502, b"<html>bad gateway</html>", (502, "upstream_error")),
 ])

@@ -71,7 +71,7 @@ class StudyConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command", "recipe_variants"}
         study = cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
         return study.quick() if args.quick else study
 
