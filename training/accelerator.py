@@ -64,7 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_device_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run on the CPU: tiny subset, 32 px, 2-3 epochs")
     p.add_argument("--no-preflight", dest="preflight", action="store_false",
-                   help="on CUDA, skip the 32 px run of every step that comes first (about half a minute)")
+                   help="on CUDA, skip the 32 px run of every step that comes first")
     return p
 
 
@@ -214,8 +214,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.quick:
         study = dataclasses.replace(study.quick(), epochs_resnet18=cap, epochs_kd=cap, grid_max_train_images=None)
     elif args.preflight and device.type == "cuda":
-        # Every step once on the GPU at 32 px before the real run: a CUDA-only fault then costs seconds, not the
-        # call. Its budget path runs too (3 epochs capped, a budget of 60 s).
+        # Every step once on the GPU at 32 px before the real run: a CUDA-only fault then stops it before the long
+        # steps, not after them. Its budget path runs too (3 epochs capped, a budget of 60 s).
         t0 = time.time()
         run_study(dataclasses.replace(study.quick(), out=str(work / "preflight"), epochs_resnet18=3, epochs_kd=3,
                                       release_dir=str(work / "preflight" / "release"), time_budget=60.0,
