@@ -18,8 +18,6 @@ gate_scores.png (where the scores of each group fall against the threshold).
 from __future__ import annotations
 
 import argparse
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +55,9 @@ def features(model, meta: ReleaseMeta, blobs: list[bytes], desc: str) -> tuple[t
     handler computes them."""
     feats, tops, preds = [], [], []
     device = next(model.parameters()).device  # features come from the fp32 network, never the int8 one
-    # Decoding dominates on a GPU machine; Pillow lets go of the GIL while it decodes and resizes.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, full_fp32():
+    with full_fp32():  # decoding dominates on a GPU machine: in threads
         for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
-            x = torch.stack(list(pool.map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
+            x = torch.stack(list(D.thread_map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
             f, logits = (t.float().cpu() for t in features_and_logits(model, x.to(device)))
             probs = (logits / meta.temperature).softmax(1)
             feats.append(f)
@@ -90,16 +87,10 @@ def _load(path) -> Image.Image:
 def _shifted_sets(records: list[D.Record], seed: int):
     """(family, files): every record under each shift family in turn (a different draw per image and family);
     one family's files at a time, since "source resolution" makes files several times the original's size."""
-    images = _parallel(lambda r: _load(r.path), records)
+    images = list(D.thread_map(lambda r: _load(r.path), records))
     for f, family in enumerate(tqdm(FAMILIES, desc="shifting", unit="family", leave=False)):
-        yield family, _parallel(lambda i: shifted(images[i], family, seed + 1000 * f + i), range(len(images)))
-
-
-def _parallel(fn, items) -> list:
-    """fn over items in threads, in order: Pillow's decoders, filters and encoders let go of the GIL, and every
-    draw is seeded by its item, so the result is the sequential one."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(fn, items))
+        # every draw is seeded by its image: in threads, the same files as one by one
+        yield family, list(D.thread_map(lambda i: shifted(images[i], family, seed + 1000 * f + i), range(len(images))))
 
 
 def _share(scores, threshold: float, mask=None):
@@ -129,8 +120,8 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     rng = np.random.default_rng(seed)
     families = list(FAMILIES)
     picks = [families[int(rng.integers(len(families)))] for _ in train_recs]  # drawn in order, as always
-    train_shifted = _parallel(lambda i: shifted(_load(train_recs[i].path), picks[i], 10_000_000 + i),
-                              range(len(train_recs)))
+    train_shifted = list(D.thread_map(lambda i: shifted(_load(train_recs[i].path), picks[i], 10_000_000 + i),
+                                      range(len(train_recs))))
     lesions = torch.cat([features(model, meta, read(train_recs), "train")[0],
                          features(model, meta, train_shifted, "train, shifted")[0]])
     fitting = {part: fitting_negatives(part, seed + 1) for part in ("train", "val")}

@@ -222,8 +222,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                                       grid_max_train_images=None))
         print(f"preflight: every step ran on {device} in {time.time() - t0:.0f} s", flush=True)
     study.time_budget = max(1.0, args.budget - args.after_training - (time.time() - started))
-    print(f"accelerator study on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
-          f"): {study.time_budget:.0f} s for training, {args.budget:.0f} s in all", flush=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"accelerator study on {device} ({gpu}): {study.time_budget:.0f} s for training, {args.budget:.0f} s in all",
+          flush=True)
     if (work / "release").exists():
         shutil.rmtree(work / "release")  # a release is rebuilt from the (resumable) runs every time
     try:
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     runs = {p.name: _throughput(p) for p in sorted(work.iterdir()) if (p / "history.csv").exists()}
     runs.update({f"grid/{p.name}": _throughput(p) for p in sorted((work / "grid").glob("a*_t*"))})
     extra = {
-        "version": meta.version, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "version": meta.version, "device": gpu,
         "torch": torch.__version__, "img_size": study.data.img_size, "batch_size": study.batch_size,
         "budget_s": args.budget, "training_budget_s": round(study.time_budget, 1), "runs": runs,
         "test": {name: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}

@@ -240,6 +240,13 @@ def class_counts(records: list[Record]) -> list[int]:
     return [counts.get(c, 0) for c in CLASS_NAMES]
 
 
+def thread_map(fn, items):
+    """fn over items in threads, yielded in order: Pillow lets go of the GIL while it decodes, resizes, filters and
+    encodes, so decoding-bound steps run several times faster on a many-core machine, with the sequential result."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        yield from pool.map(fn, items)
+
+
 def _read(path: str, min_side: int) -> Image.Image:
     """Decoded as the handler decodes (min_side: the same reduced-scale JPEG decoding for small inputs)."""
     with open(path, "rb") as f:
@@ -265,12 +272,9 @@ def build_cache(records: list[Record], kind: str, cfg: PreprocessConfig, cache_d
         img = _read(r.path, cfg.resize_size)
         return eval_uint8(img, cfg) if kind == "eval" else resize_center_crop(img, h, h, w)
 
-    # Pillow lets go of the GIL while it decodes and resizes: threads fill the cache several times faster on a
-    # many-core GPU machine, and map() keeps the order.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, t in enumerate(tqdm(pool.map(one, records), total=len(records), desc=desc or f"decode {kind}",
-                                   unit="img", leave=False)):
-            out[i] = t
+    for i, t in enumerate(tqdm(thread_map(one, records), total=len(records), desc=desc or f"decode {kind}",
+                               unit="img", leave=False)):
+        out[i] = t
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # ranks of other nodes may write the same file

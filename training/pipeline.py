@@ -1,5 +1,6 @@
 """The whole study, resumable: (recipe search) -> baselines -> teacher choice -> (grid) -> distilled student -> test
-table -> export -> calibration -> abstention thresholds -> model card. Every step is called as a function with typed settings.
+table -> export -> calibration -> abstention thresholds -> model card. Every step is called as a function with typed
+settings.
 
     python -m training all                 # the real run (CPU: about 1.5 h at 96 px)
     python -m training all --quick --out /tmp/q   # tiny subset, tiny images: well under a minute
@@ -189,8 +190,9 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
                          "steps (the study's evaluation and export steps are not sharded)")
     data = study.data
     data.use_threads()
-    budget = Budget(study.time_budget, {"resnet18", "resnet50", "kd"} | {k for k, on in (("grid", study.grid),
-                    ("recipe", study.recipe_search)) if on})
+    steps = {"resnet18", "resnet50", "kd"} | ({"grid"} if study.grid else set()) | (
+        {"recipe"} if study.recipe_search else set())
+    budget = Budget(study.time_budget, steps)
     recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
     if study.recipe_search:
         base = TrainConfig(out="", data=data, arch="resnet18", epochs=study.grid_epochs, batch_size=study.batch_size,
