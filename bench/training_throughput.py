@@ -1,4 +1,4 @@
-"""Training throughput on this machine, side by side in one run: (1) the batched augmentation training/augment.py
+"""Training throughput on this machine, side by side in one run: (1) the batched augmentation training/network/augment.py
 does against the per-image torchvision transforms it replaced, and (2) whole ResNet18 training steps in each
 precision: fp32 in the NCHW layout, fp32 channels_last, and bf16 autocast + channels_last (on a CPU with AMX or
 AVX512-BF16, oneDNN's bf16 kernels; --precision auto picks it there).
@@ -25,13 +25,13 @@ from torchvision.transforms import v2  # noqa: E402
 
 from skinmodel.networks import build_model  # noqa: E402
 from skinmodel.preprocessing import normalize  # noqa: E402
-from training.augment import augment, draw, step_generator  # noqa: E402
-from training.device import Runtime, native_bf16, resolve_device  # noqa: E402
-from training.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from training.network.augment import augment, draw, step_generator  # noqa: E402
+from training.common.device import Runtime, native_bf16, resolve_device  # noqa: E402
+from training.common.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def per_image(crop: int):
-    """The transforms training used before training/augment.py, one image at a time (the reference)."""
+    """The transforms training used before training/network/augment.py, one image at a time (the reference)."""
     t = v2.Compose([v2.RandomResizedCrop(crop, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
                     v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(30),
                     v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02)])
@@ -95,7 +95,7 @@ def augmentation_rows(rt: Runtime, h: int, b: int, steps: int, sync) -> list[tup
         opt.step()
 
     rows = []
-    for name, make in (("per-image torchvision", per_image(h)), ("batched (training/augment.py)", batched(h))):
+    for name, make in (("per-image torchvision", per_image(h)), ("batched (training/network/augment.py)", batched(h))):
         rows.append((name, b / timed(lambda: make(images), steps, sync), b / timed(lambda: step(make), steps, sync)))
     return rows
 

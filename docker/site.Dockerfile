@@ -3,13 +3,13 @@ FROM python:3.11-slim-bookworm AS build
 COPY requirements.txt /tmp/
 RUN pip install --no-cache-dir "$(grep -E '^Jinja2==' /tmp/requirements.txt)"
 WORKDIR /src
-# site/build.py reads meta.json through skinmodel.release (standard library only) and the defaults in stack/settings.py.
+# stack/page.py renders it: meta.json through skinmodel.release (standard library only), the defaults in stack/settings.py.
 COPY site/ site/
-COPY skinmodel/__init__.py skinmodel/inputs.py skinmodel/release.py skinmodel/
-COPY stack/__init__.py stack/settings.py stack/tokens.py stack/
+COPY skinmodel/__init__.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/labels.py skinmodel/release.py skinmodel/
+COPY stack/__init__.py stack/page.py stack/settings.py stack/tokens.py stack/
 COPY config.properties ./
 COPY release/meta.json release/model_card.md release/
-RUN python site/build.py --meta release/meta.json --api-base "" --out /dist
+RUN python -m stack.page --meta release/meta.json --api-base "" --out /dist
 
 FROM nginx:1.27-alpine
 COPY --from=build /dist /usr/share/nginx/html

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHITECTURES = ("resnet18", "resnet50", "convnext_tiny")
+# Only networks with the whole release path (dermoscopy gate on their `fc` features, Grad-CAM on `layer4`, tested):
+# convnext_tiny was offered once without either and is gone.
+ARCHITECTURES = ("resnet18", "resnet50")
 INT8_ENGINE = "x86"
 
 
@@ -87,12 +89,9 @@ class DihedralTTA(nn.Module):
         return (probs / 8).clamp_min(1e-8).log()
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Penultimate features (what the classifier head receives) and logits, from one ordinary forward pass.
-    Networks without an `fc` head (convnext_tiny) return no features."""
-    head = getattr(model, "fc", None)
-    if head is None:
-        return None, model(x)
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (what the classifier head `fc` receives) and logits, from one ordinary forward pass."""
+    head = model.fc
     caught = {}
     handle = head.register_forward_hook(lambda _module, inputs, _output: caught.__setitem__("features", inputs[0]))
     try:
@@ -113,7 +112,7 @@ def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: to
 def ood_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
     """How unlike a dermoscopy image the features are; the verdict compares it with meta.json's threshold.
     With an "is this dermoscopy" head in the statistics (weight, bias, mean, scale): its logit of "not
-    dermoscopy" (training/abstention.py). Without (release 1.0's first statistics): the smallest class-conditional
+    dermoscopy" (training/release/abstention.py). Without (release 1.0's first statistics): the smallest class-conditional
     Mahalanobis distance."""
     if "weight" in stats:
         return ((feats - stats["mean"]) / stats["scale"]) @ stats["weight"] + stats["bias"]

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skinmodel.inputs import PreprocessConfig
+from skinmodel.labels import CONCERNING
 
 SCHEMA = 1
 FILE_NAME = "meta.json"
+MODEL_NAME = "skin-lesion"  # the name a release is served under unless it says otherwise
 
 
 class ReleaseError(ValueError):
@@ -32,6 +34,7 @@ class ReleaseMeta:
     class_full_names: list[str]
     class_descriptions: list[str]
     preprocessing: PreprocessConfig
+    concerning: list[str] = field(default_factory=list)  # codes the page words more strongly when ranked high
     temperature: float = 1.0
     weights_file: str = "model.pt"
     weights_dtype: str = "float16"
@@ -81,6 +84,8 @@ class ReleaseMeta:
         values.update(name=str(d["name"]), version=str(d["version"]), class_names=names,
                       class_full_names=list(d.get("class_full_names", names)),
                       class_descriptions=list(d.get("class_descriptions", [""] * len(names))),
+                      # meta.json written before "concerning" travelled with it: HAM10000's malignant classes
+                      concerning=list(d.get("concerning", [c for c in CONCERNING if c in names])),
                       preprocessing=PreprocessConfig.from_dict(d["preprocessing"]),
                       temperature=float(d.get("temperature", 1.0)))
         return cls(**values)

@@ -28,7 +28,7 @@ from skinmodel.release import ReleaseError
 from stack.gate import GateLimits
 from stack.settings import MODEL_NAME, current
 from stack.torchserve_api import ClientRetry
-from training.data import CLASS_NAMES as CLASSES
+from skinmodel.labels import CLASS_NAMES as CLASSES
 COLUMNS = ("path", "sha256", "status", "verdict", "top", *(f"p_{c}" for c in CLASSES), "model_version",
            "request_id", "error", "reason")
 MAX_BYTES = GateLimits().max_body  # the service's own limit: bigger files are not sent

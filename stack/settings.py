@@ -11,11 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from skinmodel.dataset import ham10000_dir  # noqa: F401 - defined once there, re-exported
+from skinmodel.release import MODEL_NAME  # noqa: F401
 from stack.tokens import KEY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHSERVE_CONFIG = REPO / "config.properties"
-MODEL_NAME = "skin-lesion"
 # The clients' retry policy (the page, ops, batch tools): 503 (queue full, restarting) and 507 (worker died)
 # are retried after the answer's Retry-After (else 1 s, then 2 s), at most RETRY_ATTEMPTS times in all.
 RETRY_STATUSES = (503, 507)
@@ -124,16 +125,6 @@ def torchserve_config(key: str, base: Path = TORCHSERVE_CONFIG) -> str | None:
 
 def current() -> Settings:
     return Settings.from_env()
-
-
-def ham10000_dir() -> Path | None:
-    """HAM10000_DIR, else ../shared/data/ham10000 beside the repository (or the working folder) if it exists."""
-    if os.environ.get("HAM10000_DIR"):
-        return Path(os.environ["HAM10000_DIR"])
-    for candidate in (REPO.parent / "shared/data/ham10000", Path.cwd().parent / "shared/data/ham10000"):
-        if candidate.is_dir():
-            return candidate
-    return None
 
 
 def sample_images(n: int) -> list[bytes]:

@@ -36,7 +36,7 @@ def _fast_tests_stay_fast(request, monkeypatch):
 
     import stack.settings
     import stack.torchserve
-    import training.data
+    import training.common.data
 
     locate = stack.settings.ham10000_dir
 
@@ -45,7 +45,7 @@ def _fast_tests_stay_fast(request, monkeypatch):
         return refuse() if found is not None and found.is_dir() else found
 
     for target, name, replacement in ((stack.settings, "ham10000_dir", no_dataset),
-                                      (training.data, "ham10000_dir", no_dataset),
+                                      (training.common.data, "ham10000_dir", no_dataset),
                                       (stack.torchserve.TorchServe, "start", refuse), (psycopg2, "connect", refuse)):
         monkeypatch.setattr(target, name, replacement)
 

@@ -115,8 +115,8 @@ def test_a_damaged_part_is_refused_and_nothing_is_written(packed, tmp_path):
 
 
 def test_a_failure_after_training_still_sends_the_weights_back(packed, tmp_path, data_dir):
-    from training.accelerator import rescue
-    from training.checkpoint import model_from_checkpoint
+    from training.study.accelerator import rescue
+    from training.common.checkpoint import model_from_checkpoint
 
     work, _ = packed
     rescue(work / "study", tmp_path / "out", RuntimeError("the gate step broke"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.calibrate import expected_calibration_error, fit_temperature
+from training.release.calibrate import expected_calibration_error, fit_temperature
 
 pytestmark = pytest.mark.fast
 

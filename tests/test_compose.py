@@ -111,7 +111,7 @@ def test_the_gate_and_page_images_carry_every_file_they_run(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     site = tmp_path / "site"
     _image_files("site.Dockerfile", site)
-    r = subprocess.run([sys.executable, "site/build.py", "--meta", "release/meta.json", "--out", str(tmp_path / "dist")],
+    r = subprocess.run([sys.executable, "-m", "stack.page", "--meta", "release/meta.json", "--out", str(tmp_path / "dist")],
                        cwd=site, capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "dist" / "index.html").exists(), r.stderr[-1500:]
     served = tmp_path / "torchserve"

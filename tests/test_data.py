@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from training import data as D
+from training.common import data as D
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from skinmodel.networks import DihedralTTA, ProbabilityEnsemble, build_model
-from training.recipe import kd_loss
+from training.network.recipe import kd_loss
 
 pytestmark = pytest.mark.fast
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import CLASS_NAMES
-from training.subgroups import age_band
+from training.common.data import CLASS_NAMES
+from training.evaluation.subgroups import age_band
 
 REPO = Path(__file__).resolve().parents[1]
 ISIC = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
@@ -76,7 +76,7 @@ def test_folder_and_one_hot_csv_give_the_handlers_numbers(labelled, tiny_release
     from skinmodel.networks import build_model, load_state_dict_file
     from skinmodel.preprocessing import preprocess_bytes
     from skinmodel.release import ReleaseMeta
-    from training.calibrate import expected_calibration_error
+    from training.release.calibrate import expected_calibration_error
 
     meta = ReleaseMeta.load(tiny_release)
     model = build_model(meta.arch, meta.num_classes)

@@ -16,9 +16,9 @@ from PIL import Image
 from skinmodel.inputs import PreprocessConfig
 from skinmodel.networks import ood_score
 from skinmodel.preprocessing import preprocess_bytes
-from training.abstention import fit_head, render_table
-from training.nonskin import evaluation_sets, fitting_negatives, fitting_pool
-from training.shifts import FAMILIES, shifted
+from training.release.abstention import fit_head, render_table
+from training.release.nonskin import evaluation_sets, fitting_negatives, fitting_pool
+from training.release.shifts import FAMILIES, shifted
 
 pytestmark = pytest.mark.fast
 CFG = PreprocessConfig(64, 56, (0.5,) * 3, (0.25,) * 3)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from skinmodel.preprocessing import InputError, PreprocessConfig, decode_image, normalize, preprocess_bytes
-from training import data as D
+from training.common import data as D
 
 CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from handler.skin_handler import SkinLesionHandler
-from training import data as D
+from training.common import data as D
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "release"
@@ -48,7 +48,7 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
     card = (RELEASE / "model_card.md").read_text()
     assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
     assert "Out-of-scope use" in card and "lesion_id" in card
-    from training.abstention import render_table
+    from training.release.abstention import render_table
 
     # The card (shipped in the .mar) and README carry the gate figures of this meta.json, not an older run's.
     table = render_table(meta["abstention"])
@@ -84,7 +84,7 @@ def test_real_lesions_are_not_refused_plain_or_shifted(handler, data_dir, meta):
     that refused most of them with release 1.0's first gate (colour temperature, zoom)."""
     from PIL import Image
 
-    from training.shifts import shifted
+    from training.release.shifts import shifted
 
     test = D.load_split(D.DataConfig(data=str(data_dir))).part("test")
     picked = [r for k in range(7) for r in [x for x in test if x.label == k][:30]][:200]

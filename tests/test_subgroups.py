@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.labelled import Labelled
-from training.metrics import wilson
-from training.subgroups import age_band, render_subgroups, subgroup_rows
+from training.evaluation.labelled import Labelled
+from training.common.metrics import wilson
+from training.evaluation.subgroups import age_band, render_subgroups, subgroup_rows
 
 pytestmark = pytest.mark.fast
 

@@ -13,7 +13,7 @@ import torch
 
 from skinmodel.networks import build_model
 from tests.conftest import REPO, run_training
-from training.checkpoint import StudyError, load_init_weights, model_from_checkpoint
+from training.common.checkpoint import StudyError, load_init_weights, model_from_checkpoint
 
 
 def test_every_command_has_help(capsys):

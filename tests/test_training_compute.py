@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_training
-from training import augment as A
-from training.checkpoint import StudyError
-from training.device import resolve_device
-from training.recipe import class_weights_from_counts, epochs_for_budget, weighted_ce
+from training.network import augment as A
+from training.common.checkpoint import StudyError
+from training.common.device import resolve_device
+from training.network.recipe import class_weights_from_counts, epochs_for_budget, weighted_ce
 
 fast = pytest.mark.fast
 
@@ -109,7 +109,7 @@ def test_time_budget_sizing():
 
 @fast
 def test_a_study_budget_makes_later_runs_pay_for_an_overrun_not_the_steps_after_training():
-    from training.pipeline import Budget
+    from training.study.pipeline import Budget
 
     now = [1000.0]
     budget = Budget(100, {"resnet18", "resnet50", "grid", "kd"}, clock=lambda: now[0])
@@ -179,8 +179,8 @@ def test_class_weightings_average_one_over_the_training_images():
 def test_eval_path_is_the_handlers_preprocessing_bit_for_bit(data_dir, tmp_path):
     """Validation and test scoring feed the network exactly the tensors the served handler makes of the files."""
     from skinmodel.preprocessing import preprocess_bytes
-    from training import data as D
-    from training.metrics import predict_logits
+    from training.common import data as D
+    from training.common.metrics import predict_logits
 
     cfg = D.DataConfig(data=str(data_dir), limit_per_class=6, img_size=64, resize_size=72)
     records = D.load_split(cfg).records[:12]
@@ -222,9 +222,9 @@ def test_time_budget_sizes_the_run_and_the_schedule_completes(tmp_path, data_dir
 def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path, data_dir):
     """2 CPU ranks (gloo), global batch 8, against one process taking the same batch as 2 micro-batches: the
     same weights, one set of files, and validation over the whole split."""
-    from training import data as D
-    from training.checkpoint import model_from_checkpoint
-    from training.metrics import classification_metrics, predict_logits
+    from training.common import data as D
+    from training.common.checkpoint import model_from_checkpoint
+    from training.common.metrics import classification_metrics, predict_logits
 
     common = ["--img-size", "32", "--limit-per-class", "8", "--batch-size", "8", "--epochs", "2", "--threads", "1",
               "--device", "cpu", "--ema", "0.9", "--mix", "cutmix", "--cache-dir", str(tmp_path / "cache"),

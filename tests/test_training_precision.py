@@ -8,10 +8,10 @@ import torch
 
 from skinmodel.networks import build_model
 from tests.conftest import run_training
-from training import device as dev
-from training.checkpoint import StudyError, load_checkpoint
-from training.data import DataConfig, build_cache, load_split
-from training.metrics import predict_logits
+from training.common import device as dev
+from training.common.checkpoint import StudyError, load_checkpoint
+from training.common.data import DataConfig, build_cache, load_split
+from training.common.metrics import predict_logits
 
 fast = pytest.mark.fast
 

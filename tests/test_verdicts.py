@@ -42,7 +42,7 @@ def verdict_release(tiny_release, sample_images, tmp_path_factory):
     by_confidence = sorted(rest, key=lambda i: float(top[i]))
     uncertain, ok = by_confidence[0], by_confidence[-1]
     assert float(distances[order[0]]) > float(distances[order[1]]) and float(top[by_confidence[0]]) < float(top[by_confidence[1]])
-    # A linear "is this dermoscopy" head, as training/abstention.py writes one: the projection on the direction
+    # A linear "is this dermoscopy" head, as training/release/abstention.py writes one: the projection on the direction
     # of the farthest photo scores it highest (|d| beats every other projection, each at most its own |d|).
     direction = (feats[refused] - centre) / distances[refused]
     projections = (feats - centre) @ direction

@@ -6,19 +6,19 @@ import json
 import sys
 
 COMMANDS = {
-    "split": ("training.split", "write the lesion-grouped 60/20/20 splits.csv and print its hash"),
-    "train": ("training.train", "train one model (add --teacher to distil)"),
-    "grid": ("training.grid", "distillation grid search over alpha x T, selected on validation"),
-    "evaluate": ("training.evaluate", "test-split table, confusion matrices, report.md + results.json"),
-    "export": ("training.export", "write the release state_dict + meta.json pair"),
-    "calibrate": ("training.calibrate", "fit the softmax temperature on validation, report test ECE"),
-    "trust": ("training.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
-    "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
-    "quantize": ("training.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
-    "all": ("training.pipeline", "the whole study end to end (resumable: --resume)"),
-    "status": ("training.status", "where a study stands: runs, epochs, steps after training, time left"),
-    "accelerator": ("training.accelerator", "the whole study inside a time budget, packed into <= 8 small files"),
-    "unpack": ("training.unpack", "rebuild a release folder from what an accelerator run packed"),
+    "split": ("training.common.split", "write the lesion-grouped 60/20/20 splits.csv and print its hash"),
+    "train": ("training.network.train", "train one model (add --teacher to distil)"),
+    "grid": ("training.study.grid", "distillation grid search over alpha x T, selected on validation"),
+    "evaluate": ("training.evaluation.evaluate", "test-split table, confusion matrices, report.md + results.json"),
+    "export": ("training.release.export", "write the release state_dict + meta.json pair"),
+    "calibrate": ("training.release.calibrate", "fit the softmax temperature on validation, report test ECE"),
+    "trust": ("training.release.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
+    "model-card": ("training.release.model_card", "render model_card.md from meta.json + results.json"),
+    "quantize": ("training.release.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
+    "all": ("training.study.pipeline", "the whole study end to end (resumable: --resume)"),
+    "status": ("training.study.status", "where a study stands: runs, epochs, steps after training, time left"),
+    "accelerator": ("training.study.accelerator", "the whole study inside a time budget, packed into <= 8 small files"),
+    "unpack": ("training.study.unpack", "rebuild a release folder from what an accelerator run packed"),
 }
 
 
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import importlib
 
     from skinmodel.release import ReleaseError
-    from training.checkpoint import StudyError
-    from training.data import DataError
+    from training.common.checkpoint import StudyError
+    from training.common.data import DataError
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
     parser = module.get_args_parser()

@@ -76,6 +76,6 @@ PY
   status) cd "$here" && exec "$py" -m training status --out "$out" "${rest[@]}" ;;
   stop)
     if alive; then kill -INT "$(cat "$out/study.pid")"; echo "sent SIGINT to $(cat "$out/study.pid")"; else echo "no study runs in $out"; fi ;;
-  log) tail -n "${rest[0]:-30}" "$out/study.log" ;;
+  log) tail -c 200000 "$out/study.log" | tr '\r' '\n' | grep -v '%|' | tail -n "${rest[0]:-30}" ;;
   *) usage; exit 2 ;;
 esac

@@ -26,11 +26,11 @@ import torch
 
 from skinmodel.networks import build_model, load_state_dict_file
 from skinmodel.release import ReleaseMeta
-from training import data as D
-from training.checkpoint import StudyError, model_from_checkpoint
-from training.device import add_device_args, resolve_device
-from training.pipeline import StudyConfig, run_study
-from training.train import RECIPE_FIELDS, add_recipe_args
+from training.common import data as D
+from training.common.checkpoint import StudyError, model_from_checkpoint
+from training.common.device import add_device_args, resolve_device
+from training.study.pipeline import StudyConfig, run_study
+from training.network.train import RECIPE_FIELDS, add_recipe_args
 
 MAX_FILES = 8
 PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file

@@ -7,7 +7,7 @@ settings.
     python -m training all --resume ...    # continue an interrupted study (same settings: checked)
     python -m training status --out runs/study    # where a study stands, and its ETA
 
-Every network trains through training.train.run_or_resume: a finished run is read back, an interrupted one
+Every network trains through training.network.train.run_or_resume: a finished run is read back, an interrupted one
 continues at its last epoch. The steps after training record themselves in OUT/progress.json and are skipped
 when done. OUT/study.json holds the settings and the commit of the code that runs the study.
 """
@@ -26,23 +26,22 @@ from pathlib import Path
 
 import numpy as np
 
-from skinmodel.release import ReleaseMeta
-from stack.settings import MODEL_NAME
-from training import data as D
-from training.abstention import fit_abstention
-from training.evaluate_release import evaluate_release
-from training.calibrate import calibrate
-from training.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,
+from skinmodel.release import MODEL_NAME, ReleaseMeta
+from training.common import data as D
+from training.release.abstention import fit_abstention
+from training.evaluation.evaluate_release import evaluate_release
+from training.release.calibrate import calibrate
+from training.common.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,
                                  teacher_spec)
-from training.device import add_device_args, resolve_device
-from training.evaluate import evaluate
-from training.export import export, git_sha
-from training.grid import ALPHAS, TEMPERATURES, grid_search
-from training.metrics import classification_metrics, predict_logits
-from training.model_card import SERVED_TEST, write_model_card
-from training.subgroups import render_subgroups
-from training.recipe_search import SIZES, equal_compute_epochs, search_recipe, stages
-from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
+from training.common.device import add_device_args, resolve_device
+from training.evaluation.evaluate import evaluate
+from training.release.export import export, git_sha
+from training.study.grid import ALPHAS, TEMPERATURES, grid_search
+from training.common.metrics import classification_metrics, predict_logits
+from training.release.model_card import SERVED_TEST, write_model_card
+from training.evaluation.subgroups import render_subgroups
+from training.study.recipe_search import SIZES, equal_compute_epochs, search_recipe, stages
+from training.network.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
 
 
 @dataclass
@@ -61,14 +60,14 @@ class StudyConfig:
     grid_temps: list[float] = field(default_factory=lambda: list(TEMPERATURES))
     grid_epochs: int = 3
     grid_max_train_images: int | None = None
-    class_weighting: str = "inverse"  # the recipe every run shares (training/recipe.py, TrainConfig)
+    class_weighting: str = "inverse"  # the recipe every run shares (training/network/recipe.py, TrainConfig)
     label_smoothing: float = 0.0
     ema: float = 0.0
     mix: str = "none"
     mix_alpha: float = 1.0
     teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
     max_teacher_cost: float | None = None  # eligible teachers add at most this many ResNet18 steps per KD step
-    recipe_search: bool = False       # choose class weighting x mix on validation first (training/recipe_search.py)
+    recipe_search: bool = False       # choose class weighting x mix on validation first (training/study/recipe_search.py)
     recipe_epochs: int = 10           # each recipe-search run's epochs at the first size (others: equal compute)
     recipe_variants: int | None = None  # each stage cut to its first N values (smoke runs)
     recipe_sizes: list[int] = field(default_factory=lambda: list(SIZES))  # input sizes the search compares
@@ -116,7 +115,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_recipe_args(p)
     p.add_argument("--recipe-search", action="store_true",
                    help="first choose input size, colour constancy, EMA, class weighting x mix on validation with "
-                        "short ResNet18 runs (training/recipe_search.py); every later run uses the winners")
+                        "short ResNet18 runs (training/study/recipe_search.py); every later run uses the winners")
     p.add_argument("--recipe-epochs", type=int, default=d.recipe_epochs,
                    help="epochs of each recipe-search run at the first size searched, 128 px (other sizes get the "
                         "same compute: epochs x pixels)")

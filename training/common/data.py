@@ -23,28 +23,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from skinmodel.inputs import COLOUR_CONSTANCIES
+from skinmodel.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES  # noqa: F401 - re-exported
 from skinmodel.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
-from stack.settings import ham10000_dir
+from skinmodel.dataset import ham10000_dir
 
-CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-CLASS_FULL_NAMES = {
-    "akiec": "Actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
-    "bcc": "Basal cell carcinoma",
-    "bkl": "Benign keratosis-like lesion",
-    "df": "Dermatofibroma",
-    "mel": "Melanoma",
-    "nv": "Melanocytic nevus",
-    "vasc": "Vascular lesion",
-}
-CLASS_DESCRIPTIONS = {
-    "akiec": "Sun-damage lesions that can progress to squamous cell carcinoma; usually treated.",
-    "bcc": "The most common skin cancer; grows slowly and rarely spreads, but needs treatment.",
-    "bkl": "Benign growths such as seborrhoeic keratoses, solar lentigines and lichen-planus-like keratoses.",
-    "df": "A benign, firm nodule of the skin, often on the legs.",
-    "mel": "A malignant tumour of pigment cells; early removal matters.",
-    "nv": "A common mole; benign, but changes in a mole deserve a check.",
-    "vasc": "Blood-vessel lesions such as cherry angiomas, angiokeratomas and pyogenic granulomas.",
-}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 METADATA_NAME = "HAM10000_metadata.csv"

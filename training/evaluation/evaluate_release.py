@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import data as D
-from training.calibrate import expected_calibration_error, plot_reliability
-from training.labelled import Labelled, load_labelled
-from training.metrics import classification_metrics, wilson
-from training.plots import plot_confusion
-from training.subgroups import render_subgroups, subgroup_rows
+from training.common import data as D
+from training.release.calibrate import expected_calibration_error, plot_reliability
+from training.evaluation.labelled import Labelled, load_labelled
+from training.common.metrics import classification_metrics, wilson
+from training.common.plots import plot_confusion
+from training.evaluation.subgroups import render_subgroups, subgroup_rows
 
 REFUSED = -1  # the predicted class of a refused image (not_dermoscopy or an error): a miss
 
@@ -89,8 +89,9 @@ def evaluate_release(release: Path, source: str, out: Path, split: str | None = 
                         "not_dermoscopy": float((verdicts[mask] == "not_dermoscopy").mean()),
                         "uncertain": float((verdicts[mask] == "uncertain").mean())}
     results = {
-        "model": {"name": meta.name, "version": meta.version, "release": str(release)},
-        "data": str(source), "split": split, "images": len(items), "date": datetime.now(timezone.utc).isoformat(),
+        # Folder names, not paths: a report that travels with a release names no folder of the machine it ran on.
+        "model": {"name": meta.name, "version": meta.version, "release": Path(release).name},
+        "data": Path(source).name, "split": split, "images": len(items), "date": datetime.now(timezone.utc).isoformat(),
         "verdicts": {v: int((verdicts == v).sum()) for v in sorted(set(verdicts))},
         "refusals_as_misses": refusals_as_misses, "answered_only": over_answered, "per_class": per_class,
         "ece_before_temperature": ece_before if answered.any() else None,

@@ -1,5 +1,5 @@
 """Distillation grid search over alpha x T with a per-run budget; selection on the validation split only. Every cell
-resumes at its last epoch when interrupted (training.train.run_or_resume)."""
+resumes at its last epoch when interrupted (training.network.train.run_or_resume)."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from training import data as D
-from training.device import add_device_args
-from training.plots import plot_grid
-from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
+from training.common import data as D
+from training.common.device import add_device_args
+from training.common.plots import plot_grid
+from training.network.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TEMPERATURES = (1.0, 5.0, 10.0, 15.0, 20.0)
@@ -45,7 +45,7 @@ def cell_config(base: TrainConfig, out: Path, alpha: float, temperature: float) 
 
 def grid_search(base: TrainConfig, out: Path, alphas=ALPHAS, temps=TEMPERATURES) -> dict:
     """One short distillation run per (alpha, T) cell, `base` giving everything else (teacher, epochs, recipe);
-    each cell resumed or skipped when complete (training.train.run_or_resume). The best cell on validation
+    each cell resumed or skipped when complete (training.network.train.run_or_resume). The best cell on validation
     macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

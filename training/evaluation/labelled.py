@@ -15,7 +15,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training import data as D
+from training.common import data as D
 
 IMAGE_COLUMNS = ("image", "image_id", "path", "file")
 LABEL_COLUMNS = ("label", "dx")

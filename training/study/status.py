@@ -16,9 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from training.checkpoint import StudyError
-from training.pipeline import FORWARD_COST
-from training.recipe_search import equal_compute_epochs
+from training.common.checkpoint import StudyError
+from training.study.pipeline import FORWARD_COST
+from training.study.recipe_search import equal_compute_epochs
 
 # Seconds of an epoch relative to a plain ResNet18 epoch at the same size and batch (ResNet50: 2.3x the
 # operations); a distilled ResNet18 also pays for its teacher's forward passes (pipeline.FORWARD_COST).

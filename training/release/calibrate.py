@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from skinmodel.release import ReleaseMeta
-from training import data as D
-from training.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
-from training.device import add_device_args, resolve_device
-from training.metrics import predict_logits
+from training.common import data as D
+from training.common.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
+from training.common.device import add_device_args, resolve_device
+from training.common.metrics import predict_logits
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from skinmodel.preprocessing import normalize
-from training.device import full_fp32
+from training.common.device import full_fp32
 
 
 @torch.no_grad()

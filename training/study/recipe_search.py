@@ -1,7 +1,7 @@
 """The recipe, chosen on validation at a proxy budget, one question at a time (coordinate search): each stage trains
 a short ResNet18 run without a teacher for every value of one setting, the others at their current choice, and
 keeps the winner for the stages after it. Runs are named by their whole setting, so a run two stages share is
-trained once, and every run resumes (training.train.run_or_resume).
+trained once, and every run resumes (training.network.train.run_or_resume).
 
 Stages: input size (at equal compute: epochs x pixels, so 224 px gets (128/224)^2 of 128 px's epochs), colour
 constancy, the weights' moving average, then class weighting x mix. The score of a run is its best checkpoint's
@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 
 from skinmodel.preprocessing import eval_uint8
-from training import data as D
-from training.checkpoint import checkpoint_preprocessing, model_from_checkpoint
-from training.device import resolve_device
-from training.metrics import classification_metrics, predict_logits
-from training.shifts import FAMILIES
-from training.train import TrainConfig, run_or_resume
+from training.common import data as D
+from training.common.checkpoint import checkpoint_preprocessing, model_from_checkpoint
+from training.common.device import resolve_device
+from training.common.metrics import classification_metrics, predict_logits
+from training.release.shifts import FAMILIES
+from training.network.train import TrainConfig, run_or_resume
 
 SCORE_SHIFTS = ("colour temperature", "brightness")
 SIZES = (128, 160, 224)

@@ -2,8 +2,8 @@
 
 - uncertain: the calibrated top probability below the value that flags --uncertain-share of validation lesions.
 - not dermoscopy: a logistic "is this dermoscopy?" head on the penultimate features, fitted on the training
-  lesions (each also under one random shift: training/shifts.py) against the fitting pool of pictures that are
-  not dermoscopy (training/nonskin.py). Its strength is chosen on held-out pictures, its threshold is the score
+  lesions (each also under one random shift: training/release/shifts.py) against the fitting pool of pictures that are
+  not dermoscopy (training/release/nonskin.py). Its strength is chosen on held-out pictures, its threshold is the score
   that keeps --lesion-keep of the validation lesions of every class, each pooled with its copies under the ten
   shift families (each family's own rate is reported on test, not guaranteed). It replaced release 1.0's
   Mahalanobis distance, which refused real lesions that merely looked unlike HAM10000 (vascular lesions,
@@ -29,12 +29,12 @@ from tqdm import tqdm
 from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
 from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
-from training import data as D
-from training.checkpoint import StudyError, atomic_save
-from training.device import add_device_args, full_fp32, resolve_device
-from training.nonskin import evaluation_sets, fitting_negatives
-from training.plots import plot_gate_scores
-from training.shifts import FAMILIES, shifted
+from training.common import data as D
+from training.common.checkpoint import StudyError, atomic_save
+from training.common.device import add_device_args, full_fp32, resolve_device
+from training.release.nonskin import evaluation_sets, fitting_negatives
+from training.common.plots import plot_gate_scores
+from training.release.shifts import FAMILIES, shifted
 
 STRENGTHS = (0.01, 0.1, 1.0)  # inverse L2 strengths of the head tried; chosen on held-out pictures
 UNCERTAIN_SHARE = 0.2  # share of validation lesions answered "uncertain"

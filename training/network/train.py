@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=4 -m training train --device cuda --batch-size 512 --out runs/r18
 
 The decoded uint8 images live on the training device for the whole run and are augmented there in batches
-(training/augment.py). --batch-size is the global batch: under torchrun each rank takes its rows of every batch
+(training/network/augment.py). --batch-size is the global batch: under torchrun each rank takes its rows of every batch
 of one shared order, so N processes take the same optimiser steps one process would with --grad-accum N.
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from skinmodel.networks import ARCHITECTURES, build_model
-from training import data as D
-from training.augment import MIXES, augment, draw, draw_mix, mix, step_generator
-from training.checkpoint import StudyError, atomic_save, load_checkpoint, load_init_weights, load_teacher
-from training.device import Runtime, add_device_args, setup
-from training.metrics import classification_metrics, predict_logits
-from training.plots import plot_history
-from training.recipe import (CLASS_WEIGHTINGS, class_weights_from_counts, epochs_for_budget, kd_loss,
+from training.common import data as D
+from training.network.augment import MIXES, augment, draw, draw_mix, mix, step_generator
+from training.common.checkpoint import StudyError, atomic_save, load_checkpoint, load_init_weights, load_teacher
+from training.common.device import Runtime, add_device_args, setup
+from training.common.metrics import classification_metrics, predict_logits
+from training.common.plots import plot_history
+from training.network.recipe import (CLASS_WEIGHTINGS, class_weights_from_counts, epochs_for_budget, kd_loss,
                              warmup_cosine, weighted_ce)
 
 
@@ -60,13 +60,13 @@ class TrainConfig:
     alpha: float = 0.5               # weight of the KD term (1 - alpha on cross-entropy)
     temperature: float = 4.0
     teacher_tta: bool = False        # the teacher averages its 8 dihedral views (8 forward passes a step)
-    class_weighting: str = "inverse"  # inverse | sqrt | none (training/recipe.py)
+    class_weighting: str = "inverse"  # inverse | sqrt | none (training/network/recipe.py)
     label_smoothing: float = 0.0
     ema: float = 0.0                 # decay of an exponential moving average of the weights (0: off)
-    mix: str = "none"                # none | mixup | cutmix (training/augment.py)
+    mix: str = "none"                # none | mixup | cutmix (training/network/augment.py)
     mix_alpha: float = 1.0           # Beta(alpha, alpha) of the share each image keeps
     device: str = "auto"
-    precision: str = "auto"          # auto | fp32 | bf16 (training/device.py); scoring is always fp32
+    precision: str = "auto"          # auto | fp32 | bf16 (training/common/device.py); scoring is always fp32
     grad_accum: int = 1              # micro-batches per optimiser step and rank
     time_budget: float | None = None  # seconds; sizes the epoch count (at most `epochs`)
 

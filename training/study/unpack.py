@@ -1,4 +1,4 @@
-"""Turn what an accelerator run left in its output folder (training/accelerator.py) back into a release folder.
+"""Turn what an accelerator run left in its output folder (training/study/accelerator.py) back into a release folder.
 
     python -m training unpack --from /path/to/out --release release-2.0
 """
@@ -8,7 +8,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from training.accelerator import unpack
+from training.study.accelerator import unpack
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

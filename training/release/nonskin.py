@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from skinmodel.formats import sniff
-from training.shifts import FAMILIES, encode, shifted
+from training.release.shifts import FAMILIES, encode, shifted
 
 SIZE = (200, 150)  # HAM10000's size: nothing tells the pictures apart by shape
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import data as D
-from training.checkpoint import StudyError, checkpoint_preprocessing, models_from_spec
-from training.device import add_device_args, resolve_device
-from training.metrics import classification_metrics, predict_logits
-from training.plots import plot_confusion
+from training.common import data as D
+from training.common.checkpoint import StudyError, checkpoint_preprocessing, models_from_spec
+from training.common.device import add_device_args, resolve_device
+from training.common.metrics import classification_metrics, predict_logits
+from training.common.plots import plot_confusion
 
 TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 
@@ -25,7 +25,7 @@ TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ma
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate checkpoints on the test split (never used for any choice), "
                                             "or, with --release, a release on any labelled set exactly as it is "
-                                            "served (training/evaluate_release.py).", add_help=add_help)
+                                            "served (training/evaluation/evaluate_release.py).", add_help=add_help)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", action="append", metavar="NAME=CKPT[+CKPT]",
                        help="a model to evaluate; several checkpoints joined by + are evaluated as an ensemble")
@@ -132,7 +132,7 @@ project's "F1" was a harmonic mean of weighted precision and recall, not compara
 
 def main(args: argparse.Namespace) -> dict:
     if args.release:
-        from training.evaluate_release import evaluate_release
+        from training.evaluation.evaluate_release import evaluate_release
 
         if not args.data:
             raise D.DataError("--release needs --data: a folder of <class>/ subfolders, a CSV, or the HAM10000 folder "

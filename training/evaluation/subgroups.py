@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from training.metrics import wilson
+from training.common.metrics import wilson
 
 MIN_READABLE = 30
 # Column names as HAM10000 and ISIC's metadata spell them (lower-cased), in the order the tables are shown.

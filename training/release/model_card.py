@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 from skinmodel.release import ReleaseMeta
-from training.abstention import render_table
-from training.data import CLASS_FULL_NAMES
-from training.metrics import wilson
-from training.subgroups import render_subgroups
+from training.release.abstention import render_table
+from training.common.metrics import wilson
+from training.evaluation.subgroups import render_subgroups
 
 SERVED_TEST = "served_test"  # the release's own folder for its served-model test report
 
@@ -22,13 +21,13 @@ def confusions(matrix, names, top: int = 4) -> list[str]:
 
 def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
     m = results["models"][key]
-    names = meta["class_names"]
+    names, full_names = meta["class_names"], meta["class_full_names"]
     cm = m["confusion_matrix"]
     rows = []
     for i, c in enumerate(names):
         n, hit = sum(cm[i]), cm[i][i]
         lo, hi = wilson(hit, n)
-        rows.append(f"| {c} | {CLASS_FULL_NAMES[c]} | {n} | {hit / n if n else float('nan'):.2f} | {lo:.2f}-{hi:.2f} |")
+        rows.append(f"| {c} | {full_names[i]} | {n} | {hit / n if n else float('nan'):.2f} | {lo:.2f}-{hi:.2f} |")
     cal = meta.get("calibration") or {}
     ab = meta.get("abstention") or {}
     baseline = results["models"].get("majority class (always nv)", {})

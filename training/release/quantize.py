@@ -21,9 +21,9 @@ import torch
 from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score, quantizable_resnet18
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
-from training import data as D
-from training.checkpoint import StudyError, atomic_save
-from training.metrics import classification_metrics, predict_logits
+from training.common import data as D
+from training.common.checkpoint import StudyError, atomic_save
+from training.common.metrics import classification_metrics, predict_logits
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

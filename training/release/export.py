@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from skinmodel.release import ReleaseMeta
-from stack.settings import MODEL_NAME
-from training import data as D
-from training.checkpoint import atomic_save, checkpoint_preprocessing, load_checkpoint
+from skinmodel.labels import CONCERNING
+from skinmodel.release import MODEL_NAME, ReleaseMeta
+from training.common import data as D
+from training.common.checkpoint import atomic_save, checkpoint_preprocessing, load_checkpoint
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def export(checkpoint: str, out: Path, name: str = MODEL_NAME, version: str = "1
         name=name, version=version, arch=ckpt["arch"], class_names=names,
         class_full_names=[D.CLASS_FULL_NAMES[c] for c in names],
         class_descriptions=[D.CLASS_DESCRIPTIONS[c] for c in names],
+        concerning=[c for c in CONCERNING if c in names],
         preprocessing=checkpoint_preprocessing(ckpt), weights_file=weights.name,
         weights_dtype="float32" if fp32 else "float16", weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
         split_hash=ckpt["split_hash"],

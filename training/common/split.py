@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training import data as D
+from training.common import data as D
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """The training recipe's pieces: the losses, class weights, the learning-rate schedule and the epoch count a
-time budget allows (train.py reads them top to bottom; augmentation is training/augment.py)."""
+time budget allows (train.py reads them top to bottom; augmentation is training/network/augment.py)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Screenshot the page with a real prediction (and its heat map) in headless Chromium, for the README.
 
-    .venv/bin/python site/screenshot.py --image lesion.jpg --out docs/screenshot.png   # the page of ./skin up
+    .venv/bin/python -m stack.screenshot --image lesion.jpg --out docs/screenshot.png   # the page of ./skin up
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
-
-from stack.settings import current  # noqa: E402
+from stack.settings import current
 
 
 def main(argv=None) -> int:
