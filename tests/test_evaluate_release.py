@@ -1,4 +1,4 @@
-"""python -m training evaluate --release: a labelled folder and an ISIC one-hot CSV of the same real images give
+"""python -m training evaluate-release (and its old spelling, evaluate --release): a labelled folder and an ISIC one-hot CSV of the same real images give
 the numbers the serving handler's own answers give, and every bad input is a one-line error."""
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def labelled(tmp_path_factory, data_dir):
     return root, picked
 
 
-def evaluate(*args):
-    return subprocess.run([sys.executable, "-m", "training", "evaluate", *map(str, args)], cwd=REPO,
+def evaluate(*args, command: str = "evaluate-release"):
+    return subprocess.run([sys.executable, "-m", "training", command, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -51,7 +51,7 @@ def handler_answers(release, paths):
 
 def test_folder_and_one_hot_csv_give_the_handlers_numbers(labelled, tiny_release, tmp_path):
     root, picked = labelled
-    r1 = evaluate("--release", tiny_release, "--data", root / "folders", "--out", tmp_path / "a")
+    r1 = evaluate("--release", tiny_release, "--data", root / "folders", "--out", tmp_path / "a", command="evaluate")
     r2 = evaluate("--release", tiny_release, "--data", root / "folders" / "ground_truth.csv", "--out", tmp_path / "b")
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))

@@ -23,15 +23,14 @@ TABLE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ma
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate checkpoints on the test split (never used for any choice), "
-                                            "or, with --release, a release on any labelled set exactly as it is "
-                                            "served (training/evaluation/evaluate_release.py).", add_help=add_help)
+    p = argparse.ArgumentParser(description="Evaluate checkpoints on the lesion-grouped test split (never used for "
+                                            "any choice). A release on any labelled set, as served: "
+                                            "python -m training evaluate-release (evaluate --release is kept as its "
+                                            "old spelling).", add_help=add_help)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", action="append", metavar="NAME=CKPT[+CKPT]",
                        help="a model to evaluate; several checkpoints joined by + are evaluated as an ensemble")
-    which.add_argument("--release", help="a release folder (meta.json + weights), scored through the serving "
-                                         "handler on --data: <class>/ folders, a CSV (image,label or ISIC one-hot) "
-                                         "or the HAM10000 folder with --split")
+    which.add_argument("--release", help="the old spelling of python -m training evaluate-release --release")
     p.add_argument("--split", choices=D.SPLITS, help="with --release and the HAM10000 folder: that part of the "
                                                     "study's lesion-grouped split (with its age/sex/site metadata)")
     D.add_data_args(p, sizes=False)
@@ -131,17 +130,10 @@ project's "F1" was a harmonic mean of weighted precision and recall, not compara
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.release:
-        from training.evaluation.evaluate_release import evaluate_release
+    if args.release:  # the old spelling of evaluate-release
+        from training.evaluation import evaluate_release
 
-        if not args.data:
-            raise D.DataError("--release needs --data: a folder of <class>/ subfolders, a CSV, or the HAM10000 folder "
-                              "with --split test")
-        results = evaluate_release(Path(args.release), args.data, Path(args.out), args.split, args.split_seed,
-                                   args.limit_per_class)
-        print(f"wrote {args.out}/report.md: balanced accuracy {results['refusals_as_misses']['balanced_accuracy']:.3f} "
-              f"(refusals as misses) over {results['images']} images")
-        return results
+        return evaluate_release.main(args)
     models = dict(spec.partition("=")[::2] for spec in args.model)
     return evaluate(D.DataConfig.from_args(args), models, Path(args.out), args.latency_runs, args.command,
                     args.device)

@@ -3,12 +3,13 @@ decoding, preprocessing, temperature, verdicts), then the study's metrics twice 
 and over the answered images only), per-class recall with Wilson intervals, refusal rates, ECE with a
 reliability plot, a confusion matrix, and subgroup tables where the set carries age, sex or body site.
 
-    python -m training evaluate --release release --data our_lesions/ --out reports/ours
-    python -m training evaluate --release release --data ISIC2018_Task3_Training_GroundTruth.csv --out reports/isic
-    python -m training evaluate --release release --data ../shared/data/ham10000 --split test --out reports/test
+    python -m training evaluate-release --release release --data our_lesions/ --out reports/ours
+    python -m training evaluate-release --release release --data ISIC2018_Task3_Training_GroundTruth.csv --out reports/isic
+    python -m training evaluate-release --release release --data ../shared/data/ham10000 --split test --out reports/test
 """
 from __future__ import annotations
 
+import argparse
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,3 +132,29 @@ Calibration over the answered images: ECE {_num(r['ece'])} (before the release's
 
 {render_subgroups(r['subgroups'])}
 """
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a release exactly as it is served (the handler's decoding, "
+                                            "verdicts and refusals) on any labelled set.", add_help=add_help)
+    p.add_argument("--release", required=True, help="a release folder (meta.json + weights)")
+    p.add_argument("--split", choices=D.SPLITS, help="with the HAM10000 folder: that part of the study's "
+                                                    "lesion-grouped split (with its age/sex/site metadata)")
+    D.add_data_args(p, sizes=False, compute=False)
+    p.add_argument("--out", required=True, help="report folder: report.md, results.json, confusion and reliability")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    if not args.data:
+        raise D.DataError("--data is needed: a folder of <class>/ subfolders, a CSV (image,label or ISIC one-hot), "
+                          "or the HAM10000 folder with --split test")
+    results = evaluate_release(Path(args.release), args.data, Path(args.out), args.split, args.split_seed,
+                               args.limit_per_class)
+    print(f"wrote {args.out}/report.md: balanced accuracy {results['refusals_as_misses']['balanced_accuracy']:.3f} "
+          f"(refusals as misses) over {results['images']} images")
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

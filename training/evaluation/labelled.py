@@ -1,4 +1,4 @@
-"""Labelled image sets from outside the study, for `python -m training evaluate --release`:
+"""Labelled image sets from outside the study, for `python -m training evaluate-release --release`:
 
 - a folder of `<class>/...` subfolders named by the 7 codes (images anywhere below each);
 - a CSV with an image column (`image`, `image_id`, `path` or `file`) and either a label column (`label` or `dx`,

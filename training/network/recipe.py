@@ -2,12 +2,45 @@
 time budget allows (train.py reads them top to bottom; augmentation is training/network/augment.py)."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from training.network.augment import MIXES
+
 CLASS_WEIGHTINGS = ("inverse", "sqrt", "none")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every network of a study learns, beyond its architecture and schedule: one definition, shared by
+    TrainConfig, StudyConfig, the grid, the recipe search and the accelerator run (flags: add_args)."""
+
+    class_weighting: str = "inverse"  # inverse | sqrt | none: class_weights_from_counts
+    label_smoothing: float = 0.0
+    ema: float = 0.0                  # decay of an exponential moving average of the weights (0: off)
+    mix: str = "none"                 # none | mixup | cutmix (training/network/augment.py)
+    mix_alpha: float = 1.0            # Beta(alpha, alpha) of the share each image keeps
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Recipe":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        d = Recipe()
+        r = p.add_argument_group("recipe")
+        r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
+                       help="loss weight per class: inverse frequency, its square root, or none")
+        r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+        r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
+                                                                "validation and checkpoints then use the average")
+        r.add_argument("--mix", default=d.mix, choices=MIXES, help="mix each image with another of its batch")
+        r.add_argument("--mix-alpha", type=float, default=d.mix_alpha, help="Beta(alpha, alpha) of the mix")
 
 
 def weighted_ce(logits, targets, class_weights=None, label_smoothing: float = 0.0, partner=None, lam=None):

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from skinmodel.networks import ARCHITECTURES, build_model
 from training.common import data as D
-from training.network.augment import MIXES, augment, draw, draw_mix, mix, step_generator
+from training.network.augment import augment, draw, draw_mix, mix, step_generator
 from training.common.checkpoint import StudyError, atomic_save, load_checkpoint, load_init_weights, load_teacher
 from training.common.device import Runtime, add_device_args, setup
 from training.common.metrics import classification_metrics, predict_logits
 from training.common.plots import plot_history
-from training.network.recipe import (CLASS_WEIGHTINGS, class_weights_from_counts, epochs_for_budget, kd_loss,
+from training.network.recipe import (Recipe, class_weights_from_counts, epochs_for_budget, kd_loss,
                              warmup_cosine, weighted_ce)
 
 
@@ -60,11 +60,7 @@ class TrainConfig:
     alpha: float = 0.5               # weight of the KD term (1 - alpha on cross-entropy)
     temperature: float = 4.0
     teacher_tta: bool = False        # the teacher averages its 8 dihedral views (8 forward passes a step)
-    class_weighting: str = "inverse"  # inverse | sqrt | none (training/network/recipe.py)
-    label_smoothing: float = 0.0
-    ema: float = 0.0                 # decay of an exponential moving average of the weights (0: off)
-    mix: str = "none"                # none | mixup | cutmix (training/network/augment.py)
-    mix_alpha: float = 1.0           # Beta(alpha, alpha) of the share each image keeps
+    recipe: Recipe = field(default_factory=Recipe)
     device: str = "auto"
     precision: str = "auto"          # auto | fp32 | bf16 (training/common/device.py); scoring is always fp32
     grad_accum: int = 1              # micro-batches per optimiser step and rank
@@ -72,13 +68,14 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"data"}
-        return cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "recipe"}
+        return cls(data=D.DataConfig.from_args(args), recipe=Recipe.from_args(args),
+                   **{k: getattr(args, k) for k in names})
 
     def record(self) -> dict:
         """Flat, as checkpoints and meta.json's training.args have always stored it."""
         flat = dataclasses.asdict(self)
-        return {**flat.pop("data"), **flat}
+        return {**flat.pop("data"), **flat.pop("recipe"), **flat}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -116,20 +113,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-RECIPE_FIELDS = ("class_weighting", "label_smoothing", "ema", "mix", "mix_alpha")  # shared by every run of a study, grid included
-
-
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The recipe flags, once, for train, grid, all and accelerator."""
-    d = TrainConfig(out="")
-    r = p.add_argument_group("recipe")
-    r.add_argument("--class-weighting", default=d.class_weighting, choices=CLASS_WEIGHTINGS,
-                   help="loss weight per class: inverse frequency, its square root, or none")
-    r.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    r.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights, e.g. 0.999 (0: off); "
-                                                            "validation and checkpoints then use the average")
-    r.add_argument("--mix", default=d.mix, choices=MIXES, help="mix each image with another of its batch")
-    r.add_argument("--mix-alpha", type=float, default=d.mix_alpha, help="Beta(alpha, alpha) of the mix")
+    """The recipe flags (Recipe.add_args), for train, grid, all and accelerator."""
+    Recipe.add_args(p)
 
 
 def seed_everything(seed: int) -> None:
@@ -192,11 +178,11 @@ def _loss(run: TrainConfig, net, teacher, x, y, weights, partner, lam):
     """The step's loss (and its KD term, 0 without a teacher); the logits' dtype tells what autocast computed."""
     logits = net(x)
     if teacher is None:
-        return weighted_ce(logits.float(), y, weights, run.label_smoothing, partner, lam), None, logits.dtype
+        return weighted_ce(logits.float(), y, weights, run.recipe.label_smoothing, partner, lam), None, logits.dtype
     with torch.no_grad():
         teacher_logits = teacher(x)  # the same augmented view as the student
     loss, kd, _ = kd_loss(logits.float(), teacher_logits, y, run.alpha, run.temperature, weights,
-                          run.label_smoothing, partner, lam)
+                          run.recipe.label_smoothing, partner, lam)
     return loss, kd, logits.dtype
 
 
@@ -216,7 +202,7 @@ def train_one_epoch(run: TrainConfig, rt: Runtime, net, model, ema, teacher, opt
         batch = order[step * run.batch_size:(step + 1) * run.batch_size]
         gen = step_generator(run.seed, epoch, step)
         draws = draw(run.batch_size, gen)  # one draw per sample of the global batch, the same on all ranks
-        mixes = draw_mix(run.batch_size, gen, run.mix_alpha) if run.mix != "none" else None
+        mixes = draw_mix(run.batch_size, gen, run.recipe.mix_alpha) if run.recipe.mix != "none" else None
         optimizer.zero_grad(set_to_none=True)
         for k in range(run.grad_accum):
             rows = slice(rt.rank * per_rank + k * micro, rt.rank * per_rank + (k + 1) * micro)
@@ -224,7 +210,7 @@ def train_one_epoch(run: TrainConfig, rt: Runtime, net, model, ema, teacher, opt
             x = augment(data.x[idx], draws.rows(rows), cfg.crop_size, cfg.mean, cfg.std)
             y, partner, lam = data.y[idx], None, None
             if mixes is not None:
-                x, lam = mix(x, mixes[0][rows], mixes[1][rows], run.mix)
+                x, lam = mix(x, mixes[0][rows], mixes[1][rows], run.recipe.mix)
                 partner = y.flip(0)
             last = k == run.grad_accum - 1  # DDP all-reduces gradients on a step's last micro-batch only
             with net.no_sync() if rt.distributed and not last else contextlib.nullcontext():
@@ -237,7 +223,7 @@ def train_one_epoch(run: TrainConfig, rt: Runtime, net, model, ema, teacher, opt
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            _ema_update(ema, model, run.ema, scheduler.last_epoch)
+            _ema_update(ema, model, run.recipe.ema, scheduler.last_epoch)
         if rt.is_main and step % 20 == 0:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
     return {"loss": loss_sum.item(), "kd": kd_sum.item(), "seen": data.steps * per_rank,
@@ -261,7 +247,7 @@ def _load_data(run: TrainConfig, rt: Runtime, out: Path):
         x_train = D.build_cache(train_set, "train", cfg, run.data.cache, "decode train")
         x_val = D.build_cache(val, "eval", cfg, run.data.cache, "decode val")
     # The whole uint8 dataset stays on the device: no loader, no per-step copies from the host.
-    weights = class_weights_from_counts(D.class_counts(train_set), run.class_weighting).to(rt.device)
+    weights = class_weights_from_counts(D.class_counts(train_set), run.recipe.class_weighting).to(rt.device)
     data = Batches(x_train.to(rt.device), torch.tensor([r.label for r in train_set], device=rt.device), weights, steps)
     return split, cfg, data, x_val.to(rt.device), np.array([r.label for r in val])
 
@@ -328,7 +314,7 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
     teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg,
                            run.teacher_tta)
     teacher = rt.prepare(teacher) if teacher is not None else None
-    ema = copy.deepcopy(model).requires_grad_(False) if run.ema else None
+    ema = copy.deepcopy(model).requires_grad_(False) if run.recipe.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
     plan = {"epochs": run.epochs, "decided": False}  # a time budget sizes it after two epochs; the schedule follows
     warmup = int(run.warmup_epochs * data.steps)

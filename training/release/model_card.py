@@ -38,7 +38,7 @@ def render(meta: dict, results: dict, key: str, served_test: dict | None = None)
         + [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
            for name, v in (ab.get("non_skin_sets") or {}).items()])
     t = meta.get("training", {}).get("args", {})
-    subgroups = ("## Subgroups\nNot measured for this release (python -m training evaluate --release release --data "
+    subgroups = ("## Subgroups\nNot measured for this release (python -m training evaluate-release --release release --data "
                  "<HAM10000 folder> --split test --out release/served_test)." if not served_test else
                  render_subgroups(served_test["subgroups"], "Subgroups (test split, the release as served)")
                  + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
@@ -133,7 +133,7 @@ def write_model_card(release: Path, results_key: str = "resnet18 distilled") -> 
     release = Path(release)
     meta = ReleaseMeta.load(release).to_dict()
     results = json.loads((release / "results.json").read_text())
-    served = release / SERVED_TEST / "results.json"  # python -m training evaluate --release ... --split test
+    served = release / SERVED_TEST / "results.json"  # python -m training evaluate-release --release ... --split test
     out = release / "model_card.md"
     out.write_text(render(meta, results, results_key, json.loads(served.read_text()) if served.exists() else None))
     print(f"wrote {out}")

@@ -30,7 +30,8 @@ from training.common import data as D
 from training.common.checkpoint import StudyError, model_from_checkpoint
 from training.common.device import add_device_args, resolve_device
 from training.study.pipeline import StudyConfig, run_study
-from training.network.train import RECIPE_FIELDS, add_recipe_args
+from training.network.recipe import Recipe
+from training.network.train import add_recipe_args
 
 MAX_FILES = 8
 PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                         grid_max_train_images=args.grid_images, device=args.device,
                         teacher_tta=args.teacher_tta, recipe_search=args.recipe_search, recipe_epochs=cap,
                         recipe_sizes=[args.img_size],
-                        **{k: getattr(args, k) for k in RECIPE_FIELDS},
+                        recipe=Recipe.from_args(args),
                         release_dir=str(work / "release"), version=args.version,
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))
     if args.quick:

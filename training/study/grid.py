@@ -11,7 +11,8 @@ from pathlib import Path
 from training.common import data as D
 from training.common.device import add_device_args
 from training.common.plots import plot_grid
-from training.network.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
+from training.network.recipe import Recipe
+from training.network.train import TrainConfig, add_recipe_args, run_or_resume
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TEMPERATURES = (1.0, 5.0, 10.0, 15.0, 20.0)
@@ -72,8 +73,7 @@ def main(args: argparse.Namespace) -> dict:
     base = TrainConfig(out="", data=D.DataConfig.from_args(args), arch=args.arch, epochs=args.epochs,
                        batch_size=args.batch_size, seed=args.seed, max_train_images=args.max_train_images,
                        teacher=list(args.teacher), teacher_tta=args.teacher_tta, device=args.device,
-                       precision=args.precision, time_budget=args.time_budget,
-                       **{k: getattr(args, k) for k in RECIPE_FIELDS})
+                       precision=args.precision, time_budget=args.time_budget, recipe=Recipe.from_args(args))
     return grid_search(base, Path(args.out), args.alphas, args.temps)
 
 

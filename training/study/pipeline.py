@@ -41,7 +41,8 @@ from training.common.metrics import classification_metrics, predict_logits
 from training.release.model_card import SERVED_TEST, write_model_card
 from training.evaluation.subgroups import render_subgroups
 from training.study.recipe_search import SIZES, equal_compute_epochs, search_recipe, stages
-from training.network.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
+from training.network.recipe import Recipe
+from training.network.train import TrainConfig, add_recipe_args, run_or_resume
 
 
 @dataclass
@@ -60,11 +61,7 @@ class StudyConfig:
     grid_temps: list[float] = field(default_factory=lambda: list(TEMPERATURES))
     grid_epochs: int = 3
     grid_max_train_images: int | None = None
-    class_weighting: str = "inverse"  # the recipe every run shares (training/network/recipe.py, TrainConfig)
-    label_smoothing: float = 0.0
-    ema: float = 0.0
-    mix: str = "none"
-    mix_alpha: float = 1.0
+    recipe: Recipe = field(default_factory=Recipe)  # what every run shares (the recipe search may change it)
     teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
     max_teacher_cost: float | None = None  # eligible teachers add at most this many ResNet18 steps per KD step
     recipe_search: bool = False       # choose class weighting x mix on validation first (training/study/recipe_search.py)
@@ -82,8 +79,9 @@ class StudyConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command", "recipe_variants", "recipe_sizes"}
-        study = cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "recipe", "command", "recipe_variants", "recipe_sizes"}
+        study = cls(data=D.DataConfig.from_args(args), recipe=Recipe.from_args(args),
+                    **{k: getattr(args, k) for k in names})
         return study.quick() if args.quick else study
 
     def quick(self) -> "StudyConfig":
@@ -245,18 +243,17 @@ def _epochs(study: StudyConfig, epochs: int, data: D.DataConfig) -> int:
     return equal_compute_epochs(epochs, data.img_size, study.recipe_sizes[0]) if study.equal_compute else epochs
 
 
-def _recipe(study: StudyConfig, out: Path) -> tuple[D.DataConfig, dict]:
+def _recipe(study: StudyConfig, out: Path) -> tuple[D.DataConfig, Recipe]:
     """The data settings and recipe every later run shares: the study's own, or the recipe search's winners."""
-    recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
-    data = study.data
-    if study.recipe_search:
-        base = TrainConfig(out="", data=data, arch="resnet18", batch_size=study.batch_size, seed=study.seed,
-                           device=study.device, precision=study.precision, **recipe)
-        chosen = search_recipe(data, out / "recipe", base, study.recipe_epochs, stages(study.recipe_variants, study.recipe_sizes))
-        data = dataclasses.replace(data, img_size=chosen.pop("img_size"),
-                                   colour_constancy=chosen.pop("colour_constancy"))
-        recipe.update(chosen)
-    return data, recipe
+    if not study.recipe_search:
+        return study.data, study.recipe
+    base = TrainConfig(out="", data=study.data, arch="resnet18", batch_size=study.batch_size, seed=study.seed,
+                       device=study.device, precision=study.precision, recipe=study.recipe)
+    chosen = search_recipe(study.data, out / "recipe", base, study.recipe_epochs,
+                           stages(study.recipe_variants, study.recipe_sizes))
+    data = dataclasses.replace(study.data, img_size=chosen.pop("img_size"),
+                               colour_constancy=chosen.pop("colour_constancy"))
+    return data, dataclasses.replace(study.recipe, **chosen)
 
 
 def _teacher(study: StudyConfig, out: Path, data: D.DataConfig, runs: dict) -> dict:
@@ -281,7 +278,7 @@ def train_networks(study: StudyConfig, out: Path) -> tuple[D.DataConfig, dict, d
     budget = Budget(study.time_budget, steps)
     data, recipe = _recipe(study, out)
     common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device,
-                  precision=study.precision, **recipe)
+                  precision=study.precision, recipe=recipe)
     runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
     run_or_resume(TrainConfig(out=str(runs["resnet18"]), arch="resnet18",
                               epochs=_epochs(study, study.epochs_resnet18, data), time_budget=budget("resnet18"),
@@ -373,7 +370,7 @@ def _served(release: Path, data: D.DataConfig) -> dict | None:
         if err.name != "ts":
             raise
         print(f"no served test report: TorchServe's Python package is not installed here. Where it is: "
-              f"python -m training evaluate --release {release} --data HAM10000_DIR --split test "
+              f"python -m training evaluate-release --release {release} --data HAM10000_DIR --split test "
               f"--out {release / SERVED_TEST}", flush=True)
     return None
 

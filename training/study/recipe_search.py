@@ -61,9 +61,9 @@ def stages(limit: int | None = None, sizes=SIZES) -> dict:
 def candidate_config(base: TrainConfig, setting: dict, out: Path, proxy_epochs: int, reference: int) -> TrainConfig:
     data = dataclasses.replace(base.data, **{k: setting[k] for k in DATA_KEYS if k in setting})
     name = "_".join(f"{SHORT.get(k, k)}-{setting[k]}" for k in sorted(setting))  # px-128_cc-none_ema-0.999_...
-    rest = {k: v for k, v in setting.items() if k not in DATA_KEYS}
-    return dataclasses.replace(base, data=data, out=str(out / name), resume=True, time_budget=None,
-                               epochs=equal_compute_epochs(proxy_epochs, data.img_size, reference), **rest)
+    recipe = dataclasses.replace(base.recipe, **{k: v for k, v in setting.items() if k not in DATA_KEYS})
+    return dataclasses.replace(base, data=data, recipe=recipe, out=str(out / name), resume=True, time_budget=None,
+                               epochs=equal_compute_epochs(proxy_epochs, data.img_size, reference))
 
 
 def _shifted_val(records: list[D.Record], cfg, family: str, seed: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def search_recipe(data: D.DataConfig, out: Path, base: TrainConfig, proxy_epochs
     val = [r.label for r in split.part("val")]
     floor = sum(y == commonest for y in val) / len(val)
     chosen = {"img_size": data.img_size, "colour_constancy": data.colour_constancy,
-              **{k: getattr(base, k) for k in ("ema", "class_weighting", "mix")}}
+              **{k: getattr(base.recipe, k) for k in ("ema", "class_weighting", "mix")}}
     rows, search = [], search or STAGES
     reference = search["img_size"][0]["img_size"] if search.get("img_size") else data.img_size
     for stage, values in search.items():
