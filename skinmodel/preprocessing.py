@@ -152,7 +152,8 @@ def _ifd0_orientation(blob: bytes) -> int | None:
 
 def _orientation(img: Image.Image) -> int:
     """EXIF orientation (1-8) as Pillow's getexif() finds it -- the TIFF's own first directory, the EXIF block,
-    PNG's hex 'Raw profile type exif', then XMP's tiff:Orientation -- without parsing any other tag."""
+    PNG's hex 'Raw profile type exif', then XMP's tiff:Orientation -- without parsing any other tag. (Pillow
+    itself turns a TIFF upright while loading it and drops the tag, within the IFD limits of formats.py.)"""
     info, value = img.info, None
     if isinstance(info.get("exif"), bytes):
         value = _ifd0_orientation(info["exif"])

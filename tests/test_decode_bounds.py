@@ -172,6 +172,23 @@ def _busy_swallowing(seconds: float) -> None:
             pass
 
 
+def _swallows_once_then_busy() -> None:
+    """The first interruption lands in code that swallows everything (a bare except, a __del__); the work
+    goes on after it."""
+    try:
+        _busy_swallowing(1.0)
+    except BaseException:  # noqa: BLE001 - the point of the test
+        pass
+    _busy_swallowing(5.0)
+
+
+def test_cpu_budget_interrupts_again_after_an_interruption_was_swallowed():
+    with pytest.raises(InputError) as err:
+        with cpu_budget(0.05):
+            _swallows_once_then_busy()
+    assert err.value.code == "decode_budget"
+
+
 def test_cpu_budget_interrupts_and_restores_the_signal_state():
     before = signal.getsignal(signal.SIGPROF)
     with pytest.raises(InputError) as err:
