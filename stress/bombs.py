@@ -221,6 +221,21 @@ def tiff_strip_flood(strips: int = 1_300_000) -> bytes:
             + struct.pack("<I", pixel) * strips + struct.pack("<I", 1) * strips)
 
 
+def tiff_jpeg_scan_bomb(side: int = 6300, scans: int = 99) -> bytes:
+    """A side x side YCbCr TIFF whose one strip is progressive_scan_bomb's JPEG stream (compression 7).
+    libtiff stops at 100 scans by itself; 99 cost half a second of a 40 MP image."""
+    jpeg = progressive_scan_bomb(side, scans)
+    entries = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, None), (259, 3, 1, 7), (262, 3, 1, 6),
+               (273, 4, 1, None), (277, 3, 1, 3), (278, 4, 1, side), (279, 4, 1, len(jpeg))]
+    bits_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        value = {258: bits_at, 273: bits_at + 6}.get(tag, value)
+        ifd += (struct.pack("<HHII", tag, typ, count, value) if typ == 4 or count > 1
+                else struct.pack("<HHIHH", tag, typ, count, value, 0))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8) + jpeg
+
+
 def decoder_bombs(small: bool = False) -> dict[str, bytes]:
     """Issue 23's decoder bombs (each cost a worker seconds, gigabytes or its life before): name -> payload.
     Each must be refused before decoding. small=True builds the scan bomb at 2000 px (seconds cheaper to make,
@@ -230,4 +245,5 @@ def decoder_bombs(small: bool = False) -> dict[str, bytes]:
             "png_1x400000": png_with_size(1, 400_000), "png_exif_8mb": png_exif_bomb(),
             "webp_exif_8mb": webp_exif_bomb(), "png_idat_flood": png_chunk_flood(),
             "jpeg_com_flood": jpeg_marker_flood(), "tiff_strip_flood": tiff_strip_flood(),
-            "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True)}
+            "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True),
+            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99)}
