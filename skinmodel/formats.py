@@ -33,15 +33,17 @@ MAX_JPEG_SCANS = 32
 # large ICC profile split into APP2 segments); every one costs the decoder a step of Python.
 MAX_JPEG_SEGMENTS = 1024
 # Metadata the decoder reads in Python (EXIF, XMP, text): at most one JPEG APP segment's worth per chunk or tag
-# (64 KB), and so many chunks; an ICC profile (copied, never parsed) up to 1 MB. A PNG or WebP file has at most
+# (64 KB), and so many chunks (text ones fewer); an ICC profile (copied, never parsed) up to 1 MB. A PNG or WebP file has at most
 # MAX_CHUNKS chunks (libpng's 8 KB image-data chunks make a 10 MiB PNG 1,280), a TIFF's first directory at
 # most MAX_TIFF_TAGS tags (cameras write 20-60), and a TIFF lists no more strips or tiles than its pixels need.
 MAX_METADATA_BYTES = 64 * 1024
 MAX_ICC_BYTES = 2**20
-MAX_METADATA_CHUNKS = 64
+MAX_METADATA_CHUNKS = 32
+MAX_TEXT_CHUNKS = 16  # PNG text: Pillow inflates each zTXt/iTXt to up to 1 MB (3 ms of CPU apiece)
 MAX_CHUNKS = 10_000
 MAX_TIFF_TAGS = 1024
 _PNG_FRAME_CHUNKS = {b"acTL", b"fcTL", b"fdAT"}  # APNG: frames, not metadata (only the first image is read)
+_PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
 _TIFF_TABLES = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 _TIFF_UNIT = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
 _FILL = re.compile(rb"\xff+")
@@ -105,7 +107,7 @@ def jpeg_scan_count(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
 
 
 def _png_layout(data: bytes) -> str | None:
-    pos, n, chunks, metadata = 8, len(data), 0, 0
+    pos, n, chunks, metadata, text = 8, len(data), 0, 0, 0
     while pos + 8 <= n:
         length, tag = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
         chunks += 1
@@ -118,8 +120,9 @@ def _png_layout(data: bytes) -> str | None:
             cap = MAX_ICC_BYTES if tag == b"iCCP" else MAX_METADATA_BYTES
             if length > cap:
                 return f"its {tag.decode('latin-1')!r} chunk is {length} bytes; the limit is {cap}"
-            if metadata > MAX_METADATA_CHUNKS:
-                return f"the PNG has more than {MAX_METADATA_CHUNKS} metadata chunks"
+            text += tag in _PNG_TEXT_CHUNKS
+            if metadata > MAX_METADATA_CHUNKS or text > MAX_TEXT_CHUNKS:
+                return f"the PNG has more than {MAX_METADATA_CHUNKS} metadata or {MAX_TEXT_CHUNKS} text chunks"
         pos += 12 + length
     return None
 
@@ -161,6 +164,10 @@ def _tiff_layout(data: bytes) -> str | None:
     pieces = -(-width // max(1, tile_w)) * -(-height // max(1, tile_h))
     if tags.get(284, (0, 1))[1] == 2:  # planar: one table entry per band
         pieces *= tags.get(277, (0, 1))[1]
+    # JPEG-compressed strips (6, 7): libtiff allows 100 scans each; hold them to the JPEG limit (entropy-coded
+    # data never contains FF DA, so counting it in the whole file is an upper bound of the scans).
+    if tags.get(259, (0, 1))[1] in (6, 7) and data.count(b"\xff\xda") > MAX_JPEG_SCANS * max(1, pieces):
+        return f"its JPEG-compressed strips or tiles hold more than {MAX_JPEG_SCANS} scans each"
     for tag in _TIFF_TABLES:
         if tags.get(tag, (0, 0))[0] > max(1, pieces):
             return f"it lists {tags[tag][0]} strips or tiles for {width}x{height} pixels (at most {pieces})"

@@ -149,7 +149,7 @@ def webp_exif_bomb(filler_bytes: int = 8 * 2**20, orientation: int = 6) -> bytes
     return buf.getvalue()
 
 
-def png_text_bomb(chunks: int = 9, chunk_bytes: int = 2**20) -> bytes:
+def png_text_bomb(chunks: int = 16, chunk_bytes: int = 2**20) -> bytes:
     """A 64x64 PNG carrying `chunks` zTXt chunks that each inflate to chunk_bytes of text."""
     text = zlib.compress(b"a" * (chunk_bytes - 64), 9)
     return _png(64, 64, [(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(chunks)])
@@ -246,4 +246,4 @@ def decoder_bombs(small: bool = False) -> dict[str, bytes]:
             "webp_exif_8mb": webp_exif_bomb(), "png_idat_flood": png_chunk_flood(),
             "jpeg_com_flood": jpeg_marker_flood(), "tiff_strip_flood": tiff_strip_flood(),
             "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True),
-            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99)}
+            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(64)}
