@@ -61,6 +61,8 @@ def constructions() -> dict[str, callable]:
         "WebP 16383x2441": lambda: _save(Image.new("RGB", (16383, 2441), (90, 60, 40)), "WEBP", quality=50),
         "TIFF float 5400x5400 deflate": bombs.float_tiff,
         "TIFF 1x2 listing 1.3 M strips": bombs.tiff_strip_flood,
+        "TIFF 40 MP 1-bit raw in 155 k 16x16 tiles": bombs.tiff_tiny_tiles,
+        "TIFF 40 MP 1-bit raw in 9.9 k 64x64 tiles": lambda: bombs.tiff_tiny_tiles(tile=64),
         "TIFF 40 MP, JPEG strip of 99 scans": bombs.tiff_jpeg_scan_bomb,
         "TIFF 40 MP, JPEG strip of 32 scans": lambda: bombs.tiff_jpeg_scan_bomb(scans=32),
         "BMP RLE8 20000x2000": bombs.bmp_rle_bomb,

@@ -42,6 +42,9 @@ MAX_METADATA_CHUNKS = 32
 MAX_TEXT_CHUNKS = 16  # PNG text: Pillow inflates each zTXt/iTXt to up to 1 MB (3 ms of CPU apiece)
 MAX_CHUNKS = 10_000
 MAX_TIFF_TAGS = 1024
+# Pillow decodes an uncompressed TIFF one strip or tile at a time in a Python loop (~10 us each): 40 MP in 16x16
+# tiles cost 1.5 s. Encoders write strips of ~8 KB (a 10 MiB body holds ~1,300) or tiles of 256x256.
+MAX_TIFF_PIECES = 16_384
 _PNG_FRAME_CHUNKS = {b"acTL", b"fcTL", b"fdAT"}  # APNG: frames, not metadata (only the first image is read)
 _PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
 _TIFF_TABLES = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
@@ -164,6 +167,8 @@ def _tiff_layout(data: bytes) -> str | None:
     pieces = -(-width // max(1, tile_w)) * -(-height // max(1, tile_h))
     if tags.get(284, (0, 1))[1] == 2:  # planar: one table entry per band
         pieces *= tags.get(277, (0, 1))[1]
+    if pieces > MAX_TIFF_PIECES:
+        return f"it is cut into {pieces} strips or tiles; the limit is {MAX_TIFF_PIECES}"
     # JPEG-compressed strips (6, 7): libtiff allows 100 scans each; hold them to the JPEG limit (entropy-coded
     # data never contains FF DA, so counting it in the whole file is an upper bound of the scans).
     if tags.get(259, (0, 1))[1] in (6, 7) and data.count(b"\xff\xda") > MAX_JPEG_SCANS * max(1, pieces):

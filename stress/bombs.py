@@ -221,6 +221,23 @@ def tiff_strip_flood(strips: int = 1_300_000) -> bytes:
             + struct.pack("<I", pixel) * strips + struct.pack("<I", 1) * strips)
 
 
+def tiff_tiny_tiles(side: int = 6300, tile: int = 16) -> bytes:
+    """A side x side 1-bit uncompressed TIFF in tile x tile tiles (155,000 for 40 MP), all pointing at the same
+    32 bytes: a legal file whose tiles Pillow decodes one by one in Python (1.5 s for 1.2 MB)."""
+    n = (-(-side // tile)) ** 2
+    tile_bytes = tile * tile // 8
+    entries = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 1, 1), (259, 3, 1, 1), (262, 3, 1, 1),
+               (277, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, n, None), (325, 4, n, None)]
+    pixels = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        value = {324: pixels + tile_bytes, 325: pixels + tile_bytes + 4 * n}.get(tag, value)
+        ifd += (struct.pack("<HHII", tag, typ, count, value) if typ == 4
+                else struct.pack("<HHIHH", tag, typ, count, value, 0))
+    return (b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\x55" * tile_bytes
+            + struct.pack("<I", pixels) * n + struct.pack("<I", tile_bytes) * n)
+
+
 def tiff_jpeg_scan_bomb(side: int = 6300, scans: int = 99) -> bytes:
     """A side x side YCbCr TIFF whose one strip is progressive_scan_bomb's JPEG stream (compression 7).
     libtiff stops at 100 scans by itself; 99 cost half a second of a 40 MP image."""
@@ -246,4 +263,5 @@ def decoder_bombs(small: bool = False) -> dict[str, bytes]:
             "webp_exif_8mb": webp_exif_bomb(), "png_idat_flood": png_chunk_flood(),
             "jpeg_com_flood": jpeg_marker_flood(), "tiff_strip_flood": tiff_strip_flood(),
             "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True),
-            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(64)}
+            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(64),
+            "tiff_tiny_tiles": tiff_tiny_tiles()}
