@@ -263,5 +263,5 @@ def decoder_bombs(small: bool = False) -> dict[str, bytes]:
             "webp_exif_8mb": webp_exif_bomb(), "png_idat_flood": png_chunk_flood(),
             "jpeg_com_flood": jpeg_marker_flood(), "tiff_strip_flood": tiff_strip_flood(),
             "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True),
-            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(64),
+            "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(20),
             "tiff_tiny_tiles": tiff_tiny_tiles()}
