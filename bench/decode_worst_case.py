@@ -51,6 +51,7 @@ def constructions() -> dict[str, callable]:
         "JPEG 10,000 scans": bombs.progressive_scan_bomb,
         "JPEG 10,000 scans labelled MPO": bombs.mpo_scan_bomb,
         "JPEG 2.6 M COM segments": bombs.jpeg_marker_flood,
+        "JPEG 10 MiB of fill bytes": lambda: bombs.jpeg_marker_flood(filler=b"\xff"),
         "PNG 40 MP": lambda: bombs.png_with_size(side, side),
         "PNG 400000x1": lambda: bombs.png_with_size(400_000, 1),
         "PNG 8 MB eXIf, Orientation 6": bombs.png_exif_bomb,

@@ -33,9 +33,9 @@ MAX_JPEG_SCANS = 32
 # large ICC profile split into APP2 segments); every one costs the decoder a step of Python.
 MAX_JPEG_SEGMENTS = 1024
 # Metadata the decoder reads in Python (EXIF, XMP, text): at most one JPEG APP segment's worth per chunk or tag
-# (64 KB), and so many chunks (text ones fewer); an ICC profile (copied, never parsed) up to 1 MB. A PNG or WebP file has at most
-# MAX_CHUNKS chunks (libpng's 8 KB image-data chunks make a 10 MiB PNG 1,280), a TIFF's first directory at
-# most MAX_TIFF_TAGS tags (cameras write 20-60), and a TIFF lists no more strips or tiles than its pixels need.
+# (64 KB), and so many chunks (text ones fewer); an ICC profile (copied, never parsed) up to 1 MB. A PNG or WebP file
+# has at most MAX_CHUNKS chunks (libpng's 8 KB image-data chunks make a 10 MiB PNG 1,280), a TIFF's first directory
+# at most MAX_TIFF_TAGS tags (cameras write 20-60), and a TIFF lists no more strips or tiles than its pixels need.
 MAX_METADATA_BYTES = 64 * 1024
 MAX_ICC_BYTES = 2**20
 MAX_METADATA_CHUNKS = 32
@@ -70,20 +70,25 @@ def sniff(data: bytes) -> str | None:
 def jpeg_layout(data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segments: float = MAX_JPEG_SEGMENTS
                 ) -> tuple[int, int]:
     """(start-of-scan segments, marker segments) of a JPEG stream up to its first end-of-image (an MPO's first
-    frame), counted by walking the segment lengths (so bytes inside APPn or COM payloads, an EXIF thumbnail
-    included, are never mistaken for markers). Stops once past max_scans or max_segments, so its own cost is
-    bounded. Junk where a marker should be is skipped up to the next 0xFF, as libjpeg does (it only warns):
-    stopping there instead would let one stray byte hide every scan behind it."""
+    frame); a junk or fill byte between segments counts as a segment (Pillow's parser steps over each). Counted by walking
+    the segment lengths (so bytes inside APPn or COM payloads, an EXIF thumbnail included, are never mistaken for
+    markers). Stops once past max_scans or max_segments, so its own cost is bounded. Junk where a marker should
+    be is skipped up to the next 0xFF, as libjpeg does (it only warns): stopping there instead would let one
+    stray byte hide every scan behind it."""
     n, pos, scans, segments = len(data), 2, 0, 0
     while pos + 4 <= n and scans <= max_scans and segments <= max_segments:
         if data[pos] != 0xFF:
-            pos = data.find(b"\xff", pos)
-            if pos < 0:
+            nxt = data.find(b"\xff", pos)
+            if nxt < 0:
                 break
+            segments += nxt - pos  # junk: Pillow's header parser steps over it byte by byte, as over a segment
+            pos = nxt
             continue
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill bytes before a marker: skip the whole run at once
-            pos = _FILL.match(data, pos).end() - 1
+        if marker == 0xFF:  # fill bytes before a marker: skipped at once here, one by one by Pillow
+            nxt = _FILL.match(data, pos).end() - 1
+            segments += nxt - pos
+            pos = nxt
             continue
         segments += 1
         if marker in _STANDALONE_MARKERS:

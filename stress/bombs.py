@@ -164,13 +164,13 @@ def png_chunk_flood(size: int = MAX_BODY - 1) -> bytes:
     return head[:-len(end)] + flood + end
 
 
-def jpeg_marker_flood(size: int = MAX_BODY - 1) -> bytes:
-    """A 16x16 JPEG whose header is followed by ~2.6 million empty COM segments before its image data."""
+def jpeg_marker_flood(size: int = MAX_BODY - 1, filler: bytes = b"\xff\xfe\x00\x02") -> bytes:
+    """A 16x16 JPEG whose start-of-image is followed by ~10 MiB of filler before its own segments: by default
+    ~2.6 million empty COM segments; b"\\xff" makes it fill bytes, which Pillow's parser also steps over one by one."""
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (120, 80, 60)).save(buf, "JPEG")
     jpeg = buf.getvalue()
-    com = b"\xff\xfe\x00\x02"
-    return jpeg[:2] + com * ((size - len(jpeg)) // 4) + jpeg[2:]
+    return jpeg[:2] + filler * ((size - len(jpeg)) // len(filler)) + jpeg[2:]
 
 
 def _mpf_segment() -> bytes:
@@ -261,7 +261,8 @@ def decoder_bombs(small: bool = False) -> dict[str, bytes]:
     return {"mpo_scan_bomb": mpo_scan_bomb(side), "png_400000x1": png_with_size(400_000, 1),
             "png_1x400000": png_with_size(1, 400_000), "png_exif_8mb": png_exif_bomb(),
             "webp_exif_8mb": webp_exif_bomb(), "png_idat_flood": png_chunk_flood(),
-            "jpeg_com_flood": jpeg_marker_flood(), "tiff_strip_flood": tiff_strip_flood(),
+            "jpeg_com_flood": jpeg_marker_flood(),
+            "jpeg_fill_flood": jpeg_marker_flood(filler=b"\xff"), "tiff_strip_flood": tiff_strip_flood(),
             "bmp_rle8": bmp_rle_bomb(), "bmp_rle4": bmp_rle_bomb(rle4=True),
             "tiff_jpeg_scan_bomb": tiff_jpeg_scan_bomb(side, 99), "png_text_flood": png_text_bomb(20),
             "tiff_tiny_tiles": tiff_tiny_tiles()}

@@ -24,7 +24,8 @@ CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 EXPECTED = {"mpo_scan_bomb": (422, "too_many_scans"), "png_400000x1": (422, "extreme_aspect_ratio"),
             "png_1x400000": (422, "extreme_aspect_ratio"), "png_exif_8mb": (422, "bloated_file"),
             "webp_exif_8mb": (422, "bloated_file"), "png_idat_flood": (422, "bloated_file"),
-            "jpeg_com_flood": (422, "bloated_file"), "tiff_strip_flood": (422, "bloated_file"),
+            "jpeg_com_flood": (422, "bloated_file"), "jpeg_fill_flood": (422, "bloated_file"),
+            "tiff_strip_flood": (422, "bloated_file"),
             "bmp_rle8": (415, "unsupported_compression"), "bmp_rle4": (415, "unsupported_compression"),
             "tiff_jpeg_scan_bomb": (422, "bloated_file"), "png_text_flood": (422, "bloated_file"),
             "tiff_tiny_tiles": (422, "bloated_file")}
