@@ -70,11 +70,11 @@ def sniff(data: bytes) -> str | None:
 def jpeg_layout(data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segments: float = MAX_JPEG_SEGMENTS
                 ) -> tuple[int, int]:
     """(start-of-scan segments, marker segments) of a JPEG stream up to its first end-of-image (an MPO's first
-    frame); a junk or fill byte between segments counts as a segment (Pillow's parser steps over each). Counted by walking
-    the segment lengths (so bytes inside APPn or COM payloads, an EXIF thumbnail included, are never mistaken for
-    markers). Stops once past max_scans or max_segments, so its own cost is bounded. Junk where a marker should
-    be is skipped up to the next 0xFF, as libjpeg does (it only warns): stopping there instead would let one
-    stray byte hide every scan behind it."""
+    frame); a junk or fill byte between segments counts as a segment (Pillow's parser steps over each). Counted by
+    walking the segment lengths (so bytes inside APPn or COM payloads, an EXIF thumbnail included, are never
+    mistaken for markers). Stops once past max_scans or max_segments, so its own cost is bounded. Junk where a
+    marker should be is skipped up to the next 0xFF, as libjpeg does (it only warns): stopping there instead would
+    let one stray byte hide every scan behind it."""
     n, pos, scans, segments = len(data), 2, 0, 0
     while pos + 4 <= n and scans <= max_scans and segments <= max_segments:
         if data[pos] != 0xFF:
