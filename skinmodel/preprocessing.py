@@ -3,8 +3,8 @@
 Training's evaluation, the TorchServe handler and the benchmarks all import this module, so the
 tensor a served image turns into is, bit for bit, the tensor the test metrics were computed on.
 The chain is: bytes -> decode (container layout, format, size, aspect ratio, metadata size and JPEG scans
-checked from the header first) -> EXIF orientation (tag 0x0112 alone) -> RGB -> resize shorter side -> centre
-crop -> uint8 CHW -> float, normalised.
+checked from the header first) -> EXIF orientation (tag 0x0112 alone) -> RGB -> resize shorter side -> colour
+constancy (when the release has one) -> centre crop -> uint8 CHW -> float, normalised.
 
 Decoding has a budget that no accepted file can exceed, so its cost is bounded by the decoded image, not by
 how the file is built: the five formats the page lists; a pixel count, a decoded-bytes count and an aspect
@@ -30,7 +30,7 @@ from skinmodel.formats import (ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS,
 from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
 __all__ = ["DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "decode_image", "eval_uint8", "normalize",
-           "preprocess_bytes", "resize_center_crop"]
+           "preprocess_bytes", "resize_center_crop", "shades_of_gray"]
 
 # What one decoded image may weigh, counted as bands x bytes per band: 40 MP of 8-bit RGB. Modes with more
 # bytes per pixel (RGBA, CMYK, 32-bit integer or float) get proportionally fewer pixels.
@@ -219,16 +219,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, info: dict |
     return _to_rgb(img.transpose(method) if method is not None else img)
 
 
-def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: int | None = None) -> torch.Tensor:
-    """Resize the shorter side to resize_size (bilinear, antialiased) and centre-crop; uint8 CHW tensor."""
+def shades_of_gray(pixels: np.ndarray, p: int = 6) -> np.ndarray:
+    """Shades of Gray colour constancy on a uint8 HxWx3 array: each channel's illuminant estimate is the
+    Minkowski p-mean of its values, and each channel is scaled so that the estimate becomes grey (the unit
+    illuminant vector times sqrt(3)), keeping the image's overall level. A black image stays black."""
+    x = pixels.astype(np.float32) / 255.0
+    illuminant = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)
+    illuminant = np.maximum(illuminant, 1.0 / 255)
+    gain = np.linalg.norm(illuminant) / (np.sqrt(3.0) * illuminant)
+    return np.clip(x * gain * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: int | None = None,
+                       colour_constancy: str = "none") -> torch.Tensor:
+    """Resize the shorter side to resize_size (bilinear, antialiased), apply the colour constancy to the whole
+    resized image, centre-crop; uint8 CHW tensor."""
     crop_w = crop_h if crop_w is None else crop_w
     w, h = img.size
     scale = resize_size / min(w, h)
     new_w, new_h = max(crop_w, round(w * scale)), max(crop_h, round(h * scale))
     img = img.resize((new_w, new_h), Image.BILINEAR)
     left, top = (new_w - crop_w) // 2, (new_h - crop_h) // 2
-    img = img.crop((left, top, left + crop_w, top + crop_h))
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    pixels = np.array(img, dtype=np.uint8)
+    if colour_constancy == "shades_of_gray_p6":
+        pixels = shades_of_gray(pixels, 6)
+    elif colour_constancy != "none":
+        raise ValueError(f"unknown colour constancy {colour_constancy!r}")
+    pixels = np.ascontiguousarray(pixels[top:top + crop_h, left:left + crop_w])
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -240,7 +258,7 @@ def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def eval_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    return resize_center_crop(img, cfg.resize_size, cfg.crop_size)
+    return resize_center_crop(img, cfg.resize_size, cfg.crop_size, colour_constancy=cfg.colour_constancy)
 
 
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig, info: dict | None = None) -> torch.Tensor:

@@ -3,22 +3,26 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from skinmodel.networks import build_model
-from tests.conftest import run_training
+from tests.conftest import REPO, run_training
 from training.checkpoint import StudyError, load_init_weights, model_from_checkpoint
 
 
-@pytest.mark.parametrize("command", ["split", "train", "grid", "evaluate", "export", "all", "accelerator", "unpack"])
-def test_every_command_has_help(command, capsys):
-    from training.__main__ import main
+def test_every_command_has_help(capsys):
+    from training.__main__ import COMMANDS, main
 
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
-    assert exit_.value.code == 0 and f"python -m training {command}" in capsys.readouterr().out
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and f"python -m training {command}" in capsys.readouterr().out, command
 
 
 def test_top_level_help_lists_commands():
@@ -66,14 +70,57 @@ def test_quick_study_end_to_end(tmp_path, data_dir):
     model.load_state_dict({k: v.float() for k, v in torch.load(release / "model.pt").items()})
 
 
+def _rows(path):
+    return list(csv.DictReader(open(path))) if path.exists() else []
+
+
 def test_resume_continues_from_last_epoch(tmp_path, data_dir):
+    """A resumed run trains only the epochs after its checkpoint: epoch 1's row (its measured seconds included) is
+    kept as it was, and epoch 1 is not trained again (a fresh run would print it and re-measure its seconds)."""
     common = ["--out", str(tmp_path / "run"), "--img-size", "32", "--limit-per-class", "6", "--batch-size", "8",
               "--cache-dir", str(tmp_path / "cache"), "--data", str(data_dir)]
     assert run_training("train", "--epochs", "1", *common).returncode == 0
+    first = _rows(tmp_path / "run" / "history.csv")
     r = run_training("train", "--epochs", "2", "--resume", *common)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stdout
-    assert [row["epoch"] for row in csv.DictReader(open(tmp_path / "run" / "history.csv"))] == ["1", "2"]
+    rows = _rows(tmp_path / "run" / "history.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"] and rows[0] == first[0]
+    assert "run epoch 1/2:" not in r.stdout and "run epoch 2/2:" in r.stdout
+
+
+def _wait_for_rows(path, n: int, proc, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(_rows(path)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never reached {n} rows (process exit {proc.poll()})")
+
+
+def test_an_interrupted_grid_cell_resumes_at_its_epoch_with_its_history(tmp_path, data_dir):
+    """SIGINT in the middle of a grid cell (as a stopped session does), then the same command again: the cell goes
+    on from its last completed epoch, its earlier rows untouched, and ends with every epoch once."""
+    small = ["--img-size", "32", "--limit-per-class", "6", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+             "--data", str(data_dir)]
+    assert run_training("train", "--out", str(tmp_path / "teacher"), "--epochs", "1", *small).returncode == 0
+    grid = [sys.executable, "-m", "training", "grid", "--out", str(tmp_path / "grid"), "--teacher",
+            str(tmp_path / "teacher" / "best.pt"), "--alphas", "0.5", "--temps", "2", "--epochs", "4", *small]
+    history = tmp_path / "grid" / "a0.5_t2" / "history.csv"
+    proc = subprocess.Popen(grid, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(history, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "rerun with --resume" in err, (proc.returncode, err[-2000:])
+    before = _rows(history)
+    assert 2 <= len(before) < 4, "interrupted too late to show a resume"
+    r = subprocess.run(grid, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _rows(history)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    assert rows[:len(before)] == before, "the rows of the epochs before the interruption changed"
+    assert f"resumed from {history.parent / 'last.pt'} at epoch {len(before) + 1}" in r.stdout
+    assert all(f"a0.5_t2 epoch {e}/4:" not in r.stdout for e in range(1, len(before) + 1)), "epochs trained twice"
+    assert (tmp_path / "grid" / "chosen.json").exists()
 
 
 def test_teacher_from_a_weights_file_and_init_from_imagenet_style_weights(tmp_path, data_dir):

@@ -15,7 +15,8 @@ COMMANDS = {
     "trust": ("training.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
     "model-card": ("training.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
-    "all": ("training.pipeline", "the whole study end to end (resumable)"),
+    "all": ("training.pipeline", "the whole study end to end (resumable: --resume)"),
+    "status": ("training.status", "where a study stands: runs, epochs, steps after training, time left"),
     "accelerator": ("training.accelerator", "the whole study inside a time budget, packed into <= 8 small files"),
     "unpack": ("training.unpack", "rebuild a release folder from what an accelerator run packed"),
 }

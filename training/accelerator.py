@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     study = StudyConfig(out=str(work), data=data, epochs_resnet18=cap, epochs_resnet50=cap, epochs_kd=cap,
                         batch_size=args.batch_size, grid=True, grid_epochs=cap,
                         grid_max_train_images=args.grid_images, device=args.device,
-                        teacher_tta=args.teacher_tta, recipe_search=args.recipe_search,
+                        teacher_tta=args.teacher_tta, recipe_search=args.recipe_search, recipe_epochs=cap,
+                        recipe_sizes=[args.img_size],
                         **{k: getattr(args, k) for k in RECIPE_FIELDS},
                         release_dir=str(work / "release"), version=args.version,
                         command="training/accelerator.sh " + " ".join(sys.argv[2:]))

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from skinmodel.inputs import COLOUR_CONSTANCIES
 from skinmodel.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
 from stack.settings import ham10000_dir
 
@@ -76,6 +77,7 @@ class DataConfig:
     limit_per_class: int | None = None  # smoke runs: at most N images per class
     img_size: int = 96                  # input (crop) size
     resize_size: int | None = None      # shorter side before the crop (None: img_size)
+    colour_constancy: str = "none"      # skinmodel.inputs.COLOUR_CONSTANCIES; travels in meta.json's preprocessing
     cache_dir: str | None = "runs/cache"
     threads: int | None = None          # torch CPU threads (None: all cores)
 
@@ -84,7 +86,8 @@ class DataConfig:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(self.resize_size or self.img_size, self.img_size, IMAGENET_MEAN, IMAGENET_STD)
+        return PreprocessConfig(self.resize_size or self.img_size, self.img_size, IMAGENET_MEAN, IMAGENET_STD,
+                                colour_constancy=self.colour_constancy)
 
     @property
     def cache(self) -> Path | None:
@@ -113,6 +116,8 @@ def add_data_args(p: argparse.ArgumentParser, sizes: bool = True, compute: bool 
     if sizes:
         p.add_argument("--img-size", type=int, default=d.img_size, help="input (crop) size in pixels")
         p.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default: img-size)")
+        p.add_argument("--colour-constancy", default=d.colour_constancy, choices=COLOUR_CONSTANCIES,
+                       help="applied to every image before the crop, in training and (through meta.json) when served")
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,7 @@ def build_cache(records: list[Record], kind: str, cfg: PreprocessConfig, cache_d
 
     def one(r: Record) -> torch.Tensor:
         img = _read(r.path, cfg.resize_size)
-        return eval_uint8(img, cfg) if kind == "eval" else resize_center_crop(img, h, h, w)
+        return eval_uint8(img, cfg) if kind == "eval" else resize_center_crop(img, h, h, w, cfg.colour_constancy)
 
     for i, t in enumerate(tqdm(thread_map(one, records), total=len(records), desc=desc or f"decode {kind}",
                                unit="img", leave=False)):

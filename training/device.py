@@ -2,7 +2,8 @@
 
 One `Runtime` answers every "where" question a step asks: which device tensors go to, whether this process is
 the one that writes files (rank 0), how a per-rank result becomes the whole split's, and what mixed precision
-to use. Outside torchrun it is a world of one and every collective is a no-op, so the same code runs a laptop
+to use (--precision auto|fp32|bf16: bf16 autocast where the hardware computes it natively, an Intel CPU with
+AMX or AVX512-BF16 or a CUDA GPU; scoring always stays fp32). Outside torchrun it is a world of one and every collective is a no-op, so the same code runs a laptop
 CPU, one GPU, or N GPUs on M machines:
 
     python -m training train --device cuda ...
@@ -25,6 +26,10 @@ from torch import nn
 from training.checkpoint import StudyError
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU flags (Linux /proc/cpuinfo) under which oneDNN runs bf16 convolutions and matmuls natively: AMX tiles or
+# AVX512-BF16. Without them bf16 is emulated and slower than fp32, so 'auto' keeps fp32 there.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -51,14 +56,43 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32 = before
 
 
+def cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:  # not Linux: no flags known, so no native bf16 assumed
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 natively (and faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 where native_bf16, else fp32; an explicit bf16 is honoured (emulated bf16 is slow but
+    correct), an unknown name is a clear error."""
+    if name not in PRECISIONS:
+        raise StudyError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
 def add_device_args(p) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to compute: auto = cuda when a GPU is visible, else cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="training arithmetic: bf16 autocast + channels_last, or fp32; auto = bf16 where the device "
+                        "computes it natively (CPU with AMX or AVX512-BF16, CUDA), else fp32. Scoring is always fp32")
 
 
 @dataclass
 class Runtime:
     device: torch.device
+    precision: str = "fp32"  # resolved: "fp32" or "bf16"
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -76,16 +110,40 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
     def autocast(self):
-        """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); plain fp32 on CPU, where bf16 is slower."""
-        if self.cuda:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        """bf16 autocast for the training steps (no loss scaling needed, unlike fp16), on CUDA or on a CPU's
+        AMX / AVX512-BF16 units; fp32 otherwise. Validation and every score run outside it, in fp32."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """The model on this device (channels_last on CUDA: the layout its convolution kernels prefer)."""
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cuda else model
+        """The model on this device, channels_last (NHWC): the layout cuDNN's and oneDNN's fast convolution
+        kernels (AMX included) take without a reorder on every call."""
+        return model.to(self.device).to(memory_format=torch.channels_last)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the layout prepare() gave the model."""
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def check_precision(self, model: nn.Module, size: int = 32) -> str:
+        """One forward pass under autocast; the dtype of its logits, which must be bfloat16 when bf16 was asked
+        for. autocast quietly computes in fp32 where it has no bf16 kernels for a device: that would make a
+        "bf16" run an fp32 one at a fraction of the expected speed, so it is an error here, not a surprise."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            dtype = model(self.layout(torch.zeros(1, 3, size, size, device=self.device))).dtype
+        model.train(was_training)
+        want = torch.bfloat16 if self.bf16 else torch.float32
+        if dtype != want:
+            raise StudyError(f"precision {self.precision} was asked for, but a forward pass on {self.device} "
+                             f"computed {dtype}: autocast fell back (torch {torch.__version__})")
+        return str(dtype).removeprefix("torch.")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel under torchrun (gradients averaged across ranks), the model itself otherwise."""
@@ -151,7 +209,7 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def setup(device: str = "auto") -> Runtime:
+def setup(device: str = "auto", precision: str = "auto") -> Runtime:
     """This process's Runtime. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) it joins the process group: nccl on
     GPUs, gloo on CPU; each rank takes the GPU of its local rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,7 +217,7 @@ def setup(device: str = "auto") -> Runtime:
         dev = resolve_device(device)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN time its kernels once
-        return Runtime(dev)
+        return Runtime(dev, resolve_precision(precision, dev))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -173,4 +231,4 @@ def setup(device: str = "auto") -> Runtime:
         # An hour before a collective gives up: rank 0 may decode the whole dataset while the others wait.
         extra = {"device_id": dev} if dev.type == "cuda" else {}  # binds NCCL to this rank's GPU from the start
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1), **extra)
-    return Runtime(dev, rank, world, local_rank)
+    return Runtime(dev, resolve_precision(precision, dev), rank, world, local_rank)

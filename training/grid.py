@@ -1,15 +1,17 @@
-"""Distillation grid search over alpha x T with a per-run budget; selection on the validation split only."""
+"""Distillation grid search over alpha x T with a per-run budget; selection on the validation split only. Every cell
+resumes at its last epoch when interrupted (training.train.run_or_resume)."""
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 from training import data as D
 from training.device import add_device_args
 from training.plots import plot_grid
-from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, train
+from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TEMPERATURES = (1.0, 5.0, 10.0, 15.0, 20.0)
@@ -36,23 +38,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS, temps=TEMPERATURES,
-                arch: str = "resnet18", epochs: int = 3, max_train_images: int | None = None, batch_size: int = 64,
-                seed: int = 0, device: str = "auto", time_budget: float | None = None,
-                teacher_tta: bool = False, recipe: dict | None = None) -> dict:
-    """One short run per (alpha, T) cell, each skipped when already complete; the best cell on validation
+def cell_config(base: TrainConfig, out: Path, alpha: float, temperature: float) -> TrainConfig:
+    return dataclasses.replace(base, out=str(Path(out) / f"a{alpha:g}_t{temperature:g}"), alpha=alpha,
+                               temperature=temperature, resume=True)
+
+
+def grid_search(base: TrainConfig, out: Path, alphas=ALPHAS, temps=TEMPERATURES) -> dict:
+    """One short distillation run per (alpha, T) cell, `base` giving everything else (teacher, epochs, recipe);
+    each cell resumed or skipped when complete (training.train.run_or_resume). The best cell on validation
     macro-F1 is returned and written to OUT/chosen.json, with grid.csv and grid.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores, rows = {}, []
     for alpha in alphas:
         for temperature in temps:
-            run = TrainConfig(out=str(out / f"a{alpha:g}_t{temperature:g}"), data=data, arch=arch, epochs=epochs,
-                              batch_size=batch_size, seed=seed, max_train_images=max_train_images,
-                              teacher=list(teacher), teacher_tta=teacher_tta, alpha=alpha, temperature=temperature,
-                              device=device, time_budget=time_budget, **(recipe or {}))
-            done = Path(run.out) / "best.json"
-            best = json.loads(done.read_text()) if done.exists() else train(run)
+            best = run_or_resume(cell_config(base, out, alpha, temperature))
             scores[(alpha, temperature)] = best["val_macro_f1"]
             rows.append({"alpha": alpha, "temperature": temperature, "val_macro_f1": best["val_macro_f1"],
                          "val_balanced_accuracy": best["val_balanced_accuracy"], "best_epoch": best["epoch"]})
@@ -69,9 +69,12 @@ def grid_search(data: D.DataConfig, out: Path, teacher: list[str], alphas=ALPHAS
 
 
 def main(args: argparse.Namespace) -> dict:
-    return grid_search(D.DataConfig.from_args(args), Path(args.out), args.teacher, args.alphas, args.temps, args.arch,
-                       args.epochs, args.max_train_images, args.batch_size, args.seed, args.device, args.time_budget,
-                       args.teacher_tta, {k: getattr(args, k) for k in RECIPE_FIELDS})
+    base = TrainConfig(out="", data=D.DataConfig.from_args(args), arch=args.arch, epochs=args.epochs,
+                       batch_size=args.batch_size, seed=args.seed, max_train_images=args.max_train_images,
+                       teacher=list(args.teacher), teacher_tta=args.teacher_tta, device=args.device,
+                       precision=args.precision, time_budget=args.time_budget,
+                       **{k: getattr(args, k) for k in RECIPE_FIELDS})
+    return grid_search(base, Path(args.out), args.alphas, args.temps)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ settings.
 
     python -m training all                 # the real run (CPU: about 1.5 h at 96 px)
     python -m training all --quick --out /tmp/q   # tiny subset, tiny images: well under a minute
-A training run whose best.json exists is skipped, so an interrupted study continues where it stopped.
+    python -m training all --resume ...    # continue an interrupted study (same settings: checked)
+    python -m training status --out runs/study    # where a study stands, and its ETA
+
+Every network trains through training.train.run_or_resume: a finished run is read back, an interrupted one
+continues at its last epoch. The steps after training record themselves in OUT/progress.json and are skipped
+when done. OUT/study.json holds the settings and the commit of the code that runs the study.
 """
 from __future__ import annotations
 
@@ -27,16 +32,17 @@ from training import data as D
 from training.abstention import fit_abstention
 from training.evaluate_release import evaluate_release
 from training.calibrate import calibrate
-from training.checkpoint import TTA_PREFIX, StudyError, checkpoint_preprocessing, models_from_spec, teacher_spec
+from training.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,
+                                 teacher_spec)
 from training.device import add_device_args, resolve_device
 from training.evaluate import evaluate
-from training.export import export
+from training.export import export, git_sha
 from training.grid import ALPHAS, TEMPERATURES, grid_search
 from training.metrics import classification_metrics, predict_logits
 from training.model_card import SERVED_TEST, write_model_card
 from training.subgroups import render_subgroups
-from training.recipe_search import search_recipe, variants
-from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, train
+from training.recipe_search import SIZES, equal_compute_epochs, search_recipe, stages
+from training.train import RECIPE_FIELDS, TrainConfig, add_recipe_args, run_or_resume
 
 
 @dataclass
@@ -61,9 +67,14 @@ class StudyConfig:
     mix: str = "none"
     mix_alpha: float = 1.0
     teacher_tta: bool = False         # teacher candidates also averaged over their 8 dihedral views
+    max_teacher_cost: float | None = None  # eligible teachers add at most this many ResNet18 steps per KD step
     recipe_search: bool = False       # choose class weighting x mix on validation first (training/recipe_search.py)
-    recipe_variants: int | None = None  # the first N of the search space (smoke runs)
+    recipe_epochs: int = 10           # each recipe-search run's epochs at the first size (others: equal compute)
+    recipe_variants: int | None = None  # each stage cut to its first N values (smoke runs)
+    recipe_sizes: list[int] = field(default_factory=lambda: list(SIZES))  # input sizes the search compares
+    equal_compute: bool = False       # --epochs-* and --grid-epochs count at recipe_sizes[0]; scaled to the chosen size
     device: str = "auto"
+    precision: str = "auto"
     time_budget: float | None = None  # seconds for all training runs together, shared as in BUDGET_SHARES
     release_dir: str | None = None  # default: OUT/release
     name: str = MODEL_NAME
@@ -72,7 +83,7 @@ class StudyConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command", "recipe_variants"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "command", "recipe_variants", "recipe_sizes"}
         study = cls(data=D.DataConfig.from_args(args), **{k: getattr(args, k) for k in names})
         return study.quick() if args.quick else study
 
@@ -81,6 +92,7 @@ class StudyConfig:
         return dataclasses.replace(
             self, data=dataclasses.replace(self.data, limit_per_class=self.data.limit_per_class or 12, img_size=32),
             epochs_resnet18=1, epochs_resnet50=1, epochs_kd=1, grid_epochs=1, batch_size=8, recipe_variants=2,
+            recipe_epochs=1, recipe_sizes=[32, 40],
             grid_alphas=self.grid_alphas[:2], grid_temps=self.grid_temps[:2])
 
 
@@ -103,8 +115,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--grid-max-train-images", type=int, default=None)
     add_recipe_args(p)
     p.add_argument("--recipe-search", action="store_true",
-                   help="first choose class weighting x mix on validation with short ResNet18 runs (grid budget); "
-                        "every later run uses the winner")
+                   help="first choose input size, colour constancy, EMA, class weighting x mix on validation with "
+                        "short ResNet18 runs (training/recipe_search.py); every later run uses the winners")
+    p.add_argument("--recipe-epochs", type=int, default=d.recipe_epochs,
+                   help="epochs of each recipe-search run at the first size searched, 128 px (other sizes get the "
+                        "same compute: epochs x pixels)")
+    p.add_argument("--equal-compute", action="store_true",
+                   help="--epochs-* and --grid-epochs are counted at the first size searched (128 px): a run at "
+                        "another input size gets the same compute (epochs x pixels)")
+    p.add_argument("--max-teacher-cost", type=float, default=None, metavar="STEPS",
+                   help="only teachers whose forward passes add at most this many ResNet18 training steps to each "
+                        "distillation step can be chosen (all are scored and recorded); e.g. 2 rules out TTA teachers")
     p.add_argument("--teacher-tta", action="store_true",
                    help="also consider every teacher averaged over its 8 flipped/rotated views (8x its cost in "
                         "distillation); chosen only if it wins on validation")
@@ -116,6 +137,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--name", default=d.name)
     p.add_argument("--version", default=d.version)
     p.add_argument("--quick", action="store_true", help="smoke run: 12 images per class, 32 px, 1 epoch each")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study in OUT (its settings must be the ones it started with)")
     return p
 
 
@@ -148,39 +171,146 @@ def epochs_run(run_dir: Path) -> int:
         return sum(1 for _ in f) - 1
 
 
-def train_once(run: TrainConfig) -> dict:
-    done = Path(run.out) / "best.json"
-    if done.exists():
-        print(f"[skip] {run.out} is complete")
-        return json.loads(done.read_text())
-    print(f"[run] {run.arch} -> {run.out}", flush=True)
-    return train(dataclasses.replace(run, resume=True))
+# A teacher's forward pass per distillation step, relative to one ResNet18 training step (forward + backward) at the
+# same size: a forward is about a third of a training step, and ResNet50 needs 2.3x ResNet18's operations.
+FORWARD_COST = {"resnet18": 0.33, "resnet50": 0.76}
+
+
+def teacher_cost(paths: list[str], tta: bool) -> float:
+    """What a teacher adds to each distillation step, in ResNet18 training steps (8 views with TTA)."""
+    archs = [load_checkpoint(p)["arch"] for p in paths]
+    return round(sum(FORWARD_COST.get(a, 1.0) for a in archs) * (8 if tta else 1), 2)
 
 
 def choose_teacher(data: D.DataConfig, candidates: dict[str, list[str]], device: str = "auto",
-                   tta: bool = False) -> tuple[str, str, dict]:
+                   tta: bool = False, max_cost: float | None = None) -> tuple[str, str, dict]:
     """Pick the teacher with the best validation macro-F1 among trained checkpoints and their ensemble (and, with
-    tta, each of them averaged over its 8 dihedral views). Returns (name, spec for models_from_spec, scores)."""
+    tta, each of them averaged over its 8 dihedral views), among those whose cost per distillation step is at most
+    max_cost (every candidate is scored and recorded either way). Returns (name, spec, scores)."""
     dev = resolve_device(device)
     val = D.load_split(data).part("val")
     y = np.array([r.label for r in val])
-    specs = {name: teacher_spec(paths) for name, paths in candidates.items()}
+    specs = {name: (teacher_spec(paths), teacher_cost(paths, False)) for name, paths in candidates.items()}
     if tta:
-        specs.update({f"{name} + TTA": teacher_spec(paths, tta=True) for name, paths in candidates.items()})
+        specs.update({f"{name} + TTA": (teacher_spec(paths, tta=True), teacher_cost(paths, True))
+                      for name, paths in candidates.items()})
     scores = {}
-    for name, spec in specs.items():
+    for name, (spec, cost) in specs.items():
         model, ckpt = models_from_spec(spec)
         cfg = checkpoint_preprocessing(ckpt)
         x = D.build_cache(val, "eval", cfg, data.cache, "decode val")
         logits = predict_logits(model.to(dev), x, cfg.mean, cfg.std)
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
-        scores[name] = {"val_macro_f1": m["macro_f1"], "val_balanced_accuracy": m["balanced_accuracy"]}
-        print(f"teacher candidate {name:24} val macro-F1 {m['macro_f1']:.3f} bal-acc {m['balanced_accuracy']:.3f}")
-    best = max(scores, key=lambda k: scores[k]["val_macro_f1"])
-    return best, specs[best], scores
+        scores[name] = {"val_macro_f1": m["macro_f1"], "val_balanced_accuracy": m["balanced_accuracy"],
+                        "cost_per_step": cost, "eligible": max_cost is None or cost <= max_cost}
+        print(f"teacher candidate {name:24} val macro-F1 {m['macro_f1']:.3f} bal-acc {m['balanced_accuracy']:.3f} "
+              f"cost {cost:.2f} ResNet18 steps", flush=True)
+    best = max((k for k in scores if scores[k]["eligible"]), key=lambda k: scores[k]["val_macro_f1"])
+    return best, specs[best][0], scores
 
 
-def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
+def _check_resume(study: StudyConfig, out: Path, resume: bool) -> None:
+    """OUT/study.json: the settings a study started with and the commit of its code. A second start in the same
+    folder needs --resume, and a resume with other settings is refused (its runs would mix two recipes)."""
+    record = out / "study.json"
+    settings = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("command", "time_budget")}
+    if record.exists():
+        if not resume:
+            raise StudyError(f"{out} holds a study already: pass --resume to continue it, or choose another --out")
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in set(settings) | set(before["settings"])
+                         if settings.get(k) != before["settings"].get(k))
+        if changed:
+            raise StudyError(f"{out} was started with other settings ({', '.join(changed)}): resume it with the "
+                             f"command in {record}, or choose another --out")
+        return
+    record.write_text(json.dumps({"settings": settings, "command": study.command, "commit": git_sha(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
+
+
+def _done(out: Path, step: str, fn) -> None:
+    """Run a step after training once: OUT/progress.json records it, a resumed study skips it."""
+    progress = out / "progress.json"
+    done = json.loads(progress.read_text()) if progress.exists() else {}
+    if step in done:
+        print(f"[skip] {step} is done", flush=True)
+        return
+    started = time.time()
+    fn()
+    done[step] = {"seconds": round(time.time() - started, 1), "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    progress.write_text(json.dumps(done, indent=2))
+
+
+def _epochs(study: StudyConfig, epochs: int, data: D.DataConfig) -> int:
+    """With equal_compute, epoch counts are for the first searched size; other sizes get the same compute."""
+    return equal_compute_epochs(epochs, data.img_size, study.recipe_sizes[0]) if study.equal_compute else epochs
+
+
+def _recipe(study: StudyConfig, out: Path) -> tuple[D.DataConfig, dict]:
+    """The data settings and recipe every later run shares: the study's own, or the recipe search's winners."""
+    recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
+    data = study.data
+    if study.recipe_search:
+        base = TrainConfig(out="", data=data, arch="resnet18", batch_size=study.batch_size, seed=study.seed,
+                           device=study.device, precision=study.precision, **recipe)
+        chosen = search_recipe(data, out / "recipe", base, study.recipe_epochs, stages(study.recipe_variants, study.recipe_sizes))
+        data = dataclasses.replace(data, img_size=chosen.pop("img_size"),
+                                   colour_constancy=chosen.pop("colour_constancy"))
+        recipe.update(chosen)
+    return data, recipe
+
+
+def _teacher(study: StudyConfig, out: Path, data: D.DataConfig, runs: dict) -> dict:
+    """The teacher chosen on validation, kept in OUT/teacher.json (a resumed study reads it back)."""
+    chosen = out / "teacher.json"
+    if chosen.exists():
+        return json.loads(chosen.read_text())
+    r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
+    name, spec, scores = choose_teacher(
+        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device, study.teacher_tta,
+        study.max_teacher_cost)
+    record = {"chosen": name, "spec": spec, "checkpoints": spec.removeprefix(TTA_PREFIX).split("+"),
+              "tta": spec.startswith(TTA_PREFIX), "candidates": scores}
+    chosen.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def train_networks(study: StudyConfig, out: Path) -> tuple[D.DataConfig, dict, dict]:
+    """Recipe, baselines, teacher, grid, student: every network of the study (each resumable)."""
+    steps = {"resnet18", "resnet50", "kd"} | ({"grid"} if study.grid else set()) | (
+        {"recipe"} if study.recipe_search else set())
+    budget = Budget(study.time_budget, steps)
+    data, recipe = _recipe(study, out)
+    common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device,
+                  precision=study.precision, **recipe)
+    runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
+    run_or_resume(TrainConfig(out=str(runs["resnet18"]), arch="resnet18",
+                              epochs=_epochs(study, study.epochs_resnet18, data), time_budget=budget("resnet18"),
+                              **common))
+    run_or_resume(TrainConfig(out=str(runs["resnet50"]), arch="resnet50",
+                              epochs=_epochs(study, study.epochs_resnet50, data), time_budget=budget("resnet50"),
+                              **common))
+    teacher = _teacher(study, out, data, runs)
+    kd = dict(common, teacher=teacher["checkpoints"], teacher_tta=teacher["tta"], arch="resnet18",
+              alpha=study.alpha, temperature=study.temperature)
+    if study.grid:
+        cells = len(study.grid_alphas) * len(study.grid_temps)
+        base = TrainConfig(out="", **{**kd, "epochs": _epochs(study, study.grid_epochs, data),
+                                      "max_train_images": study.grid_max_train_images,
+                                      "time_budget": budget("grid") / cells if study.time_budget else None})
+        chosen = grid_search(base, out / "grid", study.grid_alphas, study.grid_temps)
+        kd.update(alpha=chosen["alpha"], temperature=chosen["temperature"])
+    teacher.update(alpha=kd["alpha"], temperature=kd["temperature"])
+    (out / "teacher.json").write_text(json.dumps(teacher, indent=2))
+    # Under a time budget the student gets as many epochs as the ResNet18 trained without a teacher, at most:
+    # "distillation helps" is then a comparison at equal epochs, not at equal seconds.
+    epochs_kd = _epochs(study, study.epochs_kd, data)
+    epochs_kd = min(epochs_kd, epochs_run(runs["resnet18"])) if study.time_budget else epochs_kd
+    run_or_resume(TrainConfig(out=str(runs["kd"]), epochs=epochs_kd, time_budget=budget("kd"), **kd))
+    return data, teacher, runs
+
+
+def run_study(study: StudyConfig, after_training=None, resume: bool = True) -> ReleaseMeta:
     """Every step in order; after_training() is called once the last network is trained (the accelerator run
     sends the student back from there, before the steps a CPU could redo)."""
     out = Path(study.out)
@@ -188,75 +318,33 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StudyError("the whole study runs in one process: under torchrun, run `python -m training train` "
                          "steps (the study's evaluation and export steps are not sharded)")
-    data = study.data
-    data.use_threads()
-    steps = {"resnet18", "resnet50", "kd"} | ({"grid"} if study.grid else set()) | (
-        {"recipe"} if study.recipe_search else set())
-    budget = Budget(study.time_budget, steps)
-    recipe = {k: getattr(study, k) for k in RECIPE_FIELDS}
-    if study.recipe_search:
-        base = TrainConfig(out="", data=data, arch="resnet18", epochs=study.grid_epochs, batch_size=study.batch_size,
-                           seed=study.seed, device=study.device, max_train_images=study.grid_max_train_images,
-                           **recipe)
-        recipe.update(search_recipe(data, out / "recipe", base, variants(limit=study.recipe_variants),
-                                    budget("recipe")))
-    common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device, **recipe)
-    runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
-    train_once(TrainConfig(out=str(runs["resnet18"]), arch="resnet18", epochs=study.epochs_resnet18,
-                           time_budget=budget("resnet18"), **common))
-    train_once(TrainConfig(out=str(runs["resnet50"]), arch="resnet50", epochs=study.epochs_resnet50,
-                           time_budget=budget("resnet50"), **common))
-    r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
-    teacher_name, spec, scores = choose_teacher(
-        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device, study.teacher_tta)
-    teacher, teacher_tta = spec.removeprefix(TTA_PREFIX).split("+"), spec.startswith(TTA_PREFIX)
-    alpha, temperature = study.alpha, study.temperature
-    if study.grid:
-        cells = len(study.grid_alphas) * len(study.grid_temps)
-        chosen = grid_search(data, out / "grid", teacher, study.grid_alphas, study.grid_temps, epochs=study.grid_epochs,
-                             max_train_images=study.grid_max_train_images, batch_size=study.batch_size,
-                             seed=study.seed, device=study.device, teacher_tta=teacher_tta, recipe=recipe,
-                             time_budget=budget("grid") / cells if study.time_budget else None)
-        alpha, temperature = chosen["alpha"], chosen["temperature"]
-    (out / "teacher.json").write_text(json.dumps({"chosen": teacher_name, "checkpoints": teacher, "tta": teacher_tta,
-                                                  "candidates": scores,
-                                                  "alpha": alpha, "temperature": temperature}, indent=2))
-    # Under a time budget the student gets as many epochs as the ResNet18 trained without a teacher, at most:
-    # "distillation helps" is then a comparison at equal epochs, not at equal seconds.
-    epochs_kd = min(study.epochs_kd, epochs_run(runs["resnet18"])) if study.time_budget else study.epochs_kd
-    train_once(TrainConfig(out=str(runs["kd"]), arch="resnet18", epochs=epochs_kd, teacher=teacher,
-                           teacher_tta=teacher_tta,
-                           alpha=alpha, temperature=temperature, time_budget=budget("kd"), **common))
-    student = str(runs["kd"] / "best.pt")
+    _check_resume(study, out, resume)
+    study.data.use_threads()
+    data, teacher, runs = train_networks(study, out)
     if after_training:
         try:
             after_training()
         except Exception as err:  # noqa: BLE001 - sending a copy early must not stop the study that trained
             print(f"could not send the student back early: {err}", flush=True)
+    return make_release(study, out, data, teacher, runs)
 
-    report_dir = out / "report"
-    evaluate(data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50,
-                    f"teacher: {teacher_name}": spec, "resnet18 distilled": student},
-             report_dir, command=study.command, device=study.device)
+
+def make_release(study: StudyConfig, out: Path, data: D.DataConfig, teacher: dict, runs: dict) -> ReleaseMeta:
+    """Test table, export, calibration, the dermoscopy gate, the served report and the model card (each once)."""
+    report_dir, student = out / "report", str(runs["kd"] / "best.pt")
+    r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
     release = Path(study.release_dir) if study.release_dir else out / "release"
-    export(student, release, study.name, study.version, str(report_dir / "results.json"), "resnet18 distilled",
-           command=study.command)
-    calibrate(student, release, data, study.device)
-    fit_abstention(release, data, device=study.device)
-    # The release as served, on the test split with its metadata: the subgroup tables of the report and card.
-    try:
-        served = evaluate_release(release, str(D.resolve_data_dir(data.data)), release / SERVED_TEST, "test",
-                                  data.split_seed, data.limit_per_class)
-    except D.DataError as err:  # e.g. a smoke run whose test split lacks a class: the release itself is fine
-        print(f"no served test report: {err}")
-        served = None
-    except ModuleNotFoundError as err:  # a GPU box without TorchServe's Python package: keep the trained release
-        if err.name != "ts":
-            raise
-        print(f"no served test report: TorchServe's Python package is not installed here. Where it is: "
-              f"python -m training evaluate --release {release} --data HAM10000_DIR --split test "
-              f"--out {release / SERVED_TEST}", flush=True)
-        served = None
+    _done(out, "evaluate", lambda: evaluate(
+        data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50, f"teacher: {teacher['chosen']}": teacher["spec"],
+               "resnet18 distilled": student}, report_dir, command=study.command, device=study.device))
+    _done(out, "export", lambda: export(student, release, study.name, study.version,
+                                        str(report_dir / "results.json"), "resnet18 distilled",
+                                        command=study.command))
+    _done(out, "calibrate", lambda: calibrate(student, release, data, study.device))
+    _done(out, "gate", lambda: fit_abstention(release, data, device=study.device))
+    _done(out, "served test", lambda: _served(release, data))
+    served_file = release / SERVED_TEST / "results.json"
+    served = json.loads(served_file.read_text()) if served_file.exists() else None
     for png in report_dir.glob("*.png"):
         shutil.copy(png, release / png.name)
     for key, run in runs.items():  # every run's per-epoch CSV and plot travel with the release
@@ -275,6 +363,22 @@ def run_study(study: StudyConfig, after_training=None) -> ReleaseMeta:
     return ReleaseMeta.load(release)
 
 
+def _served(release: Path, data: D.DataConfig) -> dict | None:
+    """The release as served, on the test split with its metadata: the subgroup tables of the report and card."""
+    try:
+        return evaluate_release(release, str(D.resolve_data_dir(data.data)), release / SERVED_TEST, "test",
+                                data.split_seed, data.limit_per_class)
+    except D.DataError as err:  # e.g. a smoke run whose test split lacks a class: the release itself is fine
+        print(f"no served test report: {err}")
+    except ModuleNotFoundError as err:  # a GPU box without TorchServe's Python package: keep the trained release
+        if err.name != "ts":
+            raise
+        print(f"no served test report: TorchServe's Python package is not installed here. Where it is: "
+              f"python -m training evaluate --release {release} --data HAM10000_DIR --split test "
+              f"--out {release / SERVED_TEST}", flush=True)
+    return None
+
+
 SUBGROUP_TITLE = "Subgroups of the release (distilled ResNet18, as served)"
 SUBGROUP_TITLE_MD = f"## {SUBGROUP_TITLE}"
 
@@ -290,7 +394,7 @@ def append_subgroups(report: Path, served: dict) -> None:
 def main(args: argparse.Namespace) -> ReleaseMeta:
     study = StudyConfig.from_args(args)
     study.command = "python -m training all " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["all"] else [])
-    return run_study(study)
+    return run_study(study, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class TrainConfig:
     mix: str = "none"                # none | mixup | cutmix (training/augment.py)
     mix_alpha: float = 1.0           # Beta(alpha, alpha) of the share each image keeps
     device: str = "auto"
+    precision: str = "auto"          # auto | fp32 | bf16 (training/device.py); scoring is always fp32
     grad_accum: int = 1              # micro-batches per optimiser step and rank
     time_budget: float | None = None  # seconds; sizes the epoch count (at most `epochs`)
 
@@ -159,28 +160,98 @@ def validate(rt: Runtime, model, x_val: torch.Tensor, y_val: np.ndarray, cfg) ->
 
 def train(run: TrainConfig) -> dict:
     """Train (or resume) one run; returns the best epoch's validation figures (also in OUT/best.json)."""
-    rt = setup(run.device)
+    rt = setup(run.device, run.precision)
     try:
         return _train(run, rt)
     finally:
         rt.close()
 
 
-def _train(run: TrainConfig, rt: Runtime) -> dict:
-    started = time.time()
-    out = Path(run.out)
+def run_or_resume(run: TrainConfig) -> dict:
+    """The one way a study trains a network (its baselines, every recipe-search run, every grid cell, the student):
+    a finished run (OUT/best.json) is read back, an interrupted one continues at its last completed epoch with its
+    history, a new one starts. A process may be ended at any moment: at most the epoch in progress is lost."""
+    done = Path(run.out) / "best.json"
+    if done.exists():
+        print(f"[skip] {run.out} is complete", flush=True)
+        return json.loads(done.read_text())
+    print(f"[run] {run.arch} -> {run.out}", flush=True)
+    return train(dataclasses.replace(run, resume=True))
+
+
+@dataclass
+class Batches:
+    """What train_one_epoch draws from: the uint8 images and labels on the device, and the class weights."""
+    x: torch.Tensor
+    y: torch.Tensor
+    weights: torch.Tensor
+    steps: int  # optimiser steps per epoch
+
+
+def _loss(run: TrainConfig, net, teacher, x, y, weights, partner, lam):
+    """The step's loss (and its KD term, 0 without a teacher); the logits' dtype tells what autocast computed."""
+    logits = net(x)
+    if teacher is None:
+        return weighted_ce(logits.float(), y, weights, run.label_smoothing, partner, lam), None, logits.dtype
+    with torch.no_grad():
+        teacher_logits = teacher(x)  # the same augmented view as the student
+    loss, kd, _ = kd_loss(logits.float(), teacher_logits, y, run.alpha, run.temperature, weights,
+                          run.label_smoothing, partner, lam)
+    return loss, kd, logits.dtype
+
+
+def train_one_epoch(run: TrainConfig, rt: Runtime, net, model, ema, teacher, optimizer, scheduler, data: Batches,
+                    cfg, epoch: int, desc: str) -> dict:
+    """One pass over the training set in the shared order of (seed, epoch): per step, every sample's augmentation
+    drawn for the whole global batch, this rank's rows in micro-batches, one optimiser step, the EMA updated.
+    Returns this rank's sums (loss, kd) and sample count, and the dtype the network computed in."""
+    model.train()
+    order = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(run.seed * 1_000_003 + epoch))
     per_rank = run.batch_size // rt.world
-    if run.batch_size % (rt.world * run.grad_accum):
-        raise StudyError(f"--batch-size {run.batch_size} must be a multiple of processes x --grad-accum "
-                         f"({rt.world} x {run.grad_accum})")
-    run.data.use_threads()
-    seed_everything(run.seed)  # the same seed on every rank: identical initial weights
+    micro = per_rank // run.grad_accum
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    kd_sum, dtype = torch.zeros_like(loss_sum), None
+    bar = tqdm(range(data.steps), desc=desc, unit="batch", disable=not rt.is_main)
+    for step in bar:
+        batch = order[step * run.batch_size:(step + 1) * run.batch_size]
+        gen = step_generator(run.seed, epoch, step)
+        draws = draw(run.batch_size, gen)  # one draw per sample of the global batch, the same on all ranks
+        mixes = draw_mix(run.batch_size, gen, run.mix_alpha) if run.mix != "none" else None
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(run.grad_accum):
+            rows = slice(rt.rank * per_rank + k * micro, rt.rank * per_rank + (k + 1) * micro)
+            idx = batch[rows].to(rt.device)
+            x = augment(data.x[idx], draws.rows(rows), cfg.crop_size, cfg.mean, cfg.std)
+            y, partner, lam = data.y[idx], None, None
+            if mixes is not None:
+                x, lam = mix(x, mixes[0][rows], mixes[1][rows], run.mix)
+                partner = y.flip(0)
+            last = k == run.grad_accum - 1  # DDP all-reduces gradients on a step's last micro-batch only
+            with net.no_sync() if rt.distributed and not last else contextlib.nullcontext():
+                with rt.autocast():
+                    loss, kd, dtype = _loss(run, net, teacher, rt.layout(x), y, data.weights, partner, lam)
+                (loss / run.grad_accum).backward()
+            loss_sum += loss.detach() * len(idx)
+            if kd is not None:
+                kd_sum += kd.detach() * len(idx)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            _ema_update(ema, model, run.ema, scheduler.last_epoch)
+        if rt.is_main and step % 20 == 0:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+    return {"loss": loss_sum.item(), "kd": kd_sum.item(), "seen": data.steps * per_rank,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _load_data(run: TrainConfig, rt: Runtime, out: Path):
+    """The split, its uint8 caches on the device (decoded once, by rank 0 first) and the class weights."""
     split = D.load_split(run.data)
     train_set, val = split.part("train"), split.part("val")
     if run.max_train_images and run.max_train_images < len(train_set):
         train_set = random.Random(run.seed).sample(train_set, run.max_train_images)
-    steps_per_epoch = len(train_set) // run.batch_size
-    if steps_per_epoch == 0:
+    steps = len(train_set) // run.batch_size
+    if steps == 0:
         raise StudyError(f"the training set has {len(train_set)} images, fewer than one batch of {run.batch_size}")
     cfg = run.data.preprocess()
     with rt.main_first():  # rank 0 decodes into the cache; the others then read it
@@ -190,162 +261,148 @@ def _train(run: TrainConfig, rt: Runtime) -> dict:
         x_train = D.build_cache(train_set, "train", cfg, run.data.cache, "decode train")
         x_val = D.build_cache(val, "eval", cfg, run.data.cache, "decode val")
     # The whole uint8 dataset stays on the device: no loader, no per-step copies from the host.
-    x_train, x_val = x_train.to(rt.device), x_val.to(rt.device)
-    y_train = torch.tensor([r.label for r in train_set], device=rt.device)
-    y_val = np.array([r.label for r in val])
     weights = class_weights_from_counts(D.class_counts(train_set), run.class_weighting).to(rt.device)
+    data = Batches(x_train.to(rt.device), torch.tensor([r.label for r in train_set], device=rt.device), weights, steps)
+    return split, cfg, data, x_val.to(rt.device), np.array([r.label for r in val])
 
+
+def _resume(run: TrainConfig, rt: Runtime, out: Path, model, ema, optimizer, scheduler, plan: dict):
+    """(first epoch, best so far): from OUT/last.pt when resuming, else (0, nothing). Every rank resumes or none."""
+    resuming = rt.sum([float(run.resume and (out / "last.pt").exists())])[0]
+    if 0 < resuming < rt.world:
+        raise StudyError(f"{out / 'last.pt'} exists for some ranks only: under multi-node torchrun the run folder "
+                         "(--out) and --cache-dir must be on a filesystem every node sees")
+    if not resuming:
+        return 0, {"val_macro_f1": -1.0}
+    state = load_checkpoint(out / "last.pt")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state.get("ema") or state["model"])
+    if run.time_budget and state.get("budget_decided"):  # without a budget, --epochs may extend a finished run
+        plan.update(epochs=min(run.epochs, state["planned_epochs"]), decided=True)
+    print(f"resumed from {out / 'last.pt'} at epoch {state['epoch'] + 2}", flush=True)
+    return state["epoch"] + 1, state["best"]
+
+
+def _trim_history(path: Path, start_epoch: int) -> None:
+    """Rows of epochs after the checkpoint (a run killed between writing its row and saving last.pt) go."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if start_epoch:
+        path.write_text("".join(lines[:1 + start_epoch]))
+    else:
+        path.unlink()
+
+
+def _decide_budget(run: TrainConfig, rt: Runtime, out: Path, plan: dict, epoch: int, started: float,
+                   measured_from: float) -> None:
+    """Size the epoch count from one whole measured epoch (saves and plots included); rank 0's clock decides."""
+    elapsed, epoch_s = round(time.time() - started, 3), round(time.time() - measured_from, 3)
+    planned = epochs_for_budget(run.time_budget, elapsed, epoch_s, run.epochs, done=epoch)
+    plan.update(epochs=rt.broadcast_int(planned), decided=True)
+    if rt.is_main:
+        (out / "budget.json").write_text(json.dumps({
+            "time_budget_s": run.time_budget, "elapsed_s": elapsed, "epoch_s": epoch_s,
+            "done": epoch, "cap": run.epochs, "planned_epochs": plan["epochs"]}, indent=2))
+        print(f"time budget {run.time_budget:.0f} s: {plan['epochs']} epochs ({epoch_s:.1f} s per epoch measured)",
+              flush=True)
+
+
+def _train(run: TrainConfig, rt: Runtime) -> dict:
+    started, out = time.time(), Path(run.out)
+    if run.batch_size % (rt.world * run.grad_accum):
+        raise StudyError(f"--batch-size {run.batch_size} must be a multiple of processes x --grad-accum "
+                         f"({rt.world} x {run.grad_accum})")
+    run.data.use_threads()
+    seed_everything(run.seed)  # the same seed on every rank: identical initial weights
+    split, cfg, data, x_val, y_val = _load_data(run, rt, out)
     model = build_model(run.arch, len(D.CLASS_NAMES))
     if run.init_weights:
         skipped = load_init_weights(model, run.init_weights)
         print(f"initialised from {run.init_weights} (re-initialised: {', '.join(skipped) or 'nothing'})")
     model = rt.prepare(model)
+    rt.check_precision(model, cfg.crop_size)
     teacher = load_teacher(run.teacher, run.teacher_weights, run.teacher_arch, len(D.CLASS_NAMES), cfg,
                            run.teacher_tta)
     teacher = rt.prepare(teacher) if teacher is not None else None
     ema = copy.deepcopy(model).requires_grad_(False) if run.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
     plan = {"epochs": run.epochs, "decided": False}  # a time budget sizes it after two epochs; the schedule follows
-    warmup = int(run.warmup_epochs * steps_per_epoch)
+    warmup = int(run.warmup_epochs * data.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, plan["epochs"] * steps_per_epoch, warmup))
-    start_epoch, best = 0, {"val_macro_f1": -1.0}
-    # Every rank must resume or none: a run folder that only some nodes see would make them train different epochs.
-    resuming = rt.sum([float(run.resume and (out / "last.pt").exists())])[0]
-    if 0 < resuming < rt.world:
-        raise StudyError(f"{out / 'last.pt'} exists for some ranks only: under multi-node torchrun the run folder "
-                         "(--out) and --cache-dir must be on a filesystem every node sees")
-    if resuming:
-        state = load_checkpoint(out / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state.get("ema") or state["model"])
-        if run.time_budget and state.get("budget_decided"):  # without a budget, --epochs may extend a finished run
-            plan.update(epochs=min(run.epochs, state["planned_epochs"]), decided=True)
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+        optimizer, lambda s: warmup_cosine(s, plan["epochs"] * data.steps, warmup))
+    start_epoch, best = _resume(run, rt, out, model, ema, optimizer, scheduler, plan)
     net = rt.wrap(model)  # what the steps call: DDP averages gradients across ranks (after any resume)
-
-    history_path = out / "history.csv"
-    if rt.is_main and history_path.exists():
-        # Rows of epochs after the checkpoint (a run killed between writing its row and saving last.pt) go.
-        lines = history_path.read_text().splitlines(keepends=True)
-        if start_epoch:
-            history_path.write_text("".join(lines[:1 + start_epoch]))
-        else:
-            history_path.unlink()
-    base = {"arch": run.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": cfg.to_dict(),
-            "split_hash": split.hash, "args": run.record(), "teacher": bool(teacher)}
     if rt.is_main:
+        _trim_history(out / "history.csv", start_epoch)
         (out / "args.json").write_text(json.dumps(run.record(), indent=2))
-
-    epoch, measure_from = start_epoch, None
+    base = {"arch": run.arch, "class_names": list(D.CLASS_NAMES), "preprocessing": cfg.to_dict(),
+            "split_hash": split.hash, "args": run.record(), "teacher": bool(teacher), "precision": rt.precision}
+    epoch, measured_from = start_epoch, None
     while epoch < plan["epochs"]:
         if run.time_budget and not plan["decided"]:
-            # The first epoch of a process pays for warm-up (cuDNN autotuning, caches): the next one, saves and
-            # plots included, is the measure.
+            # The first epoch of a process pays for warm-up (autotuning, caches): the next one is the measure.
             if epoch == start_epoch + 1:
-                measure_from = time.time()
-            elif measure_from is not None:
-                elapsed, epoch_s = round(time.time() - started, 3), round(time.time() - measure_from, 3)
-                planned = epochs_for_budget(run.time_budget, elapsed, epoch_s, run.epochs, done=epoch)
-                plan.update(epochs=rt.broadcast_int(planned), decided=True)  # rank 0's clock decides for all
-                if rt.is_main:
-                    (out / "budget.json").write_text(json.dumps({
-                        "time_budget_s": run.time_budget, "elapsed_s": elapsed, "epoch_s": epoch_s,
-                        "done": epoch, "cap": run.epochs, "planned_epochs": plan["epochs"]}, indent=2))
-                    print(f"time budget {run.time_budget:.0f} s: {plan['epochs']} epochs "
-                          f"({epoch_s:.1f} s per epoch measured)", flush=True)
+                measured_from = time.time()
+            elif measured_from is not None:
+                _decide_budget(run, rt, out, plan, epoch, started, measured_from)
                 if epoch >= plan["epochs"]:
                     break
-        model.train()
         epoch_started = time.time()
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(run.seed * 1_000_003 + epoch))
-        micro = per_rank // run.grad_accum
-        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        kd_sum = torch.zeros_like(loss_sum)
-        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} epoch {epoch + 1}/{plan['epochs']}", unit="batch",
-                   disable=not rt.is_main)
-        for step in bar:
-            batch = order[step * run.batch_size:(step + 1) * run.batch_size]
-            gen = step_generator(run.seed, epoch, step)
-            draws = draw(run.batch_size, gen)  # one draw per sample of the global batch, the same on all ranks
-            mixes = draw_mix(run.batch_size, gen, run.mix_alpha) if run.mix != "none" else None
-            optimizer.zero_grad(set_to_none=True)
-            for k in range(run.grad_accum):
-                rows = slice(rt.rank * per_rank + k * micro, rt.rank * per_rank + (k + 1) * micro)
-                idx = batch[rows].to(rt.device)
-                x = augment(x_train[idx], draws.rows(rows), cfg.crop_size, cfg.mean, cfg.std)
-                y, partner, lam = y_train[idx], None, None
-                if mixes is not None:
-                    x, lam = mix(x, mixes[0][rows], mixes[1][rows], run.mix)
-                    partner = y.flip(0)
-                if rt.cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                # DDP all-reduces gradients on the last micro-batch of a step only.
-                last = k == run.grad_accum - 1
-                with (net.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
-                    with rt.autocast():
-                        logits = net(x)
-                        if teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = teacher(x)  # same augmented view as the student
-                    if teacher is not None:
-                        loss, kd, _ = kd_loss(logits.float(), teacher_logits, y, run.alpha, run.temperature,
-                                              weights, run.label_smoothing, partner, lam)
-                        kd_sum += kd.detach() * len(idx)
-                    else:
-                        loss = weighted_ce(logits.float(), y, weights, run.label_smoothing, partner, lam)
-                    (loss / run.grad_accum).backward()
-                loss_sum += loss.detach() * len(idx)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                _ema_update(ema, model, run.ema, scheduler.last_epoch)
-            if rt.is_main and step % 20 == 0:  # .item() waits for the GPU: not every step
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-
-        train_seconds = time.time() - epoch_started
-        rt.average_buffers(model)
-        if ema is not None:  # the average's BatchNorm statistics: the network's, the same on every rank
-            with torch.no_grad():
-                for e, b in zip(ema.buffers(), model.buffers()):
-                    e.copy_(b)
-        scored = ema if ema is not None else model
-        val_logits, m = validate(rt, scored, x_val, y_val, cfg)
-        loss_total, kd_total, seen = rt.sum([loss_sum.item(), kd_sum.item(), steps_per_epoch * per_rank])
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss_total / seen,
-               "train_kd": kd_total / seen if teacher is not None else "",
-               "val_nll": F.cross_entropy(val_logits, torch.from_numpy(y_val)).item(),
-               "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"],
-               "val_macro_f1": m["macro_f1"], "val_weighted_f1": m["weighted_f1"],
-               **{f"val_recall_{c}": v for c, v in m["per_class_recall"].items()},
-               "images_per_s": round(steps_per_epoch * run.batch_size / train_seconds, 1),
-               "seconds": round(time.time() - epoch_started, 2)}
-        if m["macro_f1"] > best["val_macro_f1"]:
-            best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            if rt.is_main:
-                atomic_save({**base, "model": scored.state_dict(), "epoch": epoch, "val_metrics": m}, out / "best.pt")
-        if rt.is_main:
-            with open(history_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if f.tell() == 0:
-                    writer.writeheader()
-                writer.writerow(row)
-            plot_history(history_path, out / "history.png")
-            print(f"{out.name} epoch {epoch + 1}/{plan['epochs']}: loss {row['train_loss']:.3f} val bal-acc "
-                  f"{m['balanced_accuracy']:.3f} macro-F1 {m['macro_f1']:.3f} ({row['seconds']} s)", flush=True)
-            atomic_save({**base, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": torch.get_rng_state(), "epoch": epoch, "planned_epochs": plan["epochs"],
-                         "budget_decided": plan["decided"],
-                         "best": best}, out / "last.pt")
+        sums = train_one_epoch(run, rt, net, model, ema, teacher, optimizer, scheduler, data, cfg, epoch,
+                               f"{out.name} epoch {epoch + 1}/{plan['epochs']}")
+        best = _end_epoch(run, rt, out, model, ema, optimizer, scheduler, plan, base, best, epoch, sums,
+                          (x_val, y_val, cfg), time.time() - epoch_started, epoch_started)
         epoch += 1
     if rt.is_main:
         (out / "best.json").write_text(json.dumps(best, indent=2))
     rt.barrier()
+    return best
+
+
+def _end_epoch(run, rt, out, model, ema, optimizer, scheduler, plan, base, best, epoch, sums, val, train_seconds,
+               epoch_started) -> dict:
+    """Validation of the epoch's network (the EMA's when on), its history row and plot, best.pt when it is the best
+    so far, and last.pt: what a resume continues from. Returns the best epoch's figures."""
+    x_val, y_val, cfg = val
+    rt.average_buffers(model)
+    if ema is not None:  # the average's BatchNorm statistics: the network's, the same on every rank
+        with torch.no_grad():
+            for e, b in zip(ema.buffers(), model.buffers()):
+                e.copy_(b)
+    scored = ema if ema is not None else model
+    val_logits, m = validate(rt, scored, x_val, y_val, cfg)
+    loss_total, kd_total, seen = rt.sum([sums["loss"], sums["kd"], sums["seen"]])
+    row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": loss_total / seen,
+           "train_kd": kd_total / seen if base["teacher"] else "",
+           "val_nll": F.cross_entropy(val_logits, torch.from_numpy(y_val)).item(),
+           "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"],
+           "val_macro_f1": m["macro_f1"], "val_weighted_f1": m["weighted_f1"],
+           **{f"val_recall_{c}": v for c, v in m["per_class_recall"].items()},
+           "images_per_s": round(sums["seen"] * rt.world / train_seconds, 1), "train_dtype": sums["dtype"],
+           "seconds": round(time.time() - epoch_started, 2)}
+    if m["macro_f1"] > best["val_macro_f1"]:
+        best = {"epoch": epoch + 1, **{k: v for k, v in row.items() if k.startswith("val_")}}
+        if rt.is_main:
+            atomic_save({**base, "model": scored.state_dict(), "epoch": epoch, "val_metrics": m}, out / "best.pt")
+    if rt.is_main:
+        history = out / "history.csv"
+        with open(history, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+        plot_history(history, out / "history.png")
+        print(f"{out.name} epoch {epoch + 1}/{plan['epochs']}: loss {row['train_loss']:.3f} val bal-acc "
+              f"{m['balanced_accuracy']:.3f} macro-F1 {m['macro_f1']:.3f} ({row['seconds']} s, {sums['dtype']})",
+              flush=True)
+        atomic_save({**base, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state(), "epoch": epoch, "planned_epochs": plan["epochs"],
+                     "budget_decided": plan["decided"], "best": best}, out / "last.pt")
     return best
 
 

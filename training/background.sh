@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# A long study in the background, at a fixed commit, niced, resumable at any moment.
+#
+#   training/background.sh start  --out runs/study-2.0 [python -m training all flags...]
+#   training/background.sh resume --out runs/study-2.0     # the same commit and flags, with --resume
+#   training/background.sh status --out runs/study-2.0     # python -m training status
+#   training/background.sh stop   --out runs/study-2.0     # SIGINT: the epoch in progress is lost, nothing else
+#   training/background.sh log    --out runs/study-2.0     # the last lines of OUT/study.log
+#
+# `start` checks out the current commit as a git worktree under runs/worktrees/<commit> (ignored by git) and runs
+# `python -m training all` from there under `nice -n 19`, so later edits of this checkout do not change the code a
+# resumed study runs, and tests and benchmarks keep the CPU. OUT/background.json records the commit and the flags;
+# `resume` reads them back. The study itself checks on --resume that its settings did not change (study.json).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+[[ $# -ge 1 ]] || { usage; exit 2; }
+cmd="$1"; shift
+case "$cmd" in -h|--help|help) usage; exit 0 ;; esac
+out=""; rest=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --out=*) out="${1#--out=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) rest+=("$1"); shift ;;
+  esac
+done
+[[ -n "$out" ]] || { echo "background.sh: --out DIR is required (the study folder)" >&2; exit 2; }
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+py="$here/.venv/bin/python"
+[[ -x "$py" ]] || { echo "background.sh: no $here/.venv: run ./skin test --fast (or ./skin up) once first" >&2; exit 1; }
+
+alive() { [[ -f "$out/study.pid" ]] && kill -0 "$(cat "$out/study.pid")" 2>/dev/null; }
+
+launch() {  # launch COMMIT FLAGS...
+  local commit="$1"; shift
+  local wt="$here/runs/worktrees/$commit"
+  if [[ ! -d "$wt" ]]; then
+    git -C "$here" worktree add --detach "$wt" "$commit" >/dev/null
+  fi
+  [[ -e "$wt/.venv" ]] || ln -s "$here/.venv" "$wt/.venv"
+  local data
+  data="$(cd "$here" && "$py" -c 'from stack.settings import ham10000_dir; d = ham10000_dir(); print(d.resolve() if d else "")')"
+  [[ -n "$data" ]] || { echo "background.sh: HAM10000 not found (set HAM10000_DIR)" >&2; exit 1; }
+  echo "$(date -u +%FT%TZ) background.sh: commit $commit: python -m training all --out $out $*" >> "$out/study.log"
+  # The decoded-image caches stay in this checkout's runs/cache, shared with every other run here.
+  (cd "$wt" && HAM10000_DIR="$data" nohup nice -n 19 "$wt/.venv/bin/python" -m training all --out "$out" \
+      --cache-dir "$here/runs/cache" "$@" \
+      >> "$out/study.log" 2>&1 < /dev/null & echo $! > "$out/study.pid")
+  echo "study running at commit ${commit:0:12} (pid $(cat "$out/study.pid")); log: $out/study.log"
+  echo "  status: training/background.sh status --out $out"
+}
+
+case "$cmd" in
+  start)
+    if alive; then echo "background.sh: a study already runs in $out (pid $(cat "$out/study.pid"))" >&2; exit 1; fi
+    if [[ -n "$(git -C "$here" status --porcelain -- training skinmodel)" ]]; then
+      echo "background.sh: training/ or skinmodel/ has uncommitted changes: commit them, the study runs a commit" >&2
+      exit 1
+    fi
+    commit="$(git -C "$here" rev-parse HEAD)"
+    "$py" - "$out/background.json" "$commit" "${rest[@]}" <<'PY'
+import json, sys
+json.dump({"commit": sys.argv[2], "flags": sys.argv[3:]}, open(sys.argv[1], "w"), indent=2)
+PY
+    launch "$commit" "${rest[@]}" ;;
+  resume)
+    if alive; then echo "background.sh: the study in $out still runs (pid $(cat "$out/study.pid"))" >&2; exit 1; fi
+    [[ -f "$out/background.json" ]] || { echo "background.sh: $out/background.json missing: start the study first" >&2; exit 1; }
+    mapfile -t saved < <("$py" -c 'import json, sys; b = json.load(open(sys.argv[1])); print(b["commit"]); [print(f) for f in b["flags"]]' "$out/background.json")
+    flags=("${saved[@]:1}")
+    [[ " ${flags[*]} " == *" --resume "* ]] || flags+=(--resume)
+    launch "${saved[0]}" "${flags[@]}" ;;
+  status) cd "$here" && exec "$py" -m training status --out "$out" "${rest[@]}" ;;
+  stop)
+    if alive; then kill -INT "$(cat "$out/study.pid")"; echo "sent SIGINT to $(cat "$out/study.pid")"; else echo "no study runs in $out"; fi ;;
+  log) tail -n "${rest[0]:-30}" "$out/study.log" ;;
+  *) usage; exit 2 ;;
+esac
