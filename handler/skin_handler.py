@@ -18,6 +18,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from skinmodel.answers import format_error, format_prediction
 from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
+from skinmodel.inputs import DECODE_CPU_BUDGET_S, cpu_budget
 from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 class SkinLesionHandler(BaseHandler):
     instances = False  # rows are KServe v1 instances (set in initialize from TS_SERVICE_ENVELOPE)
+    decode_budget_s = DECODE_CPU_BUDGET_S  # CPU seconds per image, bytes to tensor: over it, 422 decode_budget
 
     def initialize(self, context):
         model_dir = context.system_properties.get("model_dir")
@@ -69,7 +71,9 @@ class SkinLesionHandler(BaseHandler):
             try:
                 payload = extract_image_bytes(row, self.instances)
                 image.update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
-                tensors.append(preprocess_bytes(payload, self.cfg, image))
+                with cpu_budget(self.decode_budget_s):
+                    tensor = preprocess_bytes(payload, self.cfg, image)
+                tensors.append(tensor)
                 slots.append((len(tensors) - 1, image))
             except InputError as err:
                 slots.append((err, image))
@@ -171,7 +175,8 @@ class SkinLesionHandler(BaseHandler):
             raise InputError(400, "unknown_target", "target must be one of the model's class codes")
         target = None if wanted is None else self.meta.class_names.index(wanted)
         cam, explained, _ = grad_cam(self.model, self._tensor[slot:slot + 1], target)
-        upload = decode_image(extract_image_bytes(row, self.instances), self.cfg.max_pixels, min_side=MAX_SIDE)
+        with cpu_budget(self.decode_budget_s):
+            upload = decode_image(extract_image_bytes(row, self.instances), self.cfg.max_pixels, min_side=MAX_SIDE)
         png, box = overlay_png(upload, cam, self.cfg.resize_size, self.cfg.crop_size)
         answer["explanation"] = {"method": "Grad-CAM on the last convolutional block",
                                  "class": self.meta.class_names[explained], "image_png_base64":

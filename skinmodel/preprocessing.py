@@ -2,25 +2,31 @@
 
 Training's evaluation, the TorchServe handler and the benchmarks all import this module, so the
 tensor a served image turns into is, bit for bit, the tensor the test metrics were computed on.
-The chain is: bytes -> decode (format, size and JPEG scans checked from the header first) -> EXIF
-orientation -> RGB -> resize shorter side -> colour constancy (when the release has one) -> centre crop ->
-uint8 CHW -> float, normalised.
+The chain is: bytes -> decode (container layout, format, size, aspect ratio, metadata size and JPEG scans
+checked from the header first) -> EXIF orientation (tag 0x0112 alone) -> RGB -> resize shorter side -> colour
+constancy (when the release has one) -> centre crop -> uint8 CHW -> float, normalised.
 
-Decoding has a budget that no accepted file can exceed: the five formats the page lists, a pixel count and
-a decoded-bytes count checked before any pixel is decoded, at most MAX_JPEG_SCANS scans, and JPEGs far larger
-than the model input decoded at a reduced DCT scale (Pillow's draft mode) instead of in full.
+Decoding has a budget that no accepted file can exceed, so its cost is bounded by the decoded image, not by
+how the file is built: the five formats the page lists; a pixel count, a decoded-bytes count and an aspect
+ratio checked before any pixel is decoded; chunk, segment, tag and metadata limits (skinmodel/formats.py)
+checked before Pillow walks the file; at most MAX_JPEG_SCANS scans and JPEGs (MPO included) far larger than
+the model input decoded at a reduced DCT scale (Pillow's draft mode) instead of in full; no run-length BMP
+(Pillow decodes it in pure Python). The worker adds a CPU budget per image (skinmodel.inputs.cpu_budget).
 
 """
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, JpegImagePlugin, MpoImagePlugin, UnidentifiedImageError
 
-from skinmodel.formats import ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS, jpeg_scan_count
+from skinmodel.formats import (ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS,
+                               MAX_METADATA_BYTES, jpeg_layout, layout_problem)
 from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
 __all__ = ["DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "decode_image", "eval_uint8", "normalize",
@@ -36,6 +42,22 @@ DRAFT_ABOVE = 2
 _DIRECT_TO_RGB = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_BIT_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The longer side may be at most this many times the shorter: resizing the shorter side to the model's size
+# then makes at most MAX_ASPECT_RATIO x resize_size^2 pixels (a 400000x1 PNG asked for 96 x 38 M before).
+MAX_ASPECT_RATIO = 10
+# Pillow's JPEG opener returns an MpoImageFile (format "MPO") when an APP2 "MPF" segment is present; both are
+# the same libjpeg stream, so the scan cap and draft decoding apply to the class, not the format name.
+_JPEG_FAMILY = JpegImagePlugin.JpegImageFile
+_FORMAT_NAMES = {*ACCEPTED_FORMATS, MpoImagePlugin.MpoImageFile.format}
+_BMP_RLE = {1, 2}  # BI_RLE8, BI_RLE4: decoded by Pillow in pure Python, one byte at a time
+# Where an orientation can come from; each is read by Python code, so each is capped (hex text doubles it).
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+_EXIF_INTEGER = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}  # TIFF field types of one integer
+_XMP_ORIENTATION = re.compile(r'tiff:Orientation(="|>)([0-9])')
+Image.init()  # every plugin imported now, never half-way under a decoding budget's timer
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -72,6 +94,11 @@ def _decoded_bytes(img: Image.Image) -> int:
 
 def _check_budget(img: Image.Image, data: bytes, max_pixels: int) -> None:
     width, height = img.size
+    if img.format not in _FORMAT_NAMES:
+        raise InputError(415, "not_an_image", f"the body is not an image this service reads (send {ACCEPTED_LABEL})")
+    if img.format == "BMP" and img.info.get("compression") in _BMP_RLE:
+        raise InputError(415, "unsupported_compression", "run-length encoded BMP files are not read; "
+                         "send the image as PNG or JPEG")
     if width <= 0 or height <= 0:
         raise InputError(422, "bad_dimensions", f"the image declares a size of {width}x{height}")
     if width * height > max_pixels:
@@ -80,23 +107,81 @@ def _check_budget(img: Image.Image, data: bytes, max_pixels: int) -> None:
     if _decoded_bytes(img) > BYTES_PER_ALLOWED_PIXEL * max_pixels:
         raise InputError(413, "too_many_pixels", f"a {width}x{height} image in mode {img.mode} decodes to "
                          f"{_decoded_bytes(img)} bytes; the limit is {BYTES_PER_ALLOWED_PIXEL * max_pixels}")
-    if img.format == "JPEG" and jpeg_scan_count(data) > MAX_JPEG_SCANS:
-        raise InputError(422, "too_many_scans", f"the JPEG has more than {MAX_JPEG_SCANS} progressive scans; "
-                         "no camera or common encoder writes that many (re-save it as a baseline JPEG)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InputError(422, "extreme_aspect_ratio", f"the image is {width}x{height}; its longer side may be at "
+                         f"most {MAX_ASPECT_RATIO} times its shorter side (crop it to the lesion)")
+    if isinstance(img, _JPEG_FAMILY):
+        scans, segments = jpeg_layout(data)
+        if scans > MAX_JPEG_SCANS:
+            raise InputError(422, "too_many_scans", f"the JPEG has more than {MAX_JPEG_SCANS} progressive scans; "
+                             "no camera or common encoder writes that many (re-save it as a baseline JPEG)")
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InputError(422, "bloated_file", f"the JPEG has more than {MAX_JPEG_SEGMENTS} marker segments")
+    _check_metadata(img)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, info: dict | None = None,
-                 min_side: int | None = None) -> Image.Image:
-    """Bytes -> upright RGB PIL image, or InputError. Format, pixel count, decoded size and JPEG scans are
-    checked before decoding. With min_side, a JPEG whose shorter side is DRAFT_ABOVE times min_side or more
-    is decoded at the smallest DCT scale that keeps its shorter side >= min_side.
-    If `info` is given it receives the file's format, mode and size (for the audit log)."""
-    if data is None or len(data) == 0:
-        raise InputError(400, "empty_body", "the request body is empty; send an image file")
+def _check_metadata(img: Image.Image) -> None:
+    """Metadata the orientation is read from stays small (PNG chunks after the image data are only seen after
+    loading, so this runs again then)."""
+    for key in _ORIENTATION_SOURCES:
+        value = img.info.get(key)
+        if isinstance(value, (bytes, str)) and len(value) > 2 * MAX_METADATA_BYTES + 64:
+            raise InputError(422, "bloated_file", f"the image's {key!r} metadata is {len(value)} bytes; "
+                             f"the limit is {MAX_METADATA_BYTES} (re-save it without metadata)")
+
+
+def _ifd0_orientation(blob: bytes) -> int | None:
+    """Tag 0x0112 of an EXIF block's first directory, read alone (no other tag is parsed)."""
+    if blob.startswith(b"Exif\x00\x00"):
+        blob = blob[6:]
+    if blob[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    end = "<" if blob[:1] == b"I" else ">"
+    try:
+        (ifd,) = struct.unpack_from(end + "I", blob, 4)
+        (count,) = struct.unpack_from(end + "H", blob, ifd)
+        for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(blob) - 11), 12):
+            tag, kind, n = struct.unpack_from(end + "HHI", blob, entry)
+            if tag == 0x0112:
+                return struct.unpack_from(end + _EXIF_INTEGER[kind], blob, entry + 8)[0] if (
+                    n == 1 and kind in _EXIF_INTEGER) else None
+    except struct.error:
+        return None
+    return None
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1-8) as Pillow's getexif() finds it -- the TIFF's own first directory, the EXIF block,
+    PNG's hex 'Raw profile type exif', then XMP's tiff:Orientation -- without parsing any other tag. (Pillow
+    itself turns a TIFF upright while loading it and drops the tag, within the IFD limits of formats.py.)"""
+    info, value = img.info, None
+    if isinstance(info.get("exif"), bytes):
+        value = _ifd0_orientation(info["exif"])
+    elif isinstance(info.get("Raw profile type exif"), str):
+        try:
+            value = _ifd0_orientation(bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:])))
+        except ValueError:
+            value = None
+    elif hasattr(img, "tag_v2"):
+        value = img.tag_v2.get(0x0112)
+    if value is None:
+        xmp = info.get("XML:com.adobe.xmp") or info.get("xmp")
+        if isinstance(xmp, bytes):
+            xmp = xmp.decode("utf-8", "replace")
+        found = _XMP_ORIENTATION.search(xmp) if isinstance(xmp, str) else None
+        value = int(found[2]) if found else None
+    return value if isinstance(value, int) else 1
+
+
+def _open(data: bytes) -> Image.Image:
+    problem = layout_problem(data)  # before Pillow walks the file's chunks, segments or tags in Python
+    if problem:
+        raise InputError(422, "bloated_file", f"the file is built to cost more than its pixels: {problem} "
+                         "(re-save the image without extra metadata)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise InputError(415, "not_an_image", f"the body is not an image this service reads "
@@ -104,22 +189,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, info: dict |
         raise InputError(413, "too_many_pixels", "the image declares too many pixels") from None
     except Exception:  # noqa: BLE001 - a malformed header can raise nearly anything inside Pillow
         raise InputError(415, "not_an_image", "the body is not a readable image") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, info: dict | None = None,
+                 min_side: int | None = None) -> Image.Image:
+    """Bytes -> upright RGB PIL image, or InputError. Container layout, format, pixel count, aspect ratio,
+    decoded size, metadata size and JPEG scans are checked before decoding. With min_side, a JPEG whose shorter
+    side is DRAFT_ABOVE times min_side or more is decoded at the smallest DCT scale that keeps its shorter
+    side >= min_side. If `info` is given it receives the file's format, mode and size (for the audit log)."""
+    if data is None or len(data) == 0:
+        raise InputError(400, "empty_body", "the request body is empty; send an image file")
+    img = _open(data)
     width, height = img.size
     if info is not None:
         info.update(format=img.format, mode=img.mode, width=width, height=height)
     _check_budget(img, data, max_pixels)
     short = min(width, height)
-    if min_side and img.format == "JPEG" and short >= DRAFT_ABOVE * min_side:
+    if min_side and isinstance(img, _JPEG_FAMILY) and short >= DRAFT_ABOVE * min_side:
         # draft() picks the smallest 1/2, 1/4 or 1/8 scale whose size is still >= the requested size.
         img.draft(img.mode, (-(-width * min_side // short), -(-height * min_side // short)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - truncated and corrupt streams surface as OSError, SyntaxError, ValueError...
         raise InputError(422, "corrupt_image", "the image is truncated or corrupt and could not be decoded") from None
-    return _to_rgb(img)
+    _check_metadata(img)
+    method = _TRANSPOSE.get(_orientation(img))
+    return _to_rgb(img.transpose(method) if method is not None else img)
 
 
 def shades_of_gray(pixels: np.ndarray, p: int = 6) -> np.ndarray:
