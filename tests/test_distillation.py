@@ -36,25 +36,33 @@ def test_alpha_weights_the_two_terms():
     assert torch.isclose(kd, expected, atol=1e-6)
 
 
-def test_teacher_is_frozen_and_gets_no_gradient_through_a_step():
+def test_the_loaded_teacher_stays_frozen_through_the_projects_own_training_steps(tmp_path):
+    """The teacher as the study loads it (training.common.checkpoint.load_teacher, from a checkpoint file) and two
+    real steps of training.network.train.train_one_epoch: the student learns, the teacher does not change at all,
+    BatchNorm statistics included (a teacher left in train mode would update them on every forward pass)."""
+    from skinmodel.inputs import PreprocessConfig
+    from training.common.checkpoint import atomic_save, load_teacher
+    from training.common.device import Runtime
+    from training.network.train import Batches, TrainConfig, train_one_epoch
+
     torch.manual_seed(0)
-    student, teacher = build_model("resnet18", 7), build_model("resnet18", 7)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    cfg = PreprocessConfig(32, 32, (0.5,) * 3, (0.25,) * 3)
+    atomic_save({"arch": "resnet18", "class_names": list("abcdefg"), "model": build_model("resnet18", 7).state_dict(),
+                 "preprocessing": cfg.to_dict()}, tmp_path / "teacher.pt")
+    teacher = load_teacher([str(tmp_path / "teacher.pt")], expected_cfg=cfg)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 7, (4,))
-    student_before = [p.clone() for p in student.parameters()][0]
-    with torch.no_grad():
-        t_logits = teacher(x)
-    loss, kd, _ = kd_loss(student(x), t_logits, y, alpha=0.9, temperature=5.0)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    assert kd.item() > 0
+    rt = Runtime(torch.device("cpu"), "fp32")
+    student = rt.prepare(build_model("resnet18", 7))
+    first = next(student.parameters()).detach().clone()
+    run = TrainConfig(out=str(tmp_path / "run"), batch_size=4, alpha=0.9, temperature=5.0)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    data = Batches(torch.randint(0, 256, (8, 3, 32, 43), dtype=torch.uint8), torch.randint(0, 7, (8,)),
+                   torch.ones(7), steps=2)
+    sums = train_one_epoch(run, rt, student, student, None, rt.prepare(teacher), optimizer, scheduler, data, cfg, 0, "kd")
+    assert sums["kd"] > 0, "no distillation term: the teacher did not take part"
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()), "teacher (incl. BN stats) changed"
-    assert not torch.equal(student_before, next(student.parameters())), "student did not learn"
+    assert not torch.equal(first, next(student.parameters())), "student did not learn"
 
 
 def test_ensemble_teacher_returns_log_of_mean_probabilities():
