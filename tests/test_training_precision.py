@@ -72,3 +72,24 @@ def test_bf16_and_fp32_training_agree_closer_than_two_seeds_do(tmp_path, data_di
         return 0.5 * (probs[a] - probs[b]).abs().sum(1).mean().item()
 
     assert tv("bf16", "fp32") < tv("seed1", "fp32"), (tv("bf16", "fp32"), tv("seed1", "fp32"))
+
+
+@fast
+def test_status_counts_what_is_left_from_the_studys_own_measured_epochs(tmp_path, capsys):
+    """A study with a ResNet18 at 2 of 10 epochs (60 s each): what is left is its 8 epochs, then a ResNet50
+    (2.3x a ResNet18 epoch) and the distilled student (1 + a ResNet50 teacher's forward, 0.76), both not started."""
+    import json
+
+    from training.study import status as S
+
+    settings = {"data": {"img_size": 128}, "epochs_resnet18": 10, "epochs_resnet50": 4, "epochs_kd": 10,
+                "recipe_search": False, "grid": False, "equal_compute": False, "recipe_sizes": [128]}
+    (tmp_path / "study.json").write_text(json.dumps({"settings": settings, "commit": "abc", "started": "now"}))
+    run = tmp_path / "resnet18"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"arch": "resnet18", "img_size": 128, "teacher": [], "epochs": 10}))
+    (run / "history.csv").write_text("epoch,seconds\n1,61\n2,60\n")
+    st = S.status(tmp_path)
+    assert st["not_started"] == ["resnet50", "resnet18_kd"]
+    assert st["training_hours_left_estimate"] == round((8 * 61 + 4 * 2.3 * 61 + 10 * 1.76 * 61) / 3600, 2)
+    assert "2/10 epochs" in S.render(st)

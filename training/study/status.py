@@ -18,12 +18,13 @@ from pathlib import Path
 
 from training.common.checkpoint import StudyError
 from training.study.pipeline import FORWARD_COST
-from training.study.recipe_search import equal_compute_epochs
+from training.study.recipe_search import STAGES, equal_compute_epochs
 
 # Seconds of an epoch relative to a plain ResNet18 epoch at the same size and batch (ResNet50: 2.3x the
 # operations); a distilled ResNet18 also pays for its teacher's forward passes (pipeline.FORWARD_COST).
 COST = {"resnet18": 1.0, "resnet50": 2.3}
 AFTER_TRAINING = ("evaluate", "export", "calibrate", "gate", "served test")
+TRAIN_IMAGES = 6008  # HAM10000's training split (seed 0): what a grid cell's --grid-max-train-images is a share of
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -67,9 +68,20 @@ def expected(study: dict, out: Path) -> tuple[list[dict], int]:
     def epochs(n: int) -> int:
         return equal_compute_epochs(n, size, s["recipe_sizes"][0]) if s.get("equal_compute") else n
 
-    return [{"name": "resnet18", "arch": "resnet18", "teacher": False, "epochs": epochs(s["epochs_resnet18"])},
-            {"name": "resnet50", "arch": "resnet50", "teacher": False, "epochs": epochs(s["epochs_resnet50"])},
-            {"name": "resnet18_kd", "arch": "resnet18", "teacher": True, "epochs": epochs(s["epochs_kd"])}], size
+    share = min(1.0, (s.get("grid_max_train_images") or TRAIN_IMAGES) / TRAIN_IMAGES)  # cells on a subset
+    planned = []
+    if s.get("recipe_search"):  # every stage shares one run with the stage before: 3 + 1 + 1 + 5 runs
+        runs = sum(len(v) for v in STAGES.values()) - (len(STAGES) - 1)
+        planned += [{"name": f"recipe run {i + 1}", "folder": "recipe", "arch": "resnet18", "teacher": False,
+                     "epochs": s["recipe_epochs"], "size": s["recipe_sizes"][0]} for i in range(runs)]
+    planned += [{"name": "resnet18", "arch": "resnet18", "teacher": False, "epochs": epochs(s["epochs_resnet18"])},
+                {"name": "resnet50", "arch": "resnet50", "teacher": False, "epochs": epochs(s["epochs_resnet50"])}]
+    if s.get("grid"):
+        planned += [{"name": f"grid cell {i + 1}", "folder": "grid", "arch": "resnet18", "teacher": True,
+                     "epochs": epochs(s["grid_epochs"]) * share}
+                    for i in range(len(s["grid_alphas"]) * len(s["grid_temps"]))]
+    planned.append({"name": "resnet18_kd", "arch": "resnet18", "teacher": True, "epochs": epochs(s["epochs_kd"])})
+    return planned, size
 
 
 def _teacher_factor(out: Path) -> float:
@@ -95,14 +107,21 @@ def status(out: Path) -> dict:
             left += (per or 0) * (r["epochs"] - r["epochs_done"])
     planned, size = expected(study, out)
     started = {Path(r["run"]).name for r in runs}
+    in_folder = {folder: sum(1 for r in runs if Path(r["run"]).parent.name == folder) for folder in ("recipe", "grid")}
+    waiting = []
     for p in planned:
-        if p["name"] not in started:
-            factor = COST[p["arch"]] + (_teacher_factor(out) if p["teacher"] else 0)
-            left += (ref or 0) * (size / 128) ** 2 * factor * p["epochs"]
+        if p.get("folder"):  # the n-th recipe run or grid cell: started once its folder holds n runs
+            if int(p["name"].rsplit(" ", 1)[1]) <= in_folder[p["folder"]]:
+                continue
+        elif p["name"] in started:
+            continue
+        waiting.append(p["name"])
+        factor = COST[p["arch"]] + (_teacher_factor(out) if p["teacher"] else 0)
+        left += (ref or 0) * (p.get("size", size) / 128) ** 2 * factor * p["epochs"]
     progress = json.loads((out / "progress.json").read_text()) if (out / "progress.json").exists() else {}
     heartbeat = max((r["modified"] or 0 for r in runs), default=0)
     return {"study": str(out), "commit": study.get("commit"), "started": study.get("started"), "runs": runs,
-            "not_started": [p["name"] for p in planned if p["name"] not in started],
+            "not_started": waiting,
             "after_training": {s: s in progress for s in AFTER_TRAINING},
             "training_hours_left_estimate": round(left / 3600, 2) if ref else None,
             "last_epoch_ended": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(heartbeat)) if heartbeat else None,
@@ -131,8 +150,13 @@ def render(st: dict) -> str:
         per = f"{r['epoch_s']:.0f} s/epoch" if r["epoch_s"] else "-"
         lines.append(f"  {Path(r['run']).relative_to(st['study'])!s:44} {r['arch']:9} {r['img_size']:>4} px  "
                      f"{state:18} {per}")
-    for name in st["not_started"]:
-        lines.append(f"  {name:44} not started")
+    groups: dict[str, int] = {}
+    for name in st["not_started"]:  # "grid cell 7" -> "grid cell", counted
+        head, _, tail = name.rpartition(" ")
+        key = head if tail.isdigit() else name
+        groups[key] = groups.get(key, 0) + 1
+    for name, count in groups.items():
+        lines.append(f"  {name + (f' x {count}' if count > 1 else ''):44} not started")
     lines.append("  after training: " + ", ".join(f"{k} {'done' if v else '-'}" for k, v in st["after_training"].items()))
     eta = st["training_hours_left_estimate"]
     lines.append(f"training left: about {eta} h on this machine (an estimate from the study's measured epochs)"
