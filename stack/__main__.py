@@ -117,7 +117,7 @@ def cmd_up(args) -> int:
     side_env = audit_env()
     ts = torchserve(args, name, mar, env={"SKIN_SPOOL_DIR": side_env["SKIN_SPOOL_DIR"], **review_env()})
     site_host = "127.0.0.1" if args.site_host == "0.0.0.0" else args.site_host
-    gate_argv = [sys.executable, "-m", "stack.gate", "--dist", str(render_page(Path(args.release), S.state_dir / "site")),
+    gate_argv = [sys.executable, "-m", "stack.gate", "--dist", str(render_page(Path(args.release), S.state_dir / "site", review_keep_days=S.review_keep_days)),
                  "--upstream", ts.inference_url, "--host", args.site_host, "--port", str(args.site_port)]
     if ts.tokens:
         gate_argv += ["--key-file", str(ts.tokens.path)]

@@ -24,14 +24,15 @@ from stack.settings import REPO, current
 SITE = REPO / "site"
 
 
-def render_page(release: Path, out: Path, api_base: str = "") -> Path:
-    """out/index.html and the static files for the release (api_base "": the API is same-origin)."""
+def render_page(release: Path, out: Path, api_base: str = "", review_keep_days: float = 0.0) -> Path:
+    """out/index.html and the static files for the release (api_base "": the API is same-origin). The page says
+    whether uploads are kept for review (review_keep_days > 0), as this deployment does."""
     card = Path(release) / "model_card.md"
-    render(ReleaseMeta.load(release), api_base, Path(out), card if card.exists() else None)
+    render(ReleaseMeta.load(release), api_base, Path(out), card if card.exists() else None, review_keep_days)
     return Path(out)
 
 
-def render(meta: ReleaseMeta, api_base: str, out: Path, card: Path | None = None) -> Path:
+def render(meta: ReleaseMeta, api_base: str, out: Path, card: Path | None = None, review_keep_days: float = 0.0) -> Path:
     env = Environment(loader=FileSystemLoader(SITE / "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html", "j2"]))
     classes = [{"code": c, "name": n, "description": d, "concerning": c in meta.concerning}
@@ -40,7 +41,8 @@ def render(meta: ReleaseMeta, api_base: str, out: Path, card: Path | None = None
               "classes": classes, "concerning": [c for c in meta.concerning if c in meta.class_names]}
     metrics = (meta.metrics or {}).get("test") or {}
     html = env.get_template("index.html.j2").render(meta=meta, classes=classes, config_json=json.dumps(config).replace("</", "<\\/"),
-                                                    metrics=metrics, has_card=card is not None)
+                                                    metrics=metrics, has_card=card is not None,
+                                                    review_keep_days=review_keep_days)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(html)
     for f in (SITE / "static").iterdir():
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-base", default=os.environ.get("SKIN_API_BASE", ""),
                    help="where the browser sends predictions ('' = same origin via the site proxy)")
     p.add_argument("--out", default=str(SITE / "dist"))
+    p.add_argument("--review-keep-days", type=float, default=current().review_keep_days,
+                   help="what the page says of review retention (default: SKIN_REVIEW_KEEP_DAYS, 0 = none)")
     args = p.parse_args(argv)
     meta_path = Path(args.meta)
     if not meta_path.exists():
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     card = meta_path.parent / "model_card.md"
-    index = render(meta, args.api_base, Path(args.out), card if card.exists() else None)
+    index = render(meta, args.api_base, Path(args.out), card if card.exists() else None, args.review_keep_days)
     print(f"rendered {index}")
     return 0
 

@@ -41,8 +41,8 @@ def ts(tiny_mar, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dist(tiny_release, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(tiny_release / "meta.json"),
-                    "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stack.page", "--meta", str(tiny_release / "meta.json"),
+                    "--out", str(out)], cwd=REPO, check=True, capture_output=True)
     return out
 
 

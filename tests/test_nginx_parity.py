@@ -56,8 +56,8 @@ def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
 def entries(tiny_mar, tiny_release, tmp_path_factory):
     work = tmp_path_factory.mktemp("nginx")
     dist = work / "dist"
-    subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(tiny_release / "meta.json"),
-                    "--out", str(dist)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stack.page", "--meta", str(tiny_release / "meta.json"),
+                    "--out", str(dist)], cwd=REPO, check=True, capture_output=True)
     ts = TorchServe(tiny_mar.parent, {NAME: tiny_mar.name}, work / "ts", free_port(), free_port(), free_port()).start()
     direct = behind = proc = None
     try:

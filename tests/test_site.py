@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(meta_path: Path, out: Path, api_base: str = "") -> Path:
-    r = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(meta_path), "--out", str(out),
-                        "--api-base", api_base], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "stack.page", "--meta", str(meta_path), "--out", str(out),
+                        "--api-base", api_base], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -41,7 +41,7 @@ def test_rendered_page_is_complete_and_self_contained(tiny_release, tmp_path):
 
 
 def test_missing_meta_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "site" / "build.py"), "--meta", str(tmp_path / "none.json")],
+    r = subprocess.run([sys.executable, "-m", "stack.page", "--meta", str(tmp_path / "none.json")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
@@ -131,3 +131,14 @@ def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_
     assert "not an image" in status
     assert not browser.find_elements(By.CSS_SELECTOR, "#bars li")
     browser.save_screenshot(str(out / "site_rejected.png"))
+
+
+def test_the_page_says_whether_uploads_are_kept_for_review(tiny_release, tmp_path):
+    """Off (the default): "not stored". On: the page names the retention and its days, as this deployment keeps."""
+    from stack.page import render_page
+
+    default = (render_page(tiny_release, tmp_path / "off") / "index.html").read_text()
+    kept = (render_page(tiny_release, tmp_path / "on", review_keep_days=14) / "index.html").read_text()
+    assert "classified in memory and not stored" in default and "review" not in default.split("<footer")[1]
+    assert "kept for\n  14 days" in kept or "kept for 14 days" in " ".join(kept.split())
+    assert "classified in memory and not stored" not in kept

@@ -117,7 +117,9 @@ push probability towards rare classes, so probabilities are not prevalence-calib
 
 ## Ethical considerations
 A wrong "benign" answer can delay care; the page therefore always shows all classes, a persistent
-"not a diagnosis" notice and stronger wording when a malignant class ranks high, and never stores images.
+"not a diagnosis" notice and stronger wording when a malignant class ranks high. It stores no image unless its
+operator switches on review retention (SKIN_REVIEW_KEEP_DAYS), which keeps uploads answered `uncertain` or
+`not_dermoscopy` for that many days, and the page then says so.
 """
 
 
