@@ -299,12 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="score image files and folders into a CSV (through the running "
                                              "service, or --local); ./skin predict --help", add_help=False)
     predict.add_argument("predict_args", nargs=argparse.REMAINDER)
-    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status|review")
+    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status|review; "
+                                       "./skin logs --help", add_help=False)  # --help: the logger's, with its commands
     logs.add_argument("logger_args", nargs=argparse.REMAINDER)
     logs.set_defaults(func=cmd_logs)
     test = sub.add_parser("test", help="run the test suite (pytest); --fast: the fast tier; other arguments go "
-                                       "to pytest")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+                                       "to pytest",
+                          description="Run the test suite against real services (TorchServe, PostgreSQL, headless "
+                                      "Chromium, nginx, an S3 server, HAM10000). --fast: only the fast tier (synthetic "
+                                      "data, SQLite; no Java, PostgreSQL, browser or HAM10000; under a minute). Any "
+                                      "other argument goes to pytest, e.g. ./skin test tests/test_gate.py -k budget.")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="--fast, and pytest's own arguments")
     test.set_defaults(func=cmd_test)
     return p
 
@@ -313,6 +318,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["test"] and argv[1:2] not in (["-h"], ["--help"]):
         return cmd_test(argparse.Namespace(pytest_args=argv[1:]))  # everything after 'test' belongs to pytest
+    if argv[:1] == ["logs"]:  # the logger's own parser (and --help, which lists its commands)
+        return cmd_logs(argparse.Namespace(logger_args=argv[1:]))
     if argv[:1] == ["predict"]:  # its own parser (and --help)
         from stack.predict import main as predict_main
 

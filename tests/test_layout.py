@@ -72,3 +72,15 @@ def test_no_committed_file_names_a_folder_of_this_or_another_machine():
     hits = [f"{name}: {m.group(0)}" for name, text in _tracked_text_files() if name != "tests/test_layout.py"
             for m in [machine.search(text)] if m]
     assert not hits, hits[:10]
+
+
+@fast
+def test_help_of_test_and_logs_says_what_they_take():
+    def helped(*args):
+        r = subprocess.run([sys.executable, "-m", "stack", *args, "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-1000:]
+        return r.stdout
+
+    assert "--fast" in helped("test")
+    assert all(command in helped("logs") for command in ("show", "stats", "status", "review"))
