@@ -19,29 +19,44 @@ def confusions(matrix, names, top: int = 4) -> list[str]:
     return [f"{true} predicted as {pred}: {n} test images" for n, true, pred in sorted(pairs, reverse=True)[:top] if n]
 
 
-def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
-    m = results["models"][key]
-    names, full_names = meta["class_names"], meta["class_full_names"]
-    cm = m["confusion_matrix"]
+def _recall_rows(meta: dict, cm) -> list[str]:
+    """Per-class test recall of the model with 95 % Wilson intervals, one table row per class."""
     rows = []
-    for i, c in enumerate(names):
+    for i, (c, full) in enumerate(zip(meta["class_names"], meta["class_full_names"])):
         n, hit = sum(cm[i]), cm[i][i]
         lo, hi = wilson(hit, n)
-        rows.append(f"| {c} | {full_names[i]} | {n} | {hit / n if n else float('nan'):.2f} | {lo:.2f}-{hi:.2f} |")
-    cal = meta.get("calibration") or {}
-    ab = meta.get("abstention") or {}
+        rows.append(f"| {c} | {full} | {n} | {hit / n if n else float('nan'):.2f} | {lo:.2f}-{hi:.2f} |")
+    return rows
+
+
+def _gate_table(ab: dict) -> str:
+    """The dermoscopy gate's figures: the shift table of the current gate, or the older per-set table."""
+    if "test_rejected_per_shift" in ab:
+        return render_table(ab)
+    return "\n".join(["| non-skin set | images | rejected | AUROC vs test lesions |", "|---|---|---|---|"]
+                     + [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
+                        for name, v in (ab.get("non_skin_sets") or {}).items()])
+
+
+def _subgroups(served_test: dict | None) -> str:
+    if not served_test:
+        return ("## Subgroups\nNot measured for this release (python -m training evaluate-release --release release "
+                "--data <HAM10000 folder> --split test --out release/served_test).")
+    return (render_subgroups(served_test["subgroups"], "Subgroups (test split, the release as served)")
+            + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
+
+
+def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
+    """The card's text: the template below, filled from meta.json, results.json and the served test report."""
+    m = results["models"][key]
+    names, cm = meta["class_names"], m["confusion_matrix"]
+    rows = _recall_rows(meta, cm)
+    cal, ab = meta.get("calibration") or {}, meta.get("abstention") or {}
     baseline = results["models"].get("majority class (always nv)", {})
     others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
                        for name, r in results["models"].items())
-    gate = render_table(ab) if "test_rejected_per_shift" in ab else "\n".join(
-        ["| non-skin set | images | rejected | AUROC vs test lesions |", "|---|---|---|---|"]
-        + [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
-           for name, v in (ab.get("non_skin_sets") or {}).items()])
+    gate, subgroups = _gate_table(ab), _subgroups(served_test)
     t = meta.get("training", {}).get("args", {})
-    subgroups = ("## Subgroups\nNot measured for this release (python -m training evaluate-release --release release --data "
-                 "<HAM10000 folder> --split test --out release/served_test)." if not served_test else
-                 render_subgroups(served_test["subgroups"], "Subgroups (test split, the release as served)")
-                 + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
     return f"""# Model card: {meta['name']} {meta['version']}
 
 ## Model details
