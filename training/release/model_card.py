@@ -46,17 +46,8 @@ def _subgroups(served_test: dict | None) -> str:
             + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
 
 
-def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
-    """The card's text: the template below, filled from meta.json, results.json and the served test report."""
-    m = results["models"][key]
-    names, cm = meta["class_names"], m["confusion_matrix"]
-    rows = _recall_rows(meta, cm)
-    cal, ab = meta.get("calibration") or {}, meta.get("abstention") or {}
-    baseline = results["models"].get("majority class (always nv)", {})
-    others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
-                       for name, r in results["models"].items())
-    gate, subgroups = _gate_table(ab), _subgroups(served_test)
-    t = meta.get("training", {}).get("args", {})
+def _card_head(meta: dict, t: dict, names: list[str]) -> str:
+    """Model details, intended and out-of-scope use."""
     return f"""# Model card: {meta['name']} {meta['version']}
 
 ## Model details
@@ -77,8 +68,12 @@ more input, never as a decision.
 Diagnosis, triage or reassurance of patients; any use without a clinician; photographs that are not
 dermoscopy (phone snapshots, non-skin images: the service tries to refuse these); lesion types outside the
 7 classes (e.g. squamous cell carcinoma other than Bowen's, Merkel cell carcinoma); children; nails and mucosa.
+"""
 
-## Data
+
+def _card_data_and_metrics(meta: dict, results: dict, others: str, rows: list[str], baseline: dict) -> str:
+    """The data, the split, and the test metrics with per-class recall."""
+    return f"""## Data
 HAM10000 (Tschandl, Rosendahl & Kittler, Sci. Data 2018; CC BY-NC 4.0): 10,015 dermoscopy images of 7,470
 pigmented lesions from the Medical University of Vienna (Austria) and Cliff Rosendahl's practice in Queensland
 (Australia), about half confirmed by histopathology, the rest by follow-up, expert consensus or confocal
@@ -101,8 +96,12 @@ Per-class recall of this model with 95 % Wilson intervals (small classes are ver
 
 Always answering `nv` scores accuracy {baseline.get('accuracy', float('nan')):.3f}: accuracy alone says little
 on this data; look at balanced accuracy and per-class recall.
+"""
 
-## Calibration
+
+def _card_trust(meta: dict, cal: dict, ab: dict, gate: str, names: list[str], cm, subgroups: str) -> str:
+    """Calibration, abstention and the gate, failure modes, subgroups, ethics."""
+    return f"""## Calibration
 Temperature scaling fitted on validation: test ECE {cal.get('test_ece_before', float('nan')):.3f} ->
 {cal.get('test_ece_after', float('nan')):.3f} (15 bins), test NLL {cal.get('test_nll_before', float('nan')):.3f} ->
 {cal.get('test_nll_after', float('nan')):.3f}. Reliability diagram: `reliability.png`. Class weights in training
@@ -136,6 +135,21 @@ A wrong "benign" answer can delay care; the page therefore always shows all clas
 operator switches on review retention (SKIN_REVIEW_KEEP_DAYS), which keeps uploads answered `uncertain` or
 `not_dermoscopy` for that many days, and the page then says so.
 """
+
+
+def render(meta: dict, results: dict, key: str, served_test: dict | None = None) -> str:
+    """The card's text: the template below, filled from meta.json, results.json and the served test report."""
+    m = results["models"][key]
+    names, cm = meta["class_names"], m["confusion_matrix"]
+    rows = _recall_rows(meta, cm)
+    cal, ab = meta.get("calibration") or {}, meta.get("abstention") or {}
+    baseline = results["models"].get("majority class (always nv)", {})
+    others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
+                       for name, r in results["models"].items())
+    gate, subgroups = _gate_table(ab), _subgroups(served_test)
+    t = meta.get("training", {}).get("args", {})
+    return (_card_head(meta, t, names) + "\n" + _card_data_and_metrics(meta, results, others, rows, baseline)
+            + "\n" + _card_trust(meta, cal, ab, gate, names, cm, subgroups))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
