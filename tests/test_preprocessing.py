@@ -98,12 +98,21 @@ def test_truncated_jpeg_is_refused(sample_images):
 
 
 @pytest.mark.fast
-def test_pixel_limit_is_checked_from_the_header_before_decoding():
+def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch):
+    """Refused with no pixel decoded: Pillow's load() (where every decoder runs) is never reached."""
+    from PIL import ImageFile
+
     big = _encode(Image.new("1", (9000, 9000)))  # 81 MP, a few kB on disk
     assert len(big) < 100_000
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
     with pytest.raises(InputError) as err:
         decode_image(big)
     assert err.value.status == 413 and "9000x9000" in err.value.reason
+    assert loads == [], "pixels were decoded before the limit refused the image"
+    decode_image(_encode(Image.new("RGB", (100, 100))))
+    assert loads == [(100, 100)], "the probe does not see decoding"
     with pytest.raises(InputError):
         decode_image(_encode(Image.new("RGB", (100, 100))), max_pixels=5000)
 
