@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import psycopg2
 import pytest
 import requests
 
-from skinmodel.audit import EventSpool, segment_name
+from skinmodel.audit import AUDIT_UNAVAILABLE, AuditUnavailable, EventSpool, segment_name
 from logger.db import Database
 from logger.sidecar import Stats, drain_once
 from stack.torchserve import TorchServe, free_port
@@ -108,12 +109,20 @@ def test_partial_line_waits_for_its_writer_then_closed_files_are_removed(pg_url,
 
 
 @pytest.mark.fast
-def test_spool_write_failure_never_raises(tmp_path):
-    target = tmp_path / "file-not-dir"
-    target.write_text("x")
-    spool = EventSpool.__new__(EventSpool)
-    spool.directory, spool.fsync, spool.writer_id, spool.failures = str(target), True, "w", 0
-    assert spool.append([event(1)]) is False and spool.failures == 1
+def test_a_spool_that_cannot_be_written_refuses_the_answers(tmp_path):
+    """No answer without its audit event: a failed write raises (TorchServe answers the batch 503), whether the
+    folder is gone or its file system is below the free-space floor."""
+    spool = EventSpool(str(tmp_path / "spool"))
+    (tmp_path / "spool").rmdir()
+    (tmp_path / "spool").write_text("not a folder any more")
+    with pytest.raises(AuditUnavailable) as err:
+        spool.append([event(1)])
+    assert err.value.error_code == 503 and err.value.message.startswith(AUDIT_UNAVAILABLE) and spool.failures == 1
+    floor = EventSpool(str(tmp_path / "full"), min_free_mb=2**40)  # more than any disk has: "full"
+    with pytest.raises(AuditUnavailable, match="free"):
+        floor.append([event(2)])
+    assert not list((tmp_path / "full").iterdir())
+    assert EventSpool(None).append([event(3)]) is False  # no spool at all (in-process use): nothing to refuse
 
 
 @pytest.mark.fast
@@ -441,3 +450,29 @@ def test_a_sidecar_never_forgets_another_replicas_read_position(pg_url, tmp_path
     (tmp_path / "a" / files["a"]).unlink()
     drain_once(db, tmp_path / "a", a)
     assert set(db.offsets()) == {files["b"]}
+
+
+def test_no_answer_goes_out_when_the_spool_cannot_be_written(served, sample_images):
+    """The spool folder replaced by a file (as a full disk or a lost mount would fail the write): the service
+    answers a retryable 503 through the gate and TorchServe alike, and nothing it answered is unaudited."""
+    from stack.gate import GateThread
+
+    ts, spool, url = served
+    image = sample_images[0].read_bytes()
+    gate = GateThread(None, ts.inference_url, ts.tokens).start()
+    try:
+        assert requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60).status_code == 200
+        shutil.rmtree(spool)
+        spool.write_text("the spool's file system failed")
+        direct = send(ts, [image, b"not an image"], clients=1)
+        assert [r.status_code for r in direct] == [503, 503], [r.text for r in direct]
+        r = requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60)
+        assert r.status_code == 503 and r.json()["error"] == "audit_unavailable" and r.headers["Retry-After"], r.text
+        assert "Traceback" not in r.text
+        spool.unlink()
+        spool.mkdir()
+        r = requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60)
+        assert r.status_code == 200  # the folder back: answers (and their events) again
+        assert sum(len(f.read_text().splitlines()) for f in spool.iterdir()) == 1
+    finally:
+        gate.stop()
