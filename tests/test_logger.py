@@ -384,8 +384,8 @@ def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path,
 
     folder = tmp_path / "review"
     store = ReviewStore(folder, keep_days=2)
-    old, fresh = store.keep("a" * 64, b"old", "JPEG"), store.keep("b" * 64, b"fresh", "PNG")
-    assert old.name == "a" * 64 + ".jpeg" and fresh.read_bytes() == b"fresh"
+    old, fresh = store.keep("a" * 64, _image("JPEG"), "JPEG"), store.keep("b" * 64, _image("PNG"), "PNG")
+    assert old.name == "a" * 64 + ".jpg" and fresh.read_bytes().startswith(b"\xff\xd8\xff")
     assert folder.stat().st_mode & 0o777 == 0o700 and old.stat().st_mode & 0o777 == 0o600
     (folder / "notes.txt").write_text("not ours")
     three_days_ago = time.time() - 3 * 86400
@@ -397,6 +397,38 @@ def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path,
     run(f"sqlite:///{tmp_path / 'a.sqlite3'}", tmp_path / "spool", once=True)
     assert not old.exists() and fresh.exists() and (folder / "notes.txt").exists()
     assert store.find("b" * 64) == fresh and store.find("a" * 64) is None
+
+
+def _image(fmt: str, size=(64, 48)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.fast
+def test_review_keeps_a_bounded_reencoding_within_a_quota(tmp_path):
+    """What is kept is never the raw upload (a 4000x3000 noise PNG of ~36 MB decoded is kept as a 512 px JPEG),
+    and a full folder keeps no more (counted), whatever arrives."""
+    from PIL import Image
+
+    from skinmodel.review_store import KEEP_SIDE, ReviewStore
+
+    big = _image("PNG", (4000, 3000))
+    store = ReviewStore(tmp_path / "review", keep_days=1, max_bytes=10**9, max_files=3)
+    kept = store.keep("c" * 64, big, "PNG")
+    assert kept is not None and kept.stat().st_size < min(len(big) // 20, 300_000)
+    assert max(Image.open(kept).size) == KEEP_SIDE and Image.open(kept).format == "JPEG"
+    for i in range(5):
+        store.keep(f"{i:064x}", _image("JPEG"), "JPEG")
+    assert len(list(store.directory.iterdir())) == 3 and store.full == 3
+    small = ReviewStore(tmp_path / "tiny", keep_days=1, max_bytes=1, max_files=100)
+    assert small.keep("d" * 64, _image("JPEG"), "JPEG") is not None  # the first one fits under 1 byte used ...
+    assert small.keep("e" * 64, _image("JPEG"), "JPEG") is None and small.full == 1  # ... then it is full
+    assert store.keep("f" * 64, b"not an image", "JPEG") is None
 
 
 def test_two_replicas_sidecars_share_one_database_without_collisions(pg_url, tmp_path):
