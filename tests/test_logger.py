@@ -125,6 +125,30 @@ def test_a_spool_that_cannot_be_written_refuses_the_answers(tmp_path):
     assert EventSpool(None).append([event(3)]) is False  # no spool at all (in-process use): nothing to refuse
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_logs_prune_deletes_only_rows_past_the_retention(engine, request, tmp_path):
+    """`./skin logs prune --older-than` (python -m logger prune): the audit trail's retention, on both engines."""
+    url = f"sqlite:///{tmp_path / 'p.sqlite3'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    spool = tmp_path / "spool"
+    old = [event(i, ts="2020-01-01T00:00:00.000+00:00") for i in range(25)]
+    recent = [event(100 + i, ts=time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())) for i in range(3)]
+    EventSpool(str(spool)).append(old + recent)
+    env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "DATABASE_URL": url}
+    assert subprocess.run([sys.executable, "-m", "logger", "run", "--once"], cwd=REPO, env=env,
+                          capture_output=True, timeout=120).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "logger", "prune", "--older-than", "400d"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "deleted 25 audit row(s)" in r.stdout, r.stdout + r.stderr
+    from logger.db import Database
+
+    db = Database(url)
+    assert db.count() == 3 and db.prune("2000-01-01T00:00:00.000+00:00", batch=2) == 0
+    db.close()
+    r = subprocess.run([sys.executable, "-m", "logger", "prune", "--older-than", "soon"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
 @pytest.mark.fast
 def test_sqlite_default_through_the_command(tmp_path):
     spool_dir, data = tmp_path / "spool", tmp_path / "data"
