@@ -48,8 +48,8 @@ log = logging.getLogger("gate")
 class GateLimits:
     max_body: int = int(torchserve_config("max_request_size"))  # TorchServe's own cap, in config.properties
     inflight_bytes: int = 64 * 2**20    # request bodies held at once, all connections together ...
-    client_bytes: int = 16 * 2**20      # ... by one client (an address; an IPv6 /64): one largest upload and more
-    network_bytes: int = 32 * 2**20     # ... by one network (IPv4 /24, IPv6 /48): half of all
+    client_bytes: int = 12 * 2**20      # ... by one client (an address; an IPv6 /64): one largest upload, not two
+    network_bytes: int = 40 * 2**20     # ... by one network (IPv4 /24, IPv6 /48): 3 clients' worth, never all
     per_client: int = 4                 # API requests in flight per client address: at most half of what
                                         # 2 workers x batch 4 take at once (a page sends 1 at a time)
     rate: float = 25.0                  # API requests per second per client, on average (about what the whole

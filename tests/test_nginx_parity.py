@@ -103,6 +103,8 @@ def test_nginx_enforces_the_gates_limits():
     assert int(size.rstrip("m")) * 2**20 == cap and f"larger than {cap} bytes" in CONF
     assert _directive("limit_conn perclient") == str(limits.per_client)
     assert _directive("limit_conn everyone") == str(limits.max_connections)
+    assert re.search(rf"zone=rate:10m rate={limits.rate:g}r/s;", CONF), "nginx's request rate is not the gate's"
+    assert re.findall(r"limit_req zone=rate burst=(\d+) nodelay;", CONF) == [str(limits.burst)]
     for name in ("client_header_timeout", "keepalive_timeout"):
         assert _directive(name) == f"{limits.idle_s:.0f}s", name
     api = re.search(r"location ~ \^(\S+)\$ \{", CONF).group(1)
@@ -184,4 +186,40 @@ def test_a_per_client_cap_on_both(entries, sample_images):
             assert r.status_code == 200, (entry, r.text)
         finally:
             for s in held:
+                s.close()
+
+
+def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_images):
+    """One address opens connections and sends half a request head on each (nginx's limit_conn only counts a
+    connection once its head is read): another address is still served by both entries, and both close the
+    unfinished heads after the header timeout (GateLimits.idle_s = nginx's client_header_timeout)."""
+    image = sample_images[1].read_bytes()
+    held = {entry: [] for entry in entries}
+    try:
+        for entry, (_, port) in entries.items():
+            for _ in range(150):
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.9", 0), timeout=5)
+                    s.sendall(b"POST " + API.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Le")
+                    held[entry].append(s)
+                except OSError:
+                    pass  # the gate refuses an address's 65th connection at once
+        t0 = time.monotonic()
+        for entry, (url, _) in entries.items():
+            r = requests.post(url + API, data=image, timeout=30)
+            assert r.status_code == 200, (entry, r.text)
+        for entry, socks in held.items():
+            assert socks, entry
+            for s in socks:
+                s.settimeout(max(1.0, GateLimits().idle_s + 10 - (time.monotonic() - t0)))
+                try:
+                    data = s.recv(4096)
+                except socket.timeout:
+                    pytest.fail(f"{entry}: an unfinished head was still open after the header timeout")
+                except OSError:
+                    data = b""
+                assert data == b"" or data.startswith(b"HTTP/1.1 4"), (entry, data[:100])
+    finally:
+        for socks in held.values():
+            for s in socks:
                 s.close()
