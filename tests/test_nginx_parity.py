@@ -223,3 +223,40 @@ def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_image
         for socks in held.values():
             for s in socks:
                 s.close()
+
+
+def test_k8s_page_takes_the_client_address_only_from_the_ingress_controller(tmp_path):
+    """deploy/k8s/page.yaml's real-IP settings in a real nginx, this test's loopback added as the controller: a
+    client cannot choose its address (and so a fresh per-client bucket) by writing X-Forwarded-For entries of
+    its own, LAN addresses included; the address is the last entry, the one the controller appended."""
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "page.yaml").read_text()))
+    real_ip = next(d for d in docs if d and d.get("metadata", {}).get("name") == "page-real-ip")["data"]["real-ip.conf"]
+    port = free_port()
+    server = real_ip + "set_real_ip_from 127.0.0.1;\n"
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'} warn;\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")
+        + "events { worker_connections 64; }\nhttp {\naccess_log off;\n"
+        + "".join(f"{kind}_temp_path {tmp_path / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"server {{ listen 127.0.0.1:{port};\n{server}\nlocation / {{ return 200 $remote_addr; }} }}\n}}\n")
+    proc = subprocess.Popen([nginx_binary(), "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        seen = lambda xff: requests.get(f"http://127.0.0.1:{port}/", headers={"X-Forwarded-For": xff},  # noqa: E731
+                                        timeout=10).text
+        assert seen("198.51.100.7") == "198.51.100.7"  # the controller's entry
+        for forged in ("10.9.9.9, 192.168.1.20", "203.0.113.5, 10.0.0.8, 192.168.1.20", "172.16.4.4,192.168.1.20",
+                       "10.244.3.3, 192.168.1.20"):
+            assert seen(forged) == "192.168.1.20", forged  # whatever the client wrote before it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
