@@ -435,13 +435,13 @@ def _image(fmt: str, size=(64, 48)) -> bytes:
 
 @pytest.mark.fast
 def test_review_keeps_a_bounded_reencoding_within_a_quota(tmp_path):
-    """What is kept is never the raw upload (a 2400x1800 noise PNG of ~13 MB decoded is kept as a 512 px JPEG),
+    """What is kept is never the raw upload (a 1600x1200 noise PNG of ~6 MB is kept as a 512 px JPEG),
     and a full folder keeps no more (counted), whatever arrives."""
     from PIL import Image
 
     from skinmodel.review_store import KEEP_SIDE, ReviewStore
 
-    big = _image("PNG", (2400, 1800))
+    big = _image("PNG", (1600, 1200))
     store = ReviewStore(tmp_path / "review", keep_days=1, max_bytes=10**9, max_files=3)
     kept = store.keep("c" * 64, big, "PNG")
     assert kept is not None and kept.stat().st_size < min(len(big) // 20, 300_000)
