@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 V4_GROUP, V6_CLIENT, V6_GROUP = 24, 64, 48
@@ -78,30 +79,28 @@ class _Bucket:
 
 class RateLimit:
     """A token bucket per client: `rate` requests per second on average, bursts of `burst`. allow() -> 0.0
-    when the request may go, else the seconds until it could (what Retry-After says)."""
+    when the request may go, else the seconds until it could (what Retry-After says). At most MAX_CLIENTS
+    buckets are kept, least recently used forgotten first, in O(1): many addresses (IPv6) cannot make the
+    bookkeeping itself slow."""
 
-    MAX_CLIENTS = 100_000  # buckets kept; full ones are forgotten first (a full bucket is the default state)
+    MAX_CLIENTS = 100_000
 
     def __init__(self, rate: float, burst: int, clock=time.monotonic):
         self.rate, self.burst, self.clock = rate, burst, clock
-        self.buckets: dict[str, _Bucket] = {}
+        self.buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     def allow(self, client: str) -> float:
         now = self.clock()
         b = self.buckets.get(client)
         if b is None:
             if len(self.buckets) >= self.MAX_CLIENTS:
-                self._forget_full(now)
+                self.buckets.popitem(last=False)
             b = self.buckets[client] = _Bucket(float(self.burst), now)
+        else:
+            self.buckets.move_to_end(client)
         b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
         b.at = now
         if b.tokens >= 1.0:
             b.tokens -= 1.0
             return 0.0
         return (1.0 - b.tokens) / self.rate
-
-    def _forget_full(self, now: float) -> None:
-        for key in [k for k, b in self.buckets.items() if b.tokens + (now - b.at) * self.rate >= self.burst]:
-            del self.buckets[key]
-        while len(self.buckets) >= self.MAX_CLIENTS:  # all busy: forget the oldest-touched
-            del self.buckets[min(self.buckets, key=lambda k: self.buckets[k].at)]

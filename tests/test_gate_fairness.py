@@ -54,6 +54,10 @@ def test_clients_and_networks():
     assert rate.allow("y") == 0
     now[0] = 0.5
     assert rate.allow("x") == 0
+    rate.MAX_CLIENTS = 3  # bounded bookkeeping: the least recently seen client is forgotten
+    for c in ("a", "b", "c", "x"):
+        rate.allow(c)
+    assert list(rate.buckets) == ["b", "c", "x"]
 
 
 @pytest.mark.parametrize("gate", [GateLimits(max_connections=5)], indirect=True)
