@@ -3,9 +3,11 @@ refusals with the security headers for everything the parser itself refuses, and
 by every refusal of the gate (stack/gate.py).
 
 Connections are counted as they arrive, before a byte is read. When a cap is passed (in all, per client,
-per network), a connection that never sent a byte is the first to go: the oldest silent one in the scope of
-that cap is closed and the newcomer stays. Only when there is none is the newcomer refused (a 503 written
-straight to the socket). So holding connections open without speaking reserves nothing.
+per network), a connection that never sent a byte is the first to go: the oldest one in the scope of that cap
+that has been silent for SILENT_GRACE_S is closed and the newcomer stays. Only when there is none is the
+newcomer refused (a 503 written straight to the socket). So holding connections open without speaking
+reserves nothing, while a client's connection that is just about to send its request (a few ms after
+connecting) is never taken for an idle one.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 log = logging.getLogger("gate")
+SILENT_GRACE_S = 1.0
 
 
 def error_body(status: int, code: str, reason: str, retry_after: int | None) -> tuple[bytes, dict]:
@@ -119,7 +122,12 @@ class GateServer(Server):
             victim_transport.close()
 
     def _oldest_silent(self, limit: str, client: str, group: str, newcomer):
-        for h, (c, g, _, _) in self.conns.items():
+        """The oldest connection in the cap's scope silent for SILENT_GRACE_S, else None (arrival order: the
+        scan stops at the first one younger than that)."""
+        cutoff = time.monotonic() - SILENT_GRACE_S
+        for h, (c, g, _, opened) in self.conns.items():
+            if opened > cutoff:
+                return None
             if h is not newcomer and not h.spoke and (limit == "total" or (c == client if limit == "client"
                                                                            else g == group)):
                 return h

@@ -60,7 +60,8 @@ def one_address_load(per_client: int) -> GateLimits:
     per-client shares (requests in flight, rate, body bytes) lifted to the whole service's."""
     whole = GateLimits()
     return GateLimits(per_client=per_client, rate=1e6, burst=10**6, client_bytes=whole.inflight_bytes,
-                      network_bytes=whole.inflight_bytes)
+                      network_bytes=whole.inflight_bytes, per_address_connections=whole.max_connections,
+                      per_network_connections=whole.max_connections)
 
 
 def run_load(url: str, images: list[bytes], clients: int, seconds: float, during=None, headers=None) -> Load:

@@ -12,6 +12,7 @@ import requests
 
 from stack.fairness import RateLimit, Shares, client_of
 from stack.gate import GateLimits, GateThread
+from stack.gate_server import SILENT_GRACE_S
 from stress.attacks import session_from
 from tests.test_gate import API, POST, assert_one_json_refusal, dist, exchange, gate, responses, ts  # noqa: F401
 
@@ -63,11 +64,13 @@ def test_clients_and_networks():
 @pytest.mark.parametrize("gate", [GateLimits(max_connections=5)], indirect=True)
 def test_silent_connections_are_reclaimed_first(gate):
     """Connections that never sent a byte fill the total: a newcomer still gets in, the oldest silent one goes.
-    Connections that have spoken are not reclaimed: then the newcomer is refused."""
+    Connections that have spoken, or were opened just now, are not reclaimed: then the newcomer is refused."""
     port = gate.gate.port
     silent = [connect(port, "127.0.20.1") for _ in range(5)]
     try:
-        time.sleep(0.3)
+        time.sleep(0.3)  # opened just now: could be about to send their requests
+        assert assert_one_json_refusal(exchange(port, GET_CLOSE, source="127.0.21.1"), 503)["error"] == "busy"
+        time.sleep(SILENT_GRACE_S)
         assert responses(exchange(port, GET_CLOSE, source="127.0.21.1"))[0][0] == 200
         assert closed_by_server(silent[0]) and not closed_by_server(silent[-1], wait=0.3)
     finally:
