@@ -135,14 +135,14 @@ def test_predict_reads_only_images_inside_the_folder_and_writes_no_formulas(tmp_
     from stack.predict import RemoteScorer, predict
 
     jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 200
-    secret = tmp_path / "secret.txt"
-    secret.write_bytes(b"\xff\xd8\xff root:x:0:0 -- even with an image signature")
+    private = tmp_path / "private.txt"
+    private.write_bytes(b"\xff\xd8\xff root:x:0:0 -- even with an image signature")
     outside_photo = tmp_path / "elsewhere.jpg"
     outside_photo.write_bytes(jpeg)
     root = tmp_path / "archive"
     (root / "sub").mkdir(parents=True)
     (root / "a.jpg").write_bytes(jpeg)
-    (root / "shadow.jpg").symlink_to(secret)
+    (root / "shadow.jpg").symlink_to(private)
     (root / "photo-link.jpg").symlink_to(outside_photo)
     (root / "linked-dir").symlink_to(tmp_path, target_is_directory=True)
     (root / "sub" / "inside-link.jpg").symlink_to(root / "a.jpg")
