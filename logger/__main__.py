@@ -1,4 +1,8 @@
-"""python -m logger [run|status|show|stats|review]: the prediction audit sidecar and its read-outs.
+"""python -m logger [run|status|show|stats|review|prune]: the prediction audit sidecar and its read-outs.
+
+Retention: rows are kept until `prune --older-than` deletes them (./skin logs prune --older-than 400d, e.g.
+daily from cron); each row is about 0.6 KB, and the gate's per-client request rate bounds how fast one client
+can add them.
 
 Configuration comes from the environment: DATABASE_URL (postgresql://...; without it, the embedded SQLite
 file $SKIN_DATA_DIR/predictions.sqlite3) and SKIN_SPOOL_DIR (the folder TorchServe's handler writes to).
@@ -101,6 +105,15 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from logger.review import parse_since
+
+    before = parse_since(args.older_than)
+    deleted = _db().prune(before)
+    print(f"deleted {deleted} audit row(s) answered before {before}")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s logger %(levelname)s %(message)s")
     p = argparse.ArgumentParser(prog="python -m logger", description=__doc__,
@@ -123,6 +136,9 @@ def main(argv=None) -> int:
                         help="comma-separated verdicts to list (default: uncertain,not_dermoscopy)")
     review.add_argument("--format", choices=("table", "csv", "json"), default="table")
     review.set_defaults(func=cmd_review)
+    prune = sub.add_parser("prune", help="delete audit rows older than a retention (e.g. --older-than 400d)")
+    prune.add_argument("--older-than", required=True, help="a duration like 400d or 36h, or a date like 2026-01-01")
+    prune.set_defaults(func=cmd_prune)
     args = p.parse_args(argv)
     if not args.command:
         args = p.parse_args(["run", *(argv or sys.argv[1:])])

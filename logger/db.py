@@ -109,6 +109,20 @@ class Database:
         cur.execute("SELECT COUNT(*) FROM predictions")
         return cur.fetchone()[0]
 
+    def prune(self, before: str, batch: int = 10_000) -> int:
+        """Delete the audit rows answered before `before` (a UTC timestamp in the trail's text form), in batches
+        so a large backlog never holds one long transaction; -> rows deleted."""
+        p, deleted = self.param, 0
+        while True:
+            cur = self.conn.cursor()
+            cur.execute(f"DELETE FROM predictions WHERE request_id IN (SELECT request_id FROM predictions "
+                        f"WHERE ts < {p} LIMIT {int(batch)})", (before,))
+            n = cur.rowcount
+            self.conn.commit()
+            deleted += max(n, 0)
+            if n < batch:
+                return deleted
+
     def query(self, sql: str, args=()) -> list[tuple]:
         cur = self.conn.cursor()
         cur.execute(sql.replace("?", self.param), args)

@@ -7,7 +7,12 @@ which image (its hash and size, never its pixels).
 Spool files are named events-<writer>-<UTC minute>.jsonl. A writer only ever appends to the current minute's
 file, so a file whose minute has passed is complete and the sidecar may delete it once consumed. Each batch
 is one write() of whole lines with O_APPEND (+ fsync), so readers never see half a batch from a live writer;
-a line cut by a crash is reported and skipped by the sidecar. Standard library only.
+a line cut by a crash is reported and skipped by the sidecar. Standard library only (TorchServe's
+PredictionException is used when it is there, so a failed write becomes a clean 503 of the batch).
+
+No answer without its audit event: when the spool cannot be written (disk full, quota, folder gone), or its
+file system has less free space than SKIN_SPOOL_MIN_FREE_MB (default 64) left, append() raises AuditUnavailable
+and the handler's whole batch is answered 503 (retryable) instead; the gate tells the client so.
 """
 from __future__ import annotations
 
@@ -19,6 +24,23 @@ import time
 from datetime import datetime, timezone
 
 logger = logging.getLogger(__name__)
+AUDIT_UNAVAILABLE = "audit trail unavailable"
+DEFAULT_MIN_FREE_MB = 64
+
+try:  # inside a TorchServe worker: its exception carries the HTTP status of the batch's answers
+    from ts.utils.util import PredictionException as _Refused
+except ImportError:  # pragma: no cover - the logger sidecar and the tools run without TorchServe
+    class _Refused(Exception):
+        def __init__(self, message, error_code=500):
+            super().__init__(message)
+            self.message, self.error_code = message, error_code
+
+
+class AuditUnavailable(_Refused):
+    """The events of a batch could not be spooled: its answers must not go out (TorchServe answers 503)."""
+
+    def __init__(self, why: str):
+        super().__init__(f"{AUDIT_UNAVAILABLE}: {why}", 503)
 
 EVENT_COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
                  "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
@@ -65,9 +87,10 @@ def make_event(request_id, meta, model_sha256: str, image: dict, latency_ms: flo
 
 
 class EventSpool:
-    def __init__(self, directory: str | None, fsync: bool = True):
+    def __init__(self, directory: str | None, fsync: bool = True, min_free_mb: float = DEFAULT_MIN_FREE_MB):
         self.directory = directory
         self.fsync = fsync
+        self.min_free = int(min_free_mb * 2**20)
         self.writer_id = f"{socket.gethostname()}-{os.getpid()}"
         self.failures = 0
         if directory:
@@ -75,14 +98,22 @@ class EventSpool:
 
     @classmethod
     def from_env(cls) -> "EventSpool":
-        return cls(os.environ.get("SKIN_SPOOL_DIR") or None, os.environ.get("SKIN_SPOOL_FSYNC", "1") != "0")
+        try:
+            floor = float(os.environ.get("SKIN_SPOOL_MIN_FREE_MB") or DEFAULT_MIN_FREE_MB)
+        except ValueError:
+            floor = DEFAULT_MIN_FREE_MB
+        return cls(os.environ.get("SKIN_SPOOL_DIR") or None, os.environ.get("SKIN_SPOOL_FSYNC", "1") != "0", floor)
 
     def append(self, events: list[dict]) -> bool:
-        """Never raises: a full disk or a missing folder must not fail a prediction. Returns success."""
+        """Spool the events of one batch; False when there is no spool (in-process use). Raises
+        AuditUnavailable when there is one and the events could not be written in full."""
         if not self.directory or not events:
             return False
+        data = "".join(json.dumps(e, separators=(",", ":"), allow_nan=False) + "\n" for e in events).encode()
         try:
-            data = "".join(json.dumps(e, separators=(",", ":"), allow_nan=False) + "\n" for e in events).encode()
+            free = os.statvfs(self.directory)
+            if free.f_bavail * free.f_frsize - len(data) < self.min_free:
+                raise OSError(f"less than {self.min_free >> 20} MiB free")
             path = os.path.join(self.directory, segment_name(self.writer_id))
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
@@ -94,7 +125,8 @@ class EventSpool:
             finally:
                 os.close(fd)
             return True
-        except Exception:  # noqa: BLE001 - the audit trail is best effort from the handler's side
+        except OSError as err:
             self.failures += 1
-            logger.exception("could not write %d audit event(s) to %s", len(events), self.directory)
-            return False
+            logger.error("could not write %d audit event(s) to %s: %s; their answers are refused",
+                         len(events), self.directory, err)
+            raise AuditUnavailable(err.strerror or str(err)) from None

@@ -5,9 +5,16 @@ Off unless SKIN_REVIEW_KEEP_DAYS > 0 (./skin up then sets SKIN_REVIEW_DIR). File
 SHA-256 (the audit trail's key), created 0600 in a 0700 folder, and deleted once older than the retention by
 whoever touches the folder: the handler when it keeps a file, the logger sidecar on every pass. Nothing here may
 fail a prediction: errors are logged and counted.
+
+What is kept is bounded, whatever clients send: not the upload itself but a re-encoding of it (JPEG, longer side
+at most KEEP_SIDE px, so about 100 KB however large or odd the upload was), and the folder holds at most
+SKIN_REVIEW_MAX_MB (default 1024) and SKIN_REVIEW_MAX_FILES (default 20000): once full, new uploads are not kept
+(counted and logged) until retention frees room. The kept files keep the upload's SHA-256 as their name, the
+audit trail's key.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -19,15 +26,25 @@ REVIEWED_VERDICTS = ("uncertain", "not_dermoscopy")
 _NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,5}")  # what keep() writes; nothing else in the folder is touched
 _PARTIAL = re.compile(r"\.[0-9a-f]{64}\.\d+\.tmp")  # a write cut short (crash, full disk): pruned like the rest
 PRUNE_EVERY_S = 600.0
+KEEP_SIDE = 512            # longer side of a kept image, px
+KEEP_QUALITY = 85
+DEFAULT_MAX_MB = 1024
+DEFAULT_MAX_FILES = 20_000
+RECOUNT_EVERY_S = 60.0     # the folder's usage is counted again this often (other workers keep files too)
 
 
 class ReviewStore:
-    def __init__(self, directory: str | os.PathLike | None, keep_days: float = 0.0):
+    def __init__(self, directory: str | os.PathLike | None, keep_days: float = 0.0,
+                 max_bytes: int = DEFAULT_MAX_MB * 2**20, max_files: int = DEFAULT_MAX_FILES):
         self.folder = Path(directory) if directory else None  # where kept uploads are (found even when off)
         self.directory = self.folder if keep_days > 0 else None  # where new ones go: only when on
         self.keep_seconds = keep_days * 86400.0
+        self.max_bytes, self.max_files = max_bytes, max_files
         self.failures = 0
+        self.full = 0  # uploads not kept because the folder was at its quota
         self._last_prune = 0.0
+        self._usage: tuple[int, int] | None = None  # (bytes, files), counted at _counted_at
+        self._counted_at = 0.0
 
     @classmethod
     def from_env(cls, environ=None) -> "ReviewStore":
@@ -37,39 +54,68 @@ class ReviewStore:
         except ValueError:
             log.error("SKIN_REVIEW_KEEP_DAYS=%r is not a number: keeping no uploads", e.get("SKIN_REVIEW_KEEP_DAYS"))
             days = 0.0
-        return cls(e.get("SKIN_REVIEW_DIR"), days)
+        try:
+            max_mb = float(e.get("SKIN_REVIEW_MAX_MB") or DEFAULT_MAX_MB)
+            max_files = int(e.get("SKIN_REVIEW_MAX_FILES") or DEFAULT_MAX_FILES)
+        except ValueError:
+            log.error("SKIN_REVIEW_MAX_MB / SKIN_REVIEW_MAX_FILES are not numbers: using the defaults")
+            max_mb, max_files = DEFAULT_MAX_MB, DEFAULT_MAX_FILES
+        return cls(e.get("SKIN_REVIEW_DIR"), days, int(max_mb * 2**20), max_files)
 
     @property
     def enabled(self) -> bool:
         return self.directory is not None
 
-    def keep(self, sha256: str, data: bytes, image_format: str | None) -> Path | None:
-        """Store one upload (once per content); never raises."""
+    def keep(self, sha256: str, data: bytes, image_format: str | None = None) -> Path | None:
+        """Store a bounded re-encoding of one upload (once per content, within the quota); never raises.
+        `image_format` is the upload's (recorded in the audit trail); what is kept is always JPEG."""
         if not self.enabled or not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
             return None
-        ext = re.sub(r"[^a-z0-9]", "", (image_format or "bin").lower())[:5] or "bin"
-        path = self.directory / f"{sha256}.{ext}"
+        path = self.directory / f"{sha256}.jpg"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
-            if not path.exists():
-                tmp = self.directory / f".{sha256}.{os.getpid()}.tmp"
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, path)
-                except OSError:
-                    tmp.unlink(missing_ok=True)  # no partial patient image left behind
-                    raise
-            else:
+            if path.exists():
                 os.utime(path)  # seen again: its retention starts over
+                return path
+            used, files = self.usage()
+            if used >= self.max_bytes or files >= self.max_files:
+                self.full += 1
+                log.warning("review folder at its quota (%d MiB, %d files): an upload is not kept", used >> 20, files)
+                return None
+            small = reencode(data)
+            if small is None:
+                return None
+            tmp = self.directory / f".{sha256}.{os.getpid()}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(small)
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # no partial patient image left behind
+                raise
+            self._usage = (used + len(small), files + 1)
             self.prune_if_due()
             return path
         except OSError as err:
             self.failures += 1
             log.error("could not keep an upload for review in %s: %s", self.directory, err)
             return None
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, files) of kept uploads, counted again every RECOUNT_EVERY_S (other workers write too)."""
+        if self._usage is None or time.monotonic() - self._counted_at > RECOUNT_EVERY_S:
+            total = count = 0
+            for f in self.directory.iterdir():
+                if _NAME.fullmatch(f.name) or _PARTIAL.fullmatch(f.name):
+                    try:
+                        total += f.stat(follow_symlinks=False).st_size
+                        count += 1
+                    except OSError:
+                        continue
+            self._usage, self._counted_at = (total, count), time.monotonic()
+        return self._usage
 
     def prune_if_due(self) -> int:
         if time.monotonic() - self._last_prune < PRUNE_EVERY_S and self._last_prune:
@@ -110,3 +156,19 @@ class ReviewStore:
                 f.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def reencode(data: bytes) -> bytes | None:
+    """The upload as a JPEG of at most KEEP_SIDE px on its longer side; None (logged) if it cannot be decoded.
+    Only uploads the handler has already decoded and answered come here, so the decoding budget holds."""
+    from skinmodel.preprocessing import decode_image  # Pillow and torch: only where images are kept
+
+    try:
+        img = decode_image(data, min_side=KEEP_SIDE)
+        img.thumbnail((KEEP_SIDE, KEEP_SIDE))
+        out = io.BytesIO()
+        img.convert("RGB").save(out, "JPEG", quality=KEEP_QUALITY)
+        return out.getvalue()
+    except Exception as err:  # noqa: BLE001 - keeping for review must never fail a prediction
+        log.error("could not re-encode an upload for review: %s", err)
+        return None

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="score image files and folders into a CSV (through the running "
                                              "service, or --local); ./skin predict --help", add_help=False)
     predict.add_argument("predict_args", nargs=argparse.REMAINDER)
-    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status|review; "
+    logs = sub.add_parser("logs", help="the prediction audit log: ./skin logs show|stats|status|review|prune; "
                                        "./skin logs --help", add_help=False)  # --help: the logger's, with its commands
     logs.add_argument("logger_args", nargs=argparse.REMAINDER)
     logs.set_defaults(func=cmd_logs)

@@ -8,12 +8,15 @@ clients paid 40 ms per request to Nagle + delayed ACK), closes idle and half-sen
 keep-alive timeout, drains refused bodies before closing (so a client sees the 413 instead of a reset),
 and keeps a pool of keep-alive connections to TorchServe.
 
-What this module adds, in the order a request meets it (limits in GateLimits):
-connection caps (in all, per address) -> route -> a per-client cap on requests in flight -> header checks
-(stack/gate_policy.py) -> body read against a deadline and a byte budget shared by all connections -> body
-policy -> TorchServe (with the inference key when token authorization is on) -> TorchServe's answer, or the
-gate's own refusal in its place. Every answer, the parser's own error pages
-included, is JSON or a static file with the security headers.
+What this module adds, in the order a request meets it (limits in GateLimits; the transport and connection
+shares in stack/gate_server.py, the bookkeeping of shares in stack/fairness.py):
+connection caps (in all, per client, per network; silent connections reclaimed first) -> route (model
+versions are the owner's) -> a per-client request rate (429 + Retry-After) and cap on requests in flight ->
+header checks (stack/gate_policy.py) -> the declared body length reserved from the byte budget (client,
+network, all) -> only then `100 Continue` -> body read against a deadline, a stall limit and a minimum
+rate -> body policy (shape checks before any parse) -> TorchServe (with the inference key when token
+authorization is on) -> TorchServe's answer, or the gate's own refusal in its place. Every answer, the
+parser's own error pages included, is JSON or a static file with the security headers.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import mimetypes
-import re
 import signal
 import sys
 import threading
@@ -31,136 +34,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_server import Server
 
 from stack import gate_policy as policy
+from stack.fairness import RateLimit, Shares, client_of
+from stack.gate_server import SECURITY_HEADERS, GateServer, refuse
 from stack.tokens import TokenFile
 from stack.settings import MODEL_NAME, Settings, torchserve_config, url
 
-SECURITY_HEADERS = {
-    "Server": "skin-gate",  # aiohttp would otherwise announce its and Python's versions
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
-                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-    "Cache-Control": "no-store",
-}
 log = logging.getLogger("gate")
 
 
 @dataclass(frozen=True)
 class GateLimits:
     max_body: int = int(torchserve_config("max_request_size"))  # TorchServe's own cap, in config.properties
-    inflight_bytes: int = 64 * 2**20    # request bodies held at once, all connections together
+    inflight_bytes: int = 64 * 2**20    # request bodies held at once, all connections together ...
+    client_bytes: int = 12 * 2**20      # ... by one client (an address; an IPv6 /64): one largest upload, not two
+    network_bytes: int = 40 * 2**20     # ... by one network (IPv4 /24, IPv6 /48): 3 clients' worth, never all
     per_client: int = 4                 # API requests in flight per client address: at most half of what
                                         # 2 workers x batch 4 take at once (a page sends 1 at a time)
+    rate: float = 25.0                  # API requests per second per client, on average (about what the whole
+    burst: int = 50                     # service answers on 2 cores), in bursts of up to `burst`; beyond: 429
     max_connections: int = 512
-    per_address_connections: int = 64   # open connections per client address (off behind a proxy)
+    per_address_connections: int = 64   # open connections per client (off behind a proxy) ...
+    per_network_connections: int = 128  # ... and per network; silent connections are reclaimed first
     idle_s: float = 15.0                # keep-alive, and how long a client may take to send its headers
-    body_s: float = 60.0                # to send the whole body (10 MiB needs >= 175 KB/s)
+    body_s: float = 60.0                # to send the whole body (10 MiB needs >= 175 KB/s) ...
+    stall_s: float = 5.0                # ... with never more than this between two pieces of it ...
+    min_rate: int = 32 * 1024           # ... and at least this many bytes/s on average after the first second
     upstream_s: float = 60.0
     retry_after_s: int = 2              # what a busy answer tells clients to wait
     restart_retry_after_s: int = 5      # ... and while TorchServe restarts or renews its keys
-
-
-def _error_body(status: int, code: str, reason: str, retry_after: int | None) -> tuple[bytes, dict]:
-    body = {"error": code, "reason": reason, "status": status}
-    headers = {**SECURITY_HEADERS, "Content-Type": "application/json"}
-    if retry_after is not None:
-        body["retry_after_s"] = retry_after
-        headers["Retry-After"] = str(retry_after)
-    return json.dumps(body).encode(), headers
-
-
-def refuse(r: policy.Refusal, retry_after: int | None = None, close: bool = False) -> web.Response:
-    """A refusal as JSON with the security headers; close=True also ends the connection (after aiohttp has
-    drained what the client was still sending, so the client reads this answer instead of a reset)."""
-    body, headers = _error_body(r.status, r.code, r.reason, retry_after)
-    resp = web.Response(status=r.status, body=body, headers=headers)
-    if close:
-        resp.force_close()
-    return resp
-
-
-class _Budget:
-    """Bytes of request bodies held in memory by all connections together; taken as they arrive."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used -= n
-
-
-# The parser's refusals: llhttp's fixed first line ("Duplicate Content-Length") is passed on, the rest of its
-# message is not (it quotes the request, and this service never reflects what a client sent).
-_PARSER_REASONS = {"LineTooLong": "the request line or a header is too long", "BadHttpMethod": "unknown HTTP method"}
-_FIXED_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9 '-]{0,80}")
-
-
-def _parser_reason(exc) -> str:
-    if type(exc).__name__ in _PARSER_REASONS:
-        return _PARSER_REASONS[type(exc).__name__]
-    first = str(getattr(exc, "message", "") or "").strip().splitlines()[:1]
-    text = first[0].rstrip(":") if first else ""
-    return text if _FIXED_TEXT.fullmatch(text) else "the request is not valid HTTP/1.1"
-
-
-class _Protocol(RequestHandler):
-    def handle_error(self, request, status=500, exc=None, message=None):
-        """The parser's own refusals (bad framing, oversize headers, unknown methods) and any unforeseen
-        failure, as JSON with the headers; failures are logged, refusals are not (they are the clients')."""
-        if status >= 500:
-            log.error("unexpected failure answering a request", exc_info=exc)
-            return refuse(policy.Refusal(500, "server_error", "internal error"), close=True)
-        return refuse(policy.Refusal(status, "bad_request", _parser_reason(exc)), close=True)
-
-
-class _Server(Server):
-    """aiohttp's low-level server with two connection caps: in all, and per client address."""
-
-    def __init__(self, handler, limits: GateLimits, per_address: bool, **kw):
-        super().__init__(handler, **kw)
-        self.limits, self.per_address = limits, per_address
-        self.addresses: dict[str, int] = {}
-        self.address_of: dict = {}
-
-    def __call__(self):
-        return _Protocol(self, loop=self._loop, **self._kwargs)
-
-    def connection_made(self, handler, transport) -> None:
-        super().connection_made(handler, transport)
-        address = (transport.get_extra_info("peername") or ("?",))[0]
-        self.address_of[handler] = address
-        self.addresses[address] = self.addresses.get(address, 0) + 1
-        if len(self._connections) > self.limits.max_connections:
-            self._refuse(transport, "too many connections; retry shortly")
-        elif self.per_address and self.addresses[address] > self.limits.per_address_connections:
-            self._refuse(transport, "too many connections from this address; retry shortly")
-
-    def connection_lost(self, handler, exc=None) -> None:
-        address = self.address_of.pop(handler, None)
-        if address is not None:
-            self.addresses[address] -= 1
-            if not self.addresses[address]:
-                del self.addresses[address]
-        super().connection_lost(handler, exc)
-
-    def _refuse(self, transport, reason: str) -> None:
-        """Before a request is even parsed: a complete 503 written straight to the socket, then close."""
-        body, headers = _error_body(503, "busy", reason, self.limits.retry_after_s)
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        transport.write(f"HTTP/1.1 503 Service Unavailable\r\n{head}Content-Length: {len(body)}\r\n"
-                        f"Connection: close\r\n\r\n".encode() + body)
-        transport.close()
+    versions: bool = False              # /predictions/<model>/<version>: the owner's (direct, with the key)
 
 
 PROTOCOLS = ("torchserve", "kserve-v1")
@@ -204,7 +108,8 @@ class Gate:
         # Behind nginx every connection comes from nginx: the client is the address it puts in this header.
         self.client_ip_header = client_ip_header
         self.files = self._load_static(Path(dist)) if dist else {}
-        self.budget = _Budget(limits.inflight_bytes)
+        self.bodies = Shares(limits.inflight_bytes, limits.client_bytes, limits.network_bytes)
+        self.rate = RateLimit(limits.rate, limits.burst)
         self.per_client: dict[str, int] = {}
         self.session: ClientSession | None = None
 
@@ -221,8 +126,12 @@ class Gate:
             files["/"] = files["/index.html"]
         return files
 
+    def _client(self, request: web.BaseRequest) -> tuple[str, str]:
+        address = (request.headers.get(self.client_ip_header) if self.client_ip_header else None) or request.remote
+        return client_of(address or "?")
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        where = policy.route(request.method, request.path)
+        where = policy.route(request.method, request.path, self.limits.versions)
         if isinstance(where, policy.Refusal):
             resp = refuse(where)
             if where.status == 405:
@@ -233,7 +142,12 @@ class Gate:
             if found is None:
                 return refuse(policy.Refusal(404, "not_found", "no such page"))
             return web.Response(body=found[0], headers={**SECURITY_HEADERS, "Content-Type": found[1]})
-        client = (request.headers.get(self.client_ip_header) if self.client_ip_header else None) or request.remote or "?"
+        client, group = self._client(request)
+        wait = self.rate.allow(client)
+        if wait:  # before anything is read or forwarded: a refusal here costs no audit row and no body
+            return refuse(policy.Refusal(429, "too_many_requests", f"more than {self.limits.rate:g} requests per "
+                                                                   "second from this client; slow down"),
+                          max(1, math.ceil(wait)), close=True)
         if self.per_client.get(client, 0) >= self.limits.per_client:
             return refuse(policy.Refusal(429, "too_many_requests", f"at most {self.limits.per_client} requests "
                                                                    "at a time per client; retry shortly"),
@@ -244,36 +158,37 @@ class Gate:
                 # KServe's wrapper has no /ping; its v1 readiness of the served model answers instead.
                 ping = "/ping" if self.protocol == "torchserve" else f"/v1/models/{MODEL_NAME}"
                 return await self._forward("GET", ping, b"", None)
-            return await self._api(request)
+            return await self._api(request, client, group)
         finally:
             self.per_client[client] -= 1
             if not self.per_client[client]:
                 del self.per_client[client]
 
-    async def _api(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _busy(self, limit: str) -> web.Response:
+        if limit == "total":
+            return refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads right now; "
+                                                      "retry shortly"), self.limits.retry_after_s, close=True)
+        who = "this client" if limit == "client" else "this client's network"
+        return refuse(policy.Refusal(429, "too_many_uploads", f"{who} is already sending as much as it may at "
+                                                              "once; retry when an upload has finished"),
+                      self.limits.retry_after_s, close=True)
+
+    async def _api(self, request: web.BaseRequest, client: str, group: str) -> web.StreamResponse:
         length = policy.check_headers(request.headers, self.limits.max_body)
         if isinstance(length, policy.Refusal):
             return refuse(length, close=True)
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # headers passed: send the body
-        body, held = bytearray(), 0
+        # The whole declared body is reserved before a byte of it is read (and before 100 Continue invites
+        # it): an upload the budget cannot hold is refused at its headers.
+        limit = self.bodies.take(client, group, length)
+        if limit is not None:
+            return self._busy(limit)
+        held = length
         try:
-            try:
-                async with asyncio.timeout(self.limits.body_s):
-                    while len(body) < length:
-                        chunk = await request.content.read(min(2**16, length - len(body)))
-                        if not chunk:
-                            return refuse(policy.Refusal(400, "incomplete_body", "the connection ended before "
-                                                                                 "Content-Length bytes arrived"))
-                        if not self.budget.take(len(chunk)):
-                            return refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads "
-                                                                      "right now; retry shortly"),
-                                          self.limits.retry_after_s, close=True)
-                        held += len(chunk)
-                        body += chunk
-            except TimeoutError:
-                return refuse(policy.Refusal(408, "body_timeout", f"the upload took longer than "
-                                                                  f"{self.limits.body_s:.0f} s"), close=True)
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # budget reserved: send the body
+            body = await self._receive(request, length)
+            if isinstance(body, web.Response):
+                return body
             decision = policy.check_body(request.headers.get("Content-Type"), body)
             if isinstance(decision, policy.Refusal):
                 return refuse(decision)
@@ -281,15 +196,43 @@ class Gate:
             if self.protocol == "kserve-v1":
                 # The v1 request holds the body again, base64-encoded (4/3): that much more of the byte budget.
                 extra = len(forwarded) * 3 // 2
-                if not self.budget.take(extra):
-                    return refuse(policy.Refusal(503, "busy", "the service is receiving too many uploads right "
-                                                              "now; retry shortly"), self.limits.retry_after_s)
+                limit = self.bodies.take(client, group, extra)
+                if limit is not None:
+                    return self._busy(limit)
                 held += extra
                 path, payload = to_kserve_v1(request.path, forwarded, decision.content_type)
                 return await self._forward("POST", path, payload, "application/json", unwrap=True)
             return await self._forward(request.method, request.path, forwarded, decision.content_type)
         finally:
-            self.budget.give(held)
+            self.bodies.give(client, group, held)
+
+    async def _receive(self, request: web.BaseRequest, length: int) -> bytearray | web.Response:
+        """The body, or a refusal: within body_s in all, never stalled for stall_s, and at min_rate on average
+        after its first second (one client cannot hold its share of the budget by trickling)."""
+        lim, body = self.limits, bytearray()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while len(body) < length:
+            elapsed = loop.time() - started
+            if elapsed > lim.body_s or (elapsed > 1.0 and len(body) < lim.min_rate * (elapsed - 1.0)):
+                return self._too_slow()
+            try:
+                async with asyncio.timeout(min(lim.stall_s, lim.body_s - elapsed)):
+                    chunk = await request.content.read(min(2**16, length - len(body)))
+            except TimeoutError:
+                return self._too_slow()
+            if not chunk:
+                return refuse(policy.Refusal(400, "incomplete_body", "the connection ended before "
+                                                                     "Content-Length bytes arrived"))
+            body += chunk
+        return body
+
+    def _too_slow(self) -> web.Response:
+        lim = self.limits
+        return refuse(policy.Refusal(408, "body_timeout", f"the upload was too slow: it must arrive within "
+                                                          f"{lim.body_s:.0f} s, at {lim.min_rate // 1024} KB/s or "
+                                                          f"more, without pausing for {lim.stall_s:.0f} s"),
+                      close=True)
 
     async def _forward(self, method: str, path: str, body: bytes | bytearray, content_type: str | None,
                        retry_auth: bool = True, unwrap: bool = False) -> web.StreamResponse:
@@ -323,14 +266,14 @@ class Gate:
             connector=TCPConnector(limit=64, keepalive_timeout=30), cookie_jar=DummyCookieJar(),
             timeout=ClientTimeout(total=self.limits.upstream_s), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        server = _Server(self.handle, self.limits, per_address=self.client_ip_header is None,
+        server = GateServer(self.handle, self.limits, per_address=self.client_ip_header is None,
                          keepalive_timeout=self.limits.idle_s, lingering_time=5.0, auto_decompress=False,
                          access_log=None, max_headers=64, handler_cancellation=True)
         self.runner = web.ServerRunner(server, shutdown_timeout=10)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, backlog=1024, reuse_address=True)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         return site
 
     async def close(self) -> None:
@@ -373,6 +316,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-body", type=int, default=GateLimits.max_body)
     p.add_argument("--per-client", type=int, default=GateLimits.per_client,
                    help="API requests in flight per client address")
+    p.add_argument("--rate", type=float, default=GateLimits.rate,
+                   help="API requests per second per client on average (bursts of twice that); beyond: 429")
+    p.add_argument("--versions", action="store_true",
+                   help="serve /predictions/<model>/<version> (an owner's private entry only: at the public entry "
+                        "any client could pick any registered version, canaries included)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="torchserve",
                    help="the upstream's API: TorchServe's REST API, or a KServe InferenceService's v1 protocol")
     p.add_argument("--client-ip-header", help="take the client's address from this header (X-Real-IP behind "
@@ -386,7 +334,8 @@ def main(argv=None) -> int:
 
     async def serve() -> None:
         gate = Gate(Path(args.dist) if args.dist else None, args.upstream, tokens,
-                    GateLimits(max_body=args.max_body, per_client=args.per_client), args.client_ip_header,
+                    GateLimits(max_body=args.max_body, per_client=args.per_client, rate=args.rate,
+                               burst=max(1, int(args.rate * 2)), versions=args.versions), args.client_ip_header,
                     args.protocol)
         await gate.start(args.host, args.port)
         stop = asyncio.Event()

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from skinmodel.audit import AUDIT_UNAVAILABLE
 from skinmodel.formats import ACCEPTED_LABEL, JSON_IMAGE_KEYS, JSON_OPTION_KEYS, sniff
 
 API_PATH = re.compile(r"/(predictions|explanations)/[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
@@ -42,9 +43,13 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def route(method: str, path: str) -> str | Refusal:
-    """'api', 'ping' or 'static', or a refusal for a path/method the entry does not serve."""
-    if API_PATH.fullmatch(path):
+def route(method: str, path: str, versions: bool = False) -> str | Refusal:
+    """'api', 'ping' or 'static', or a refusal for a path/method the entry does not serve. A model version in
+    the path (/predictions/<model>/<version>) only where `versions` is on: the owner's private entry."""
+    if m := API_PATH.fullmatch(path):
+        if m.group(2) and not versions:
+            return Refusal(404, "not_found", "model versions are not selectable here; "
+                                             "use /predictions/<model> or /explanations/<model>")
         if method not in API_METHODS:
             return Refusal(405, "method_not_allowed", f"{path} accepts POST or PUT with the image as the body")
         return "api"
@@ -101,8 +106,12 @@ def _multipart_image(content_type: str, body: bytes) -> bytes | Refusal:
     delim = b"--" + boundary.encode("ascii")
     if not body.startswith(delim + b"\r\n"):
         return _bad_form("the multipart body does not start with the boundary its Content-Type declares")
-    if body.count(b"\n" + delim) != body.count(b"\r\n" + delim):
+    delimiters = body.count(b"\r\n" + delim)
+    if body.count(b"\n" + delim) != delimiters:
         return _bad_form("multipart delimiters must end lines with CRLF")
+    if delimiters > MAX_MULTIPART_PARTS:  # counted before anything is split: a part bomb costs one scan
+        return Refusal(400, "too_many_parts", f"the form has {delimiters} parts; send the image as its only field "
+                                              f"(at most {MAX_MULTIPART_PARTS} parts)")
     pieces = body[len(delim) + 2:].split(b"\r\n" + delim)
     if len(pieces) < 2 or not pieces[-1].startswith(b"--"):
         return _bad_form("the multipart body has no closing boundary")
@@ -128,7 +137,21 @@ def _multipart_image(content_type: str, body: bytes) -> bytes | Refusal:
     return Refusal(400, "no_image_field", f"the form has no image field (name it {' or '.join(IMAGE_FIELDS)})")
 
 
+# The only JSON documents accepted: a flat object of a few short keys with string values (base64 and class
+# codes: no quote inside). Checked by this regular expression, linear in the body and without nesting,
+# BEFORE json.loads: a 10 MiB object of 870 k keys never reaches the parser (which would hold the event loop
+# for half a second); what passes costs json.loads a few keys and one long string.
+_MEMBER = rb'\s*"[a-z_0-9]{1,16}"\s*:\s*"[A-Za-z0-9+/=_.\s\\-]*"\s*'
+_JSON_SHAPE = re.compile(rb'\s*\{' + _MEMBER + rb'(?:,' + _MEMBER + rb'){0,%d}\}\s*'
+                         % (len(JSON_IMAGE_KEYS) + len(JSON_OPTION_KEYS) - 1))
+
+
 def _json(body: bytes) -> Refusal | None:
+    shape = Refusal(400, "bad_json", 'JSON bodies must be an object like {"data": "<base64 image>"} '
+                                     '(optionally with "target": "<class code>")')
+    if not _JSON_SHAPE.fullmatch(body):
+        # ASCII only, so strictly UTF-8 too (json.loads would also take UTF-16/32, which v1 cannot forward)
+        return shape
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -136,8 +159,7 @@ def _json(body: bytes) -> Refusal | None:
     allowed = set(JSON_IMAGE_KEYS) | set(JSON_OPTION_KEYS)
     if not isinstance(doc, dict) or not doc or not set(doc) <= allowed \
             or not all(isinstance(v, str) for v in doc.values()) or not set(doc) & set(JSON_IMAGE_KEYS):
-        return Refusal(400, "bad_json", 'JSON bodies must be an object like {"data": "<base64 image>"} '
-                                        '(optionally with "target": "<class code>")')
+        return shape
     return None
 
 
@@ -179,6 +201,10 @@ def upstream_refusal(status: int, body: bytes) -> Refusal | None:
         return Refusal(503, "unavailable", "the model server is renewing its keys or restarting; retry shortly")
     if status == 500 and "DecoderException" in kind + str(body[:2000]):
         return Refusal(400, "malformed_request", "the request body does not match its Content-Type")
+    if isinstance(doc, dict) and str(doc.get("message", "")).startswith(AUDIT_UNAVAILABLE):
+        # The handler could not write the audit events of this batch, so it gave no answers (skinmodel/audit.py).
+        return Refusal(503, "audit_unavailable", "the service cannot record its answers right now, so it gives "
+                                                 "none; retry shortly")
     if isinstance(doc, dict) and doc.get("message") == "Worker died.":
         # TorchServe answers a killed worker's requests 507 when it has read the exit code (137) in time, else
         # 500 with the same message: one retryable answer either way.

@@ -5,8 +5,11 @@ audit trail).
     ./skin predict ~/archive/lesions --out results.csv            # through the page's entry (./skin up)
     ./skin predict a.jpg b.png --local --release release --out results.csv
 
-Folders are walked recursively. A file that is not an image, is corrupt or too large becomes a row with the
-service's reason; the run goes on. Rows are written as answers come, so an interrupted run keeps its rows, and
+Folders are walked recursively. Only files inside the folder given are read: a symbolic link that leads out of
+it is not followed (a row says so). Only files that start with an accepted image signature are sent; any
+other file, and one that is corrupt or too large, becomes a row with the reason; the run goes on. Answers are
+checked field by field (class codes, version and id patterns), and no CSV cell starts with = + - @ TAB or CR
+(a hostile --url cannot plant spreadsheet formulas). Rows are written as answers come, so an interrupted run keeps its rows, and
 a rerun with the same --out skips every file already in it (resumable).
 """
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import math
 import os
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -24,6 +29,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
+from skinmodel.answers import VERDICT_REASONS
+from skinmodel.formats import ACCEPTED_LABEL, sniff
 from skinmodel.release import ReleaseError
 from stack.gate import GateLimits
 from stack.settings import MODEL_NAME, current
@@ -37,6 +44,12 @@ MAX_BYTES = GateLimits().max_body  # the service's own limit: bigger files are n
 RETRIED = (429, 503, 507)
 # Rows a rerun scores again: no answer, or an answer that may differ next time (busy, restarting, server error).
 TRANSIENT_ERRORS = ("timeout", "unreadable", "request_failed", "bad_answer")
+# Refused here, before anything is sent; final (the file itself decides).
+LOCAL_REFUSALS = ("too_large", "not_an_image", "empty_body", "outside_folder")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 def user_path(raw: str | os.PathLike) -> Path:
@@ -51,29 +64,33 @@ def is_final(row: dict) -> bool:
     status = int(row.get("status") or 0)
     if row.get("error") in TRANSIENT_ERRORS:
         return False
-    return status == 200 or (400 <= status < 500 and status not in (408, 429)) or row.get("error") == "too_large"
+    return status == 200 or (400 <= status < 500 and status not in (408, 429)) or row.get("error") in LOCAL_REFUSALS
 
 
 class PredictError(RuntimeError):
     """A reason to stop the whole run (the service is unreachable, --out is not our CSV)."""
 
 
-def find_files(paths: list[str]) -> list[Path]:
-    """The files named, and every file under the folders named (sorted, hidden ones skipped), each once."""
+def find_files(paths: list[str]) -> list[tuple[Path, Path]]:
+    """(file, the folder it must stay inside) for the files named (their own folder) and every file under the
+    folders named (sorted, hidden ones skipped, links to folders not walked), each once."""
     out, seen = [], set()
     for raw in paths:
         p = user_path(raw)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif p.exists():
-            found = [p]
+        if p.is_dir() and not p.is_symlink():
+            found = []
+            for top, dirs, names in os.walk(p, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [(Path(top) / n, p) for n in sorted(names) if not n.startswith(".")]
+            found.sort()
+        elif p.exists() or p.is_symlink():
+            found = [(p, p.parent)]
         else:
             raise PredictError(f"{raw}: no such file or folder")
-        for f in found:
-            if str(f) not in seen:
+        for f, root in found:
+            if str(f) not in seen and (f.is_file() or f.is_symlink()):
                 seen.add(str(f))
-                out.append(f)
+                out.append((f, root))
     return out
 
 
@@ -101,24 +118,63 @@ def done_paths(out: Path) -> set[str]:
     return set(final)
 
 
+def safe_cell(value):
+    """A CSV cell no spreadsheet runs as a formula: text starting with = + - @ TAB or CR gets a leading '."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
+
+
+def _checked(answer: dict) -> dict | None:
+    """The answer if every field is what the service sends (else None): class codes of this model,
+    probabilities in [0, 1], a known verdict, version, request id and error code of their patterns."""
+    preds = answer.get("predictions") or []
+    ok_preds = isinstance(preds, list) and all(
+        isinstance(p, dict) and p.get("code") in CLASSES and isinstance(p.get("probability"), (int, float))
+        and not isinstance(p.get("probability"), bool) and math.isfinite(p["probability"])
+        and 0 <= p["probability"] <= 1 for p in preds)
+    top = answer.get("top")
+    model = answer.get("model")
+    version = model.get("version", "") if isinstance(model, dict) else ("" if model is None else None)
+    fields = (ok_preds, top is None or (isinstance(top, dict) and top.get("code") in CLASSES),
+              answer.get("verdict", "") in ("", *VERDICT_REASONS),
+              version is not None and (version == "" or _VERSION.fullmatch(str(version))),
+              answer.get("request_id") in (None, "") or _REQUEST_ID.fullmatch(str(answer["request_id"])),
+              answer.get("error", "") == "" or _ERROR_CODE.fullmatch(str(answer["error"])),
+              isinstance(answer.get("reason", ""), str))
+    return answer if all(fields) else None
+
+
 def row_for(path: Path, blob: bytes | None, status: int, answer: dict) -> dict:
     """One CSV row from an answer (a prediction or an error body) of the service or of the handler."""
+    if _checked(answer) is None:
+        answer = {"error": "bad_answer", "reason": "the service's answer has fields outside what it may send"}
     probs = {p["code"]: p["probability"] for p in answer.get("predictions") or []}
-    return {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest() if blob is not None else "",
-            "status": status, "verdict": answer.get("verdict", ""), "top": (answer.get("top") or {}).get("code", ""),
-            **{f"p_{c}": probs.get(c, "") for c in CLASSES},
-            "model_version": (answer.get("model") or {}).get("version", ""), "request_id": answer.get("request_id") or "",
-            "error": answer.get("error", ""), "reason": answer.get("reason", "")}
+    row = {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest() if blob is not None else "",
+           "status": status, "verdict": answer.get("verdict", ""), "top": (answer.get("top") or {}).get("code", ""),
+           **{f"p_{c}": probs.get(c, "") for c in CLASSES},
+           "model_version": (answer.get("model") or {}).get("version", ""), "request_id": answer.get("request_id") or "",
+           "error": answer.get("error", ""), "reason": " ".join(str(answer.get("reason", "")).split())[:300]}
+    return {k: safe_cell(v) for k, v in row.items()}
 
 
-def read_file(path: Path) -> tuple[bytes | None, dict | None]:
-    """(bytes, None), or (None, error answer) for a file the service would refuse for its size or that cannot
-    be read."""
+def read_file(path: Path, root: Path | None = None) -> tuple[bytes | None, dict | None]:
+    """(bytes, None), or (None, refusal) for a file that leads out of `root` (a link), is too large for the
+    service, is not an accepted image by its first bytes, or cannot be read."""
     try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            return None, {"error": "too_large", "reason": f"the file is {size} bytes; the limit is {MAX_BYTES}"}
-        return path.read_bytes(), None
+        real = path.resolve(strict=True)
+        if root is not None and not real.is_relative_to(root.resolve()):
+            return None, {"error": "outside_folder", "reason": "a link to a file outside the folder given: not read"}
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_BYTES:
+                return None, {"error": "too_large", "reason": f"the file is {size} bytes; the limit is {MAX_BYTES}"}
+            head = f.read(16)
+            if not head:
+                return None, {"error": "empty_body", "reason": "the file is empty"}
+            if not sniff(head):
+                return None, {"error": "not_an_image", "reason": f"not an image file ({ACCEPTED_LABEL}) by its "
+                                                                 "first bytes: not sent"}
+            return head + f.read(MAX_BYTES), None
     except OSError as err:
         return None, {"error": "unreadable", "reason": err.strerror or str(err)}
 
@@ -143,8 +199,8 @@ class RemoteScorer:
             self.local.session.mount("https://", self.adapter)
         return self.local.session
 
-    def score(self, path: Path) -> dict:
-        blob, refused = read_file(path)
+    def score(self, path: Path, root: Path | None = None) -> dict:
+        blob, refused = read_file(path, root)
         if refused:
             return row_for(path, blob, 0, refused)
         try:
@@ -176,8 +232,8 @@ class LocalScorer:
         self.handler = SkinLesionHandler.in_process(release)
         self.lock = threading.Lock()  # one image at a time through the model; threads only read files
 
-    def score(self, path: Path) -> dict:
-        blob, refused = read_file(path)
+    def score(self, path: Path, root: Path | None = None) -> dict:
+        blob, refused = read_file(path, root)
         if refused:
             return row_for(path, blob, 0, refused)
         with self.lock:
@@ -189,7 +245,7 @@ def predict(paths: list[str], out: Path, scorer, concurrency: int = 4, progress:
     """Score what is not in `out` yet, appending rows as answers come; -> counts per verdict or error."""
     files = find_files(paths)
     done = done_paths(out)
-    todo = [f for f in files if str(f) not in done]
+    todo = [(f, root) for f, root in files if str(f) not in done]
     counts: dict[str, int] = {"skipped (already in the CSV)": len(files) - len(todo)}
     new = not out.exists() or out.stat().st_size == 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +255,7 @@ def predict(paths: list[str], out: Path, scorer, concurrency: int = 4, progress:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
-        jobs = [pool.submit(scorer.score, p) for p in todo]
+        jobs = [pool.submit(scorer.score, p, root) for p, root in todo]
         try:
             for job in tqdm(as_completed(jobs), total=len(jobs), unit="img", disable=not progress):
                 row = job.result()

@@ -34,7 +34,7 @@ import requests
 
 from stack.settings import MODEL_NAME, current, sample_images
 from stack.torchserve_api import RETRY_POLICY
-from stress import bombs
+from stress import bombs, fair_attacks
 from stress.local_stack import LocalStack
 
 API = f"/predictions/{MODEL_NAME}"
@@ -308,9 +308,9 @@ def kill_jvm(stack, out, stop):
 ATTACKS = {"form-bomb": form_bomb, "multipart-bomb": multipart_bomb, "flood-page": flood_page,
            "flood-direct": flood_direct, "random-bodies": random_bodies, "scan-bomb": scan_bomb,
            "decoder-bombs": decoder_bombs, "framing": framing, "slow-bodies": slow_bodies,
-           "connection-flood": connection_flood, "kill-jvm": kill_jvm}
+           "connection-flood": connection_flood, "kill-jvm": kill_jvm, **fair_attacks.ATTACKS}
 QUICK = ["form-bomb", "multipart-bomb", "scan-bomb", "decoder-bombs", "framing", "slow-bodies", "connection-flood",
-         "flood-page"]
+         "flood-page", *fair_attacks.ATTACKS]
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -450,15 +450,16 @@ def run_all(release: Path, names: list[str], seconds: float, log=print) -> dict:
 def table(r: dict) -> str:
     rows = [f"Measured {r['date']} on {r['machine']}. Normal user at rest: p50 {r['rest_p50_ms']:.0f} ms "
             f"({r['rest_requests']} requests, one image every 0.5 s from another address).\n",
-            "| attack (from one address) | attacker got | attacker p50 ms | normal user answered | user p50 ms "
-            "(at rest) | stack | peak MiB gate / JVM / workers |", "|---|---|---|---|---|---|---|"]
+            "| attack | attacker got | attacker p50 ms | normal user answered | user p50 ms (at rest) | user p50 "
+            "ratio | stack | peak MiB gate / JVM / workers |", "|---|---|---|---|---|---|---|---|"]
     for a in r["attacks"]:
         got = ", ".join(f"{k}: {v}" for k, v in sorted(a["attacker"].items(), key=lambda kv: -kv[1]))
         mem = a["peak_mb"]
         stack = "up" if a["stack_up"] else "DOWN"
         stack += f", restarted: {', '.join(a['restarts'])}" if a["restarts"] else ", no restart"
         rows.append(f"| {a['attack']} | {got} | {a['attacker_p50_ms']:.0f} | {a['user_ok']}/{a['user_sent']} | "
-                    f"{a['user_p50_ms']:.0f} ({r['rest_p50_ms']:.0f}) | {stack} | {mem.get('gate', 0)} / "
+                    f"{a['user_p50_ms']:.0f} ({r['rest_p50_ms']:.0f}) | {a['user_p50_ms'] / r['rest_p50_ms']:.2f}x | "
+                    f"{stack} | {mem.get('gate', 0)} / "
                     f"{mem.get('torchserve', 0)} / {mem.get('workers', 0)} |")
     o = r["owner_only"]
     rows.append(f"\nAs {o['as']}: REST scale-to-0 HTTP {o['rest_scale_http']}, gRPC ScaleWorker {o['grpc_scale']}, "

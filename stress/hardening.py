@@ -55,6 +55,15 @@ class Load:
         return v[min(len(v) - 1, int(q / 100 * len(v)))] if v else float("nan")
 
 
+def one_address_load(per_client: int) -> GateLimits:
+    """The gate's limits for a load run whose many users all come from one address (this machine): the
+    per-client shares (requests in flight, rate, body bytes) lifted to the whole service's."""
+    whole = GateLimits()
+    return GateLimits(per_client=per_client, rate=1e6, burst=10**6, client_bytes=whole.inflight_bytes,
+                      network_bytes=whole.inflight_bytes, per_address_connections=whole.max_connections,
+                      per_network_connections=whole.max_connections)
+
+
 def run_load(url: str, images: list[bytes], clients: int, seconds: float, during=None, headers=None) -> Load:
     """Closed-loop clients for `seconds`; `during(load)` runs in the foreground meanwhile (fault injection)."""
     out, stop, lock = Load(), threading.Event(), threading.Lock()
@@ -152,7 +161,7 @@ def full_queue(mar: Path, work: Path, jpeg: bytes, clients: int = 32) -> dict:
     try:
         ts.wait_ready()
         # One client address floods here: lift the gate's per-client cap so that TorchServe's queue fills.
-        site = GateThread(work / "dist", ts.inference_url, ts.tokens, limits=GateLimits(per_client=10 * clients)).start()
+        site = GateThread(work / "dist", ts.inference_url, ts.tokens, limits=one_address_load(10 * clients)).start()
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(clients) as pool:
@@ -317,7 +326,7 @@ def run_all(release: Path, fuzz_n: int, clients: int, seconds: float, fault_seco
             ts.wait_ready(min_workers=2)
             dist = render_page(release, work / "dist")
             # The load below is `clients` concurrent users from one address: let the gate's per-client cap admit them.
-            site = GateThread(dist, ts.inference_url, ts.tokens, limits=GateLimits(per_client=max(clients, 4))).start()
+            site = GateThread(dist, ts.inference_url, ts.tokens, limits=one_address_load(max(clients, 4))).start()
             url = f"{site.url}/predictions/{NAME}"
             log(f"fuzzing with {fuzz_n} generated payloads ...")
             results["fuzz"] = fuzz(site.url, ts, jpegs, fuzz_n)

@@ -28,7 +28,7 @@ def _headers(*pairs) -> CIMultiDict:
 
 
 @pytest.mark.parametrize("method,path,want", [
-    ("POST", "/predictions/skin-lesion", "api"), ("PUT", "/predictions/skin-lesion/1.0", "api"),
+    ("POST", "/predictions/skin-lesion", "api"), ("PUT", "/predictions/skin-lesion/1.0", 404),
     ("POST", "/explanations/skin-lesion", "api"), ("GET", "/ping", "ping"), ("GET", "/", "static"),
     ("HEAD", "/app.js", "static"), ("GET", "/predictions/skin-lesion", 405), ("DELETE", "/predictions/x", 405),
     ("POST", "/models", 405), ("POST", "/ping", 405), ("PROPFIND", "/", 405),
@@ -37,6 +37,13 @@ def _headers(*pairs) -> CIMultiDict:
 def test_routes(method, path, want):
     got = policy.route(method, path)
     assert (got.status if isinstance(got, policy.Refusal) else got) == want
+
+
+def test_model_versions_are_the_owners():
+    """At the public entry no client picks a registered version (a canary); the owner's entry may."""
+    got = policy.route("POST", "/predictions/skin-lesion/2.0-canary")
+    assert isinstance(got, policy.Refusal) and got.status == 404 and "2.0" not in got.reason
+    assert policy.route("POST", "/predictions/skin-lesion/2.0-canary", versions=True) == "api"
 
 
 @pytest.mark.parametrize("pairs,want", [
@@ -139,6 +146,34 @@ def test_json_must_be_a_flat_object_with_the_image():
         assert isinstance(got, policy.Refusal) and (got.status, got.code) == (400, "bad_json"), bad[:40]
 
 
+def test_json_is_judged_by_its_shape_before_it_is_parsed(monkeypatch):
+    """A 10 MiB object of 870 k keys (half a second of json.loads on the gate's one event loop), UTF-16 (passes
+    json.loads, then fails the KServe v1 encoding) and nesting are refused without json.loads ever running."""
+    parsed = []
+    real_loads = policy.json.loads
+    monkeypatch.setattr(policy.json, "loads", lambda b, *a, **k: parsed.append(len(b)) or real_loads(b, *a, **k))
+    data = base64.b64encode(_jpeg()).decode()
+    key_bomb = ("{" + ",".join(f'"k{i}":"1"' for i in range(870_000)) + "}").encode()
+    for bad in (key_bomb, json.dumps({"data": data}).encode("utf-16"), json.dumps({"data": {"a": data}}).encode(),
+                b'{"data": "' + data.encode() + b'", "target": "mel", "target": "akiec", "target": "nv", '
+                b'"target": "bcc", "target": "df", "target": "vasc"}'):
+        got = policy.check_body("application/json", bad)
+        assert isinstance(got, policy.Refusal) and got.code == "bad_json", bad[:40]
+    assert parsed == []
+    for good in ({"data": data}, {"target": "mel", "data": data}, {"data": base64.encodebytes(_jpeg()).decode()}):
+        assert policy.check_body("application/json", json.dumps(good).encode()) == policy.Forward("application/json")
+    assert len(parsed) == 3
+
+
+def test_a_part_bomb_is_counted_not_split():
+    """10 MiB of delimiters is refused by counting them, before the form is split into a million parts (which
+    would have found it unclosed)."""
+    boundary = "b"
+    body = b"--b\r\n" + b"\r\n--b\r\n" * 1_000_000
+    got = policy.check_body(f"multipart/form-data; boundary={boundary}", body)
+    assert isinstance(got, policy.Refusal) and got.code == "too_many_parts"
+
+
 @pytest.mark.parametrize("status,body,want", [
     (200, b'{"top": {}}', None),
     (415, b'{"error": "not_an_image", "reason": "...", "status": 415}', None),  # the handler's own refusal
@@ -150,6 +185,8 @@ def test_json_must_be_a_flat_object_with_the_image():
     (500, b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
     (507, b'{"code": 507, "type": "InternalServerException", "message": "Worker died."}', (507, "worker_died")),
     (500, b'{"code": 500, "type": "InternalServerException", "message": "Worker died, twice."}', (500, "upstream_error")),
+    (503, b'{"code": 503, "type": "ServiceUnavailableException", "message": "audit trail unavailable: No space"}',
+     (503, "audit_unavailable")),
     (413, b"", (413, "too_large")),
     (502, b"<html>bad gateway</html>", (502, "upstream_error")),
 ])

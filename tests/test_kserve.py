@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import pytest
 import requests
 
 from ops.kserve import kserve_config
@@ -142,3 +143,22 @@ def test_published_layout_serves_v1_instances_like_the_runtime(s3, tiny_release,
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.mark.fast
+def test_v1_bodies_that_are_not_utf8_are_refused_before_the_envelope(caplog):
+    """UTF-16 JSON passes json.loads but cannot be put in a v1 envelope: a 400 with a reason from the gate, never
+    a 500 and a logged traceback (the upstream here is nobody: nothing may be forwarded)."""
+    import logging
+
+    gate = GateThread(None, f"http://127.0.0.1:{free_port()}", protocol="kserve-v1").start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="gate"):
+            for encoding in ("utf-16", "utf-32", "utf-16-be"):
+                body = json.dumps({"data": base64.b64encode(b"\xff\xd8\xff").decode()}).encode(encoding)
+                r = requests.post(f"{gate.url}/predictions/{NAME}", data=body, timeout=30,
+                                  headers={"Content-Type": "application/json"})
+                assert r.status_code == 400 and r.json()["error"] == "bad_json", (encoding, r.text)
+        assert not caplog.records, [rec.getMessage() for rec in caplog.records]
+    finally:
+        gate.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import psycopg2
 import pytest
 import requests
 
-from skinmodel.audit import EventSpool, segment_name
+from skinmodel.audit import AUDIT_UNAVAILABLE, AuditUnavailable, EventSpool, segment_name
 from logger.db import Database
 from logger.sidecar import Stats, drain_once
 from stack.torchserve import TorchServe, free_port
@@ -108,12 +109,44 @@ def test_partial_line_waits_for_its_writer_then_closed_files_are_removed(pg_url,
 
 
 @pytest.mark.fast
-def test_spool_write_failure_never_raises(tmp_path):
-    target = tmp_path / "file-not-dir"
-    target.write_text("x")
-    spool = EventSpool.__new__(EventSpool)
-    spool.directory, spool.fsync, spool.writer_id, spool.failures = str(target), True, "w", 0
-    assert spool.append([event(1)]) is False and spool.failures == 1
+def test_a_spool_that_cannot_be_written_refuses_the_answers(tmp_path):
+    """No answer without its audit event: a failed write raises (TorchServe answers the batch 503), whether the
+    folder is gone or its file system is below the free-space floor."""
+    spool = EventSpool(str(tmp_path / "spool"))
+    (tmp_path / "spool").rmdir()
+    (tmp_path / "spool").write_text("not a folder any more")
+    with pytest.raises(AuditUnavailable) as err:
+        spool.append([event(1)])
+    assert err.value.error_code == 503 and err.value.message.startswith(AUDIT_UNAVAILABLE) and spool.failures == 1
+    floor = EventSpool(str(tmp_path / "full"), min_free_mb=2**40)  # more than any disk has: "full"
+    with pytest.raises(AuditUnavailable, match="free"):
+        floor.append([event(2)])
+    assert not list((tmp_path / "full").iterdir())
+    assert EventSpool(None).append([event(3)]) is False  # no spool at all (in-process use): nothing to refuse
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_logs_prune_deletes_only_rows_past_the_retention(engine, request, tmp_path):
+    """`./skin logs prune --older-than` (python -m logger prune): the audit trail's retention, on both engines."""
+    url = f"sqlite:///{tmp_path / 'p.sqlite3'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    spool = tmp_path / "spool"
+    old = [event(i, ts="2020-01-01T00:00:00.000+00:00") for i in range(25)]
+    recent = [event(100 + i, ts=time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())) for i in range(3)]
+    EventSpool(str(spool)).append(old + recent)
+    env = {**os.environ, "SKIN_SPOOL_DIR": str(spool), "DATABASE_URL": url}
+    assert subprocess.run([sys.executable, "-m", "logger", "run", "--once"], cwd=REPO, env=env,
+                          capture_output=True, timeout=120).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "logger", "prune", "--older-than", "400d"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "deleted 25 audit row(s)" in r.stdout, r.stdout + r.stderr
+    from logger.db import Database
+
+    db = Database(url)
+    assert db.count() == 3 and db.prune("2000-01-01T00:00:00.000+00:00", batch=2) == 0
+    db.close()
+    r = subprocess.run([sys.executable, "-m", "logger", "prune", "--older-than", "soon"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
 
 
 @pytest.mark.fast
@@ -375,8 +408,8 @@ def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path,
 
     folder = tmp_path / "review"
     store = ReviewStore(folder, keep_days=2)
-    old, fresh = store.keep("a" * 64, b"old", "JPEG"), store.keep("b" * 64, b"fresh", "PNG")
-    assert old.name == "a" * 64 + ".jpeg" and fresh.read_bytes() == b"fresh"
+    old, fresh = store.keep("a" * 64, _image("JPEG"), "JPEG"), store.keep("b" * 64, _image("PNG"), "PNG")
+    assert old.name == "a" * 64 + ".jpg" and fresh.read_bytes().startswith(b"\xff\xd8\xff")
     assert folder.stat().st_mode & 0o777 == 0o700 and old.stat().st_mode & 0o777 == 0o600
     (folder / "notes.txt").write_text("not ours")
     three_days_ago = time.time() - 3 * 86400
@@ -388,6 +421,38 @@ def test_review_retention_is_off_by_default_private_and_deletes_by_age(tmp_path,
     run(f"sqlite:///{tmp_path / 'a.sqlite3'}", tmp_path / "spool", once=True)
     assert not old.exists() and fresh.exists() and (folder / "notes.txt").exists()
     assert store.find("b" * 64) == fresh and store.find("a" * 64) is None
+
+
+def _image(fmt: str, size=(64, 48)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.fast
+def test_review_keeps_a_bounded_reencoding_within_a_quota(tmp_path):
+    """What is kept is never the raw upload (a 1600x1200 noise PNG of ~6 MB is kept as a 512 px JPEG),
+    and a full folder keeps no more (counted), whatever arrives."""
+    from PIL import Image
+
+    from skinmodel.review_store import KEEP_SIDE, ReviewStore
+
+    big = _image("PNG", (1600, 1200))
+    store = ReviewStore(tmp_path / "review", keep_days=1, max_bytes=10**9, max_files=3)
+    kept = store.keep("c" * 64, big, "PNG")
+    assert kept is not None and kept.stat().st_size < min(len(big) // 20, 300_000)
+    assert max(Image.open(kept).size) == KEEP_SIDE and Image.open(kept).format == "JPEG"
+    for i in range(5):
+        store.keep(f"{i:064x}", _image("JPEG"), "JPEG")
+    assert len(list(store.directory.iterdir())) == 3 and store.full == 3
+    small = ReviewStore(tmp_path / "tiny", keep_days=1, max_bytes=1, max_files=100)
+    assert small.keep("d" * 64, _image("JPEG"), "JPEG") is not None  # the first one fits under 1 byte used ...
+    assert small.keep("e" * 64, _image("JPEG"), "JPEG") is None and small.full == 1  # ... then it is full
+    assert store.keep("f" * 64, b"not an image", "JPEG") is None
 
 
 def test_two_replicas_sidecars_share_one_database_without_collisions(pg_url, tmp_path):
@@ -441,3 +506,29 @@ def test_a_sidecar_never_forgets_another_replicas_read_position(pg_url, tmp_path
     (tmp_path / "a" / files["a"]).unlink()
     drain_once(db, tmp_path / "a", a)
     assert set(db.offsets()) == {files["b"]}
+
+
+def test_no_answer_goes_out_when_the_spool_cannot_be_written(served, sample_images):
+    """The spool folder replaced by a file (as a full disk or a lost mount would fail the write): the service
+    answers a retryable 503 through the gate and TorchServe alike, and nothing it answered is unaudited."""
+    from stack.gate import GateThread
+
+    ts, spool, url = served
+    image = sample_images[0].read_bytes()
+    gate = GateThread(None, ts.inference_url, ts.tokens).start()
+    try:
+        assert requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60).status_code == 200
+        shutil.rmtree(spool)
+        spool.write_text("the spool's file system failed")
+        direct = send(ts, [image, b"not an image"], clients=1)
+        assert [r.status_code for r in direct] == [503, 503], [r.text for r in direct]
+        r = requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60)
+        assert r.status_code == 503 and r.json()["error"] == "audit_unavailable" and r.headers["Retry-After"], r.text
+        assert "Traceback" not in r.text
+        spool.unlink()
+        spool.mkdir()
+        r = requests.post(gate.url + "/predictions/skin-lesion", data=image, timeout=60)
+        assert r.status_code == 200  # the folder back: answers (and their events) again
+        assert sum(len(f.read_text().splitlines()) for f in spool.iterdir()) == 1
+    finally:
+        gate.stop()

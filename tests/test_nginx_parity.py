@@ -103,6 +103,8 @@ def test_nginx_enforces_the_gates_limits():
     assert int(size.rstrip("m")) * 2**20 == cap and f"larger than {cap} bytes" in CONF
     assert _directive("limit_conn perclient") == str(limits.per_client)
     assert _directive("limit_conn everyone") == str(limits.max_connections)
+    assert re.search(rf"zone=rate:10m rate={limits.rate:g}r/s;", CONF), "nginx's request rate is not the gate's"
+    assert re.findall(r"limit_req zone=rate burst=(\d+) nodelay;", CONF) == [str(limits.burst)]
     for name in ("client_header_timeout", "keepalive_timeout"):
         assert _directive(name) == f"{limits.idle_s:.0f}s", name
     api = re.search(r"location ~ \^(\S+)\$ \{", CONF).group(1)
@@ -185,3 +187,76 @@ def test_a_per_client_cap_on_both(entries, sample_images):
         finally:
             for s in held:
                 s.close()
+
+
+def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_images):
+    """One address opens connections and sends half a request head on each (nginx's limit_conn only counts a
+    connection once its head is read): another address is still served by both entries, and both close the
+    unfinished heads after the header timeout (GateLimits.idle_s = nginx's client_header_timeout)."""
+    image = sample_images[1].read_bytes()
+    held = {entry: [] for entry in entries}
+    try:
+        for entry, (_, port) in entries.items():
+            for _ in range(150):
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.9", 0), timeout=5)
+                    s.sendall(b"POST " + API.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Le")
+                    held[entry].append(s)
+                except OSError:
+                    pass  # the gate refuses an address's 65th connection at once
+        t0 = time.monotonic()
+        for entry, (url, _) in entries.items():
+            r = requests.post(url + API, data=image, timeout=30)
+            assert r.status_code == 200, (entry, r.text)
+        for entry, socks in held.items():
+            assert socks, entry
+            for s in socks:
+                s.settimeout(max(1.0, GateLimits().idle_s + 10 - (time.monotonic() - t0)))
+                try:
+                    data = s.recv(4096)
+                except socket.timeout:
+                    pytest.fail(f"{entry}: an unfinished head was still open after the header timeout")
+                except OSError:
+                    data = b""
+                assert data == b"" or data.startswith((b"HTTP/1.1 4", b"HTTP/1.1 503")), (entry, data[:100])
+    finally:
+        for socks in held.values():
+            for s in socks:
+                s.close()
+
+
+def test_k8s_page_takes_the_client_address_only_from_the_ingress_controller(tmp_path):
+    """deploy/k8s/page.yaml's real-IP settings in a real nginx, this test's loopback added as the controller: a
+    client cannot choose its address (and so a fresh per-client bucket) by writing X-Forwarded-For entries of
+    its own, LAN addresses included; the address is the last entry, the one the controller appended."""
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "page.yaml").read_text()))
+    real_ip = next(d for d in docs if d and d.get("metadata", {}).get("name") == "page-real-ip")["data"]["real-ip.conf"]
+    port = free_port()
+    server = real_ip + "set_real_ip_from 127.0.0.1;\n"
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'} warn;\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")
+        + "events { worker_connections 64; }\nhttp {\naccess_log off;\n"
+        + "".join(f"{kind}_temp_path {tmp_path / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"server {{ listen 127.0.0.1:{port};\n{server}\nlocation / {{ return 200 $remote_addr; }} }}\n}}\n")
+    proc = subprocess.Popen([nginx_binary(), "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        seen = lambda xff: requests.get(f"http://127.0.0.1:{port}/", headers={"X-Forwarded-For": xff},  # noqa: E731
+                                        timeout=10).text
+        assert seen("198.51.100.7") == "198.51.100.7"  # the controller's entry
+        for forged in ("10.9.9.9, 192.168.1.20", "203.0.113.5, 10.0.0.8, 192.168.1.20", "172.16.4.4,192.168.1.20",
+                       "10.244.3.3, 192.168.1.20"):
+            assert seen(forged) == "192.168.1.20", forged  # whatever the client wrote before it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

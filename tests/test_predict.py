@@ -99,3 +99,71 @@ def test_predict_says_what_is_wrong_without_a_trace(tmp_path, folder):
     other.write_text("a,b\n1,2\n")
     r = skin_predict("--local", "--out", other, folder)
     assert r.returncode == 1 and "not a ./skin predict CSV" in r.stderr and other.read_text() == "a,b\n1,2\n"
+
+
+class _Hostile:
+    """A hostile --url: records what it receives, answers formulas and fields outside the service's patterns."""
+
+    def __init__(self, answers):
+        import http.server
+        import json
+        import threading
+
+        self.bodies, self.answers = [], list(answers)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.dumps(outer.answers[(len(outer.bodies) - 1) % len(outer.answers)]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.fast
+def test_predict_reads_only_images_inside_the_folder_and_writes_no_formulas(tmp_path):
+    from stack.predict import RemoteScorer, predict
+
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 200
+    private = tmp_path / "private.txt"
+    private.write_bytes(b"\xff\xd8\xff root:x:0:0 -- even with an image signature")
+    outside_photo = tmp_path / "elsewhere.jpg"
+    outside_photo.write_bytes(jpeg)
+    root = tmp_path / "archive"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpeg)
+    (root / "shadow.jpg").symlink_to(private)
+    (root / "photo-link.jpg").symlink_to(outside_photo)
+    (root / "linked-dir").symlink_to(tmp_path, target_is_directory=True)
+    (root / "sub" / "inside-link.jpg").symlink_to(root / "a.jpg")
+    (root / "notes.jpg").write_bytes(b"PK\3\4 a zip named .jpg")
+    (root / "empty.png").write_bytes(b"")
+    probs = [{"code": c, "probability": 1 / 7} for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
+    good = {"predictions": probs, "top": {"code": "mel"}, "verdict": "ok", "model": {"version": "1.0"},
+            "request_id": "abc-123", "reason": "=HYPERLINK(\"http://x\",\"click\")"}
+    hostile = _Hostile([good, {**good, "top": {"code": "=cmd|' /C calc'!A0"}},
+                        {**good, "model": {"version": "@SUM(1+1)"}}])
+    out = tmp_path / "out.csv"
+    predict([str(root)], out, RemoteScorer(hostile.url, "m"), concurrency=1, progress=False)
+    got = {Path(r["path"]).name: r for r in rows(out)}
+    assert set(got) == {"a.jpg", "shadow.jpg", "photo-link.jpg", "inside-link.jpg", "notes.jpg", "empty.png"}
+    assert got["shadow.jpg"]["error"] == got["photo-link.jpg"]["error"] == "outside_folder"
+    assert got["notes.jpg"]["error"] == "not_an_image" and got["empty.png"]["error"] == "empty_body"
+    assert hostile.bodies == [jpeg, jpeg], "only the two images inside the folder were sent"
+    assert not any(b"root:x" in b for b in hostile.bodies)
+    sent = [got["a.jpg"], got["inside-link.jpg"]]
+    assert sorted(r["error"] for r in sent) == ["", "bad_answer"]
+    for r in rows(out):
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in r.values()), r
+    assert any(r["reason"].startswith("'=HYPERLINK") for r in sent)
+    hostile.server.shutdown()

@@ -162,11 +162,17 @@ def test_only_uncertain_and_refused_uploads_are_kept_and_only_when_asked(verdict
         if not keep_days:
             assert not folder.exists(), "retention is off by default"
     kept = {p.name: p for p in folder.iterdir()}
-    expected = {hashlib.sha256(photos[v].read_bytes()).hexdigest() + ".jpeg": photos[v]
+    expected = {hashlib.sha256(photos[v].read_bytes()).hexdigest() + ".jpg": photos[v]
                 for v in ("uncertain", "not_dermoscopy")}
     assert set(kept) == set(expected) and folder.stat().st_mode & 0o777 == 0o700
-    for name, source in expected.items():  # the upload itself, owner-only
-        assert kept[name].read_bytes() == source.read_bytes() and kept[name].stat().st_mode & 0o777 == 0o600
+    for name, source in expected.items():  # a bounded JPEG re-encoding of the upload (named by its hash), owner-only
+        from PIL import Image
+
+        from skinmodel.review_store import KEEP_SIDE
+
+        with Image.open(kept[name]) as img, Image.open(source) as original:
+            assert img.format == "JPEG" and max(img.size) == min(KEEP_SIDE, max(original.size))
+        assert kept[name].stat().st_mode & 0o777 == 0o600
 
 
 def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
