@@ -8,7 +8,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir "$(grep -E '^aiohttp==' requirements.txt)"
 COPY stack/ stack/
 COPY config.properties .
-COPY skinmodel/__init__.py skinmodel/formats.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/labels.py skinmodel/release.py skinmodel/
+COPY skinmodel/__init__.py skinmodel/audit.py skinmodel/formats.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/labels.py skinmodel/release.py skinmodel/
 USER skin
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8000

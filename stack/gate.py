@@ -307,7 +307,7 @@ class GateThread:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stack.gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dist", help="the rendered page (site/build.py output); without it only the API is served "
+    p.add_argument("--dist", help="the rendered page (python -m stack.page output); without it only the API is served "
                                    "(behind nginx, which serves the page itself)")
     p.add_argument("--upstream", required=True, help=f"TorchServe's inference URL, e.g. {Settings().inference_url}")
     p.add_argument("--key-file", help="TorchServe's key_file.json when token authorization is on")
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                                               "nginx); only when nothing but that proxy can reach the gate")
     args = p.parse_args(argv)
     if args.dist and not Path(args.dist, "index.html").is_file():
-        print(f"error: {args.dist}/index.html is missing (render the page with site/build.py)", file=sys.stderr)
+        print(f"error: {args.dist}/index.html is missing (render the page with python -m stack.page)", file=sys.stderr)
         return 1
     tokens = TokenFile(Path(args.key_file)) if args.key_file else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gate %(levelname)s %(message)s")
