@@ -12,6 +12,9 @@ from skinmodel.audit import EVENT_COLUMNS
 SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
 COLUMNS = (*EVENT_COLUMNS, "inserted_at")  # schema.sql's predictions table, column for column (tested)
 ADDED_COLUMNS = (("kind", "TEXT"),)  # added after the table's first release; apply_schema adds them to old databases
+# Renamed after the table's first release (old name, new name); apply_schema renames them in old databases, and
+# events spooled before the rename still fill the new column. "uncertain" was TRUE for not_dermoscopy too.
+RENAMED_COLUMNS = (("uncertain", "needs_review"),)
 
 
 def now() -> str:
@@ -49,7 +52,7 @@ class Database:
         code = "\n".join(line.split("--", 1)[0] for line in SCHEMA.splitlines())  # comments may hold ';'
         for statement in filter(str.strip, code.split(";")):
             cur.execute(statement)
-        present = self._columns("predictions")
+        present = self._rename_columns(self._columns("predictions"))
         for name, sql_type in ADDED_COLUMNS:  # a database made by an older version gains the newer columns
             if name in present:  # nothing to do: no ALTER, so no table lock on every start
                 continue
@@ -62,6 +65,21 @@ class Database:
                 if "duplicate column" not in str(err):
                     raise
         self.conn.commit()
+
+    def _rename_columns(self, present: set[str]) -> set[str]:
+        """Old column names become the new ones (PostgreSQL and SQLite >= 3.25 both rename in place, keeping the
+        rows); a second sidecar that lost the race finds the work done."""
+        cur = self.conn.cursor()
+        for old, new in RENAMED_COLUMNS:
+            if old in present and new not in present:
+                try:
+                    cur.execute(f"ALTER TABLE predictions RENAME COLUMN {old} TO {new}")
+                except Exception:  # noqa: BLE001 - sqlite3's or psycopg2's error: look before deciding
+                    self.conn.rollback()
+                    if new not in self._columns("predictions"):
+                        raise
+                self.conn.commit()
+        return self._columns("predictions")
 
     def _columns(self, table: str) -> set[str]:
         cur = self.conn.cursor()
@@ -141,6 +159,9 @@ def _value(event: dict, column: str, inserted_at: str):
     if column == "inserted_at":
         return inserted_at
     value = event.get(column)
+    for old, new in RENAMED_COLUMNS:  # an event spooled by an older handler
+        if column == new and value is None:
+            value = event.get(old)
     if column == "probabilities" and value is not None:
         return json.dumps(value, sort_keys=True)
     return value

@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     top_class       TEXT,                      -- the top class the client was shown (none when refused)
     top_probability DOUBLE PRECISION,
     probabilities   TEXT,                      -- JSON object {class: probability}
-    uncertain       BOOLEAN,                   -- verdict was 'uncertain' or 'not_dermoscopy'
+    needs_review    BOOLEAN,                   -- the verdict asks for a clinician's look: 'uncertain' or 'not_dermoscopy'
     verdict         TEXT,
     error_code      TEXT,
     error_reason    TEXT,

@@ -278,9 +278,15 @@ OLD_TABLE = ("CREATE TABLE predictions (request_id TEXT PRIMARY KEY, ts TEXT NOT
              "verdict TEXT, error_code TEXT, error_reason TEXT, latency_ms DOUBLE PRECISION, inserted_at TEXT NOT NULL)")
 
 
+OLD_ROW = ("INSERT INTO predictions (request_id, ts, model_name, model_version, status, uncertain, verdict, inserted_at) "
+           "VALUES ('old', '2026-01-01', 'm', '1', 200, TRUE, 'not_dermoscopy', '2026-01-01')")
+
+
 @pytest.mark.parametrize("engine", ["postgresql", "sqlite"])
 def test_an_older_database_gains_the_new_columns(engine, request, tmp_path):
-    """A table created before `kind` existed keeps working: apply_schema adds the column (twice is harmless)."""
+    """A table created before `kind` existed, with the old `uncertain` column, keeps working: apply_schema adds
+    `kind` and renames `uncertain` to `needs_review` keeping its rows (twice is harmless); an event spooled by an older
+    handler (with `uncertain`) fills `needs_review`."""
     from logger.db import Database
 
     if engine == "postgresql":
@@ -288,17 +294,22 @@ def test_an_older_database_gains_the_new_columns(engine, request, tmp_path):
         with psycopg2.connect(url) as conn, conn.cursor() as cur:
             cur.execute("DROP TABLE IF EXISTS predictions")
             cur.execute(OLD_TABLE)
+            cur.execute(OLD_ROW)
     else:
         url = str(tmp_path / "audit.sqlite3")
         with sqlite3.connect(url) as conn:
             conn.execute(OLD_TABLE)
+            conn.execute(OLD_ROW)
     db = Database(url)
     db.apply_schema()
     second = Database(url)  # a second sidecar starting on the migrated table
     second.apply_schema()
     second.close()
-    assert db.write_batch([{**event(1), "kind": "explanation"}], "events-x-20260101T0000.jsonl", 10) == 1
-    assert db.query("SELECT kind FROM predictions") == [("explanation",)]
+    assert db.write_batch([{**event(1), "kind": "explanation", "uncertain": True}], "events-x-20260101T0000.jsonl",
+                          10) == 1
+    rows = db.query("SELECT request_id, kind, needs_review FROM predictions ORDER BY request_id")
+    assert [(r[0], r[1], bool(r[2])) for r in rows] == [("old", None, True), ("r1", "explanation", True)]
+    assert "uncertain" not in db._columns("predictions")
     db.close()
 
 
