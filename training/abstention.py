@@ -1,19 +1,21 @@
 """Abstention for a release: when to say "uncertain" and when "not a dermoscopy image", chosen on validation.
 
-- uncertain: the calibrated top probability below the value that flags --uncertain-share of validation lesions.
-- not dermoscopy: a logistic "is this dermoscopy?" head on the penultimate features, fitted on the training
-  lesions (each also under one random shift: training/shifts.py) against the fitting pool of pictures that are
-  not dermoscopy (training/nonskin.py). Its strength is chosen on held-out pictures, its threshold is the score
-  that keeps --lesion-keep of the validation lesions of every class, each pooled with its copies under the ten
-  shift families (each family's own rate is reported on test, not guaranteed). It replaced release 1.0's
-  Mahalanobis distance, which refused real lesions that merely looked unlike HAM10000 (vascular lesions,
-  other white balance, other zoom).
+- uncertain (confidence): the calibrated top probability below the value that flags --uncertain-share of
+  validation lesions.
+- the dermoscopy gate: a score on the penultimate features (training/rejectors.py compares a logistic head on
+  the old pool and on the packages' pool, the energy score and a nearest-neighbour score on VALIDATION sources
+  and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
+  (training/shifts.py); pictures that are not dermoscopy: whole sources (packages, training/gate_pool.py), fit,
+  val and test sources disjoint. Two thresholds: above `ood_score_above` (keeps --lesion-keep of the validation
+  lesions of every class, pooled with their copies under the ten shift families) the answer is
+  `not_dermoscopy`; between `ood_score_clear_below` and it, `uncertain`, never `ok`.
 
-Reported on the test split (per class, per shift family) and on pictures the head never saw (scikit-image's
-photographs and faces, drawn pictures of another seed). Writes ood_stats.pt, meta.json's "abstention" and
-gate_scores.png (where the scores of each group fall against the threshold).
+Reported on the test split (per class, per shift family) and on the test sources, never fitted on nor chosen on.
+Features are computed once per release and cached (--cache-dir). Writes ood_stats.pt, meta.json's "abstention"
+and gate_scores.png.
 
-    python -m training trust --release release
+    python -m training.gate_pool --install     # once per machine (root): the Debian packages of the pool
+    python -m training trust --release release --version 1.2
 """
 from __future__ import annotations
 
@@ -22,23 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
-from tqdm import tqdm
 
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
-from skinmodel.preprocessing import preprocess_bytes
+from skinmodel.networks import build_model, load_state_dict_file
 from skinmodel.release import ReleaseMeta
 from training import data as D
+from training import gate_pool
+from training import rejectors as R
 from training.checkpoint import StudyError, atomic_save
-from training.device import add_device_args, full_fp32, resolve_device
-from training.nonskin import evaluation_sets, fitting_negatives
+from training.device import add_device_args, resolve_device
+from training.gate_features import lesion_features
 from training.plots import plot_gate_scores
-from training.shifts import FAMILIES, shifted
+from training.shifts import FAMILIES
 
-STRENGTHS = (0.01, 0.1, 1.0)  # inverse L2 strengths of the head tried; chosen on held-out pictures
 UNCERTAIN_SHARE = 0.2  # share of validation lesions answered "uncertain"
-LESION_KEEP = 0.995  # share of the validation lesions of every class (plain and shifted, pooled) the gate accepts
+LESION_KEEP = R.LESION_KEEP  # share of the validation lesions of every class (plain and shifted, pooled) accepted
 
 
 def auroc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
@@ -49,48 +49,10 @@ def auroc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[positive_scores, negative_scores]))
 
 
-@torch.no_grad()
-def features(model, meta: ReleaseMeta, blobs: list[bytes], desc: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Penultimate features, calibrated top probabilities and predicted classes of image files, computed as the
-    handler computes them."""
-    feats, tops, preds = [], [], []
-    device = next(model.parameters()).device  # features come from the fp32 network, never the int8 one
-    with full_fp32():  # decoding dominates on a GPU machine: in threads
-        for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
-            x = torch.stack(list(D.thread_map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
-            f, logits = (t.float().cpu() for t in features_and_logits(model, x.to(device)))
-            probs = (logits / meta.temperature).softmax(1)
-            feats.append(f)
-            tops.append(probs.max(1).values)
-            preds.append(probs.argmax(1))
-    return torch.cat(feats), torch.cat(tops), torch.cat(preds).numpy()
-
-
 def fit_head(lesions: torch.Tensor, others: torch.Tensor, strength: float) -> dict:
-    """Logistic regression, lesions vs pictures, on standardised features: the statistics the handler scores
-    with (skinmodel.networks.ood_score: the logit of "not dermoscopy")."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = torch.cat([lesions, others]).double()
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    y = np.r_[np.zeros(len(lesions)), np.ones(len(others))]
-    clf = LogisticRegression(C=strength, class_weight="balanced", max_iter=5000).fit(((x - mean) / scale).numpy(), y)
-    return {"mean": mean.float(), "scale": scale.float(), "weight": torch.from_numpy(clf.coef_[0]).float(),
-            "bias": torch.tensor(float(clf.intercept_[0]))}
-
-
-def _load(path) -> Image.Image:
-    with Image.open(path) as img:  # closed at once: thousands of lazily opened files exhaust descriptors
-        return img.convert("RGB")
-
-
-def _shifted_sets(records: list[D.Record], seed: int):
-    """(family, files): every record under each shift family in turn (a different draw per image and family);
-    one family's files at a time, since "source resolution" makes files several times the original's size."""
-    images = list(D.thread_map(lambda r: _load(r.path), records))
-    for f, family in enumerate(tqdm(FAMILIES, desc="shifting", unit="family", leave=False)):
-        # every draw is seeded by its image: in threads, the same files as one by one
-        yield family, list(D.thread_map(lambda i: shifted(images[i], family, seed + 1000 * f + i), range(len(images))))
+    """Logistic regression, lesions vs pictures (one source), on standardised features: the statistics the
+    handler scores with (skinmodel.networks.ood_score: the logit of "not dermoscopy")."""
+    return R.fit_logistic(lesions, [others], strength, per_source=False)
 
 
 def _share(scores, threshold: float, mask=None):
@@ -99,106 +61,121 @@ def _share(scores, threshold: float, mask=None):
     return float((s > threshold).mean()) if len(s) else None
 
 
-def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
-                   lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
-                   device: str = "auto") -> dict:
-    """Fit, measure and write the abstention of a release. A new `version` names the result: the same weights
-    with another gate answer differently, and the audit trail records the version with each answer."""
-    release = Path(release)
+def _lesion_report(score, test: dict, refuse: float, clear: float, uncertain_below: float, meta) -> dict:
+    """False refusals of real test lesions: overall, per class, per shift family; and the share the gate makes
+    uncertain."""
+    y, mel = test["labels"].numpy(), meta.class_names.index("mel")
+    s = score(test["plain"]).numpy()
+    fams = {"unshifted": (s, test["pred"].numpy())}
+    fams.update({f: (score(test["shift"][f]).numpy(), test["shift_pred"][f].numpy()) for f in FAMILIES})
+    top = test["top"].numpy()
+    confident = (top >= uncertain_below) & (s <= clear)
+    correct = test["pred"].numpy() == y
+    return {
+        "test_lesions_rejected_as_ood": _share(s, refuse),
+        "test_lesions_gate_uncertain": float(((s > clear) & (s <= refuse)).mean()),
+        "test_rejected_per_class": {c: _share(s, refuse, y == k) for k, c in enumerate(meta.class_names)},
+        "test_rejected_per_shift": {f: {"all": _share(v, refuse), "mel": _share(v, refuse, y == mel),
+                                        "balanced_accuracy": balanced_accuracy(y, p)} for f, (v, p) in fams.items()},
+        "test_uncertain_share": float((~confident).mean()),
+        "test_accuracy_confident": float(correct[confident].mean()) if confident.any() else None,
+        "test_accuracy_uncertain": float(correct[~confident].mean()) if (~confident).any() else None,
+    }, fams
+
+
+def _source_report(score, pics: dict, names: list[str], lesion_scores: np.ndarray, refuse: float, clear: float,
+                   uncertain_below: float) -> tuple[dict, dict]:
+    per, scores = {}, {}
+    for name in names:
+        s = score(pics[name]["feats"])
+        scores[name] = s.numpy()
+        per[name] = {**R.verdict_shares(s, pics[name]["top"], refuse, clear, uncertain_below),
+                     "auroc": auroc(scores[name], lesion_scores)}
+    return per, scores
+
+
+def _pooled(per: dict) -> dict:
+    n = sum(v["images"] for v in per.values())
+    return {k: sum(v[k] * v["images"] for v in per.values()) / n for k in ("not_dermoscopy", "uncertain", "ok")} | {
+        "images": n}
+
+
+def _load_release(release: Path, data: D.DataConfig, device: str):
     meta = ReleaseMeta.load(release)
     split = D.load_split(data)
     if split.hash != meta.split_hash:
         raise StudyError("the release was trained on another split than --data / --split-seed make")
     model = build_model(meta.arch, meta.num_classes)
     model.load_state_dict(load_state_dict_file(release / meta.weights_file))
-    model.eval().to(resolve_device(device))
+    return meta, split, model.eval().to(resolve_device(device))
+
+
+def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
+                   lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
+                   device: str = "auto") -> dict:
+    """Choose, measure and write the abstention of a release. A new `version` names the result: the same weights
+    with another gate answer differently, and the audit trail records the version with each answer."""
+    release = Path(release)
+    meta, split, model = _load_release(release, data, device)
     data.use_threads()
-    labels = {name: np.array([r.label for r in split.part(name)]) for name in ("val", "test")}
-    read = lambda recs: [open(r.path, "rb").read() for r in recs]  # noqa: E731
-
-    train_recs = split.part("train")
-    rng = np.random.default_rng(seed)
-    families = list(FAMILIES)
-    picks = [families[int(rng.integers(len(families)))] for _ in train_recs]  # drawn in order, as always
-    train_shifted = list(D.thread_map(lambda i: shifted(_load(train_recs[i].path), picks[i], 10_000_000 + i),
-                                      range(len(train_recs))))
-    lesions = torch.cat([features(model, meta, read(train_recs), "train")[0],
-                         features(model, meta, train_shifted, "train, shifted")[0]])
-    fitting = {part: fitting_negatives(part, seed + 1) for part in ("train", "val")}
-    others = features(model, meta, fitting["train"], "pictures")[0]
-    held_out = features(model, meta, fitting["val"], "held-out pictures")[0]
-
-    val_plain, val_top, _ = features(model, meta, read(split.part("val")), "val")
-    val_shift = {fam: features(model, meta, blobs, f"val, {fam}")[0]
-                 for fam, blobs in _shifted_sets(split.part("val"), 20_000_000)}
-    candidates = []
-    for strength in STRENGTHS:
-        stats = fit_head(lesions, others, strength)
-        val_scores = [ood_score(f, stats) for f in (val_plain, *val_shift.values())]
-        pooled, classes = torch.cat(val_scores), np.tile(labels["val"], len(val_scores))
-        # Keep lesion_keep of the validation lesions overall and of every class: rare classes (vasc, df) must
-        # not pay for the common ones, which a pooled quantile alone would let happen.
-        threshold = max(float(torch.quantile(pooled, lesion_keep)),
-                        *(float(torch.quantile(pooled[torch.from_numpy(classes == k)], lesion_keep))
-                          for k in range(meta.num_classes) if (classes == k).any()))
-        worst_family = max(float((v > threshold).float().mean()) for v in val_scores)
-        rejected = float((ood_score(held_out, stats) > threshold).float().mean())
-        print(f"head C={strength:g}: keeps {float((pooled <= threshold).float().mean()):.1%} of validation lesions "
-              f"(worst shift family refused {worst_family:.1%}), rejects {rejected:.1%} of held-out pictures",
-              flush=True)
-        # Most held-out pictures refused; among equals (to 0.1 %), the most even over the shift families.
-        candidates.append(((round(rejected, 3), -worst_family), rejected, strength, stats, threshold))
-    _, held_out_rejected, strength, stats, threshold = max(candidates, key=lambda c: c[0])
-    uncertain_below = float(torch.quantile(val_top, uncertain_share))
-
-    test_plain, test_top, test_pred = features(model, meta, read(split.part("test")), "test")
-    test_scores = ood_score(test_plain, stats).numpy()
-    y, mel = labels["test"], meta.class_names.index("mel")
-    per_class = {c: _share(test_scores, threshold, y == k) for k, c in enumerate(meta.class_names)}
-    per_family = {"unshifted": {"all": _share(test_scores, threshold), "mel": _share(test_scores, threshold, y == mel),
-                           "balanced_accuracy": balanced_accuracy(y, test_pred)}}
-    shifted_scores = []
-    for fam, blobs in _shifted_sets(split.part("test"), 30_000_000):
-        feats, _, pred = features(model, meta, blobs, f"test, {fam}")
-        s = ood_score(feats, stats).numpy()
-        shifted_scores.append(s)
-        # How much worse the classifier gets under the shift: the gate must not be the only thing watched.
-        per_family[fam] = {"all": _share(s, threshold), "mel": _share(s, threshold, y == mel),
-                           "balanced_accuracy": balanced_accuracy(y, pred)}
-    non_skin, everything = {}, {}
-    for name, blobs in evaluation_sets(fitting["train"] + fitting["val"]).items():
-        s = ood_score(features(model, meta, blobs, name)[0], stats).numpy()
-        everything[name] = s
-        non_skin[name] = {"images": len(blobs), "rejected": float((s > threshold).mean()),
-                          "auroc": auroc(s, test_scores)}
-    correct = test_pred == y
-    confident = test_top.numpy() >= uncertain_below
+    weights = release / meta.weights_file
+    les = lesion_features(model, meta, weights, split, data.cache, seed)
+    pics = R.pool_features(model, meta, weights, data.cache, seed)
+    uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
+    old = release / "ood_stats.pt"
+    old_stats = torch.load(old, weights_only=True) if old.exists() else None
+    train_labels = torch.tensor([r.label for r in split.part("train")])
+    cands = R.candidates(torch.cat([les["train"], les["train_shifted"]]), train_labels.repeat(2),
+                         [pics[s.name]["feats"] for s in gate_pool.sources("fit")], old_stats,
+                         model.fc.cpu(), les["train"])
+    best, table = R.compare(cands, les["val"], {s.name: pics[s.name] for s in gate_pool.sources("val")},
+                            uncertain_below, lesion_keep)
+    refuse, clear = table[best.name]["refuse_above"], table[best.name]["clear_below"]
+    lesion, fams = _lesion_report(best.score, les["test"], refuse, clear, uncertain_below, meta)
+    test_names = [s.name for s in gate_pool.sources("test")]
+    per_source, scores = _source_report(best.score, pics, test_names, fams["unshifted"][0], refuse, clear,
+                                        uncertain_below)
     result = {
-        "uncertain_below": uncertain_below, "ood_score_above": threshold,
-        "ood_method": "logistic 'is this dermoscopy' head on penultimate features: training lesions (plain and "
-                      "shifted) vs packaged and drawn pictures; threshold keeps "
-                      f"{lesion_keep:.1%} of the validation lesions of every class, pooled with their copies "
-                      f"under {len(FAMILIES)} shift families",
-        "ood_head_strength": strength, "held_out_pictures_rejected": held_out_rejected,
-        "test_lesions_rejected_as_ood": float((test_scores > threshold).mean()),
-        "test_rejected_per_class": per_class, "test_rejected_per_shift": per_family,
-        "test_ood_auroc_all": auroc(np.concatenate(list(everything.values())), test_scores), "non_skin_sets": non_skin,
-        "test_uncertain_share": float((~confident).mean()),
-        "test_accuracy_confident": float(correct[confident].mean()) if confident.any() else None,
-        "test_accuracy_uncertain": float(correct[~confident].mean()) if (~confident).any() else None,
+        "uncertain_below": uncertain_below, "ood_score_above": refuse, "ood_score_clear_below": clear,
+        "ood_method": f"{best.name}: lesions (training split, plain and shifted) vs pictures of the fitting "
+                      f"sources; chosen among {len(cands)} rejectors on {len(table[best.name]['per_source'])} "
+                      f"validation sources; refuses above a score that keeps {lesion_keep:.1%} of the validation "
+                      f"lesions of every class (plain and under {len(FAMILIES)} shift families), uncertain above "
+                      f"the {table[best.name]['clear_keep']:.1%} lesion quantile",
+        "rejector": best.name, "rejector_comparison": {n: {k: v for k, v in r.items() if k != "per_source"}
+                                                       | {"validation_sources": r["per_source"]}
+                                                       for n, r in table.items()},
+        **lesion, "non_skin_sets": per_source, "held_out_sources": _pooled(per_source),
+        "test_ood_auroc_all": auroc(np.concatenate(list(scores.values())), fams["unshifted"][0]),
+        "gate_sources": {p: [s.name for s in gate_pool.sources(p)] for p in gate_pool.PARTS},
     }
-    plot_gate_scores({"test lesions": test_scores, f"test lesions, {len(FAMILIES)} shifts": np.concatenate(shifted_scores),
-                      **everything}, threshold, release / "gate_scores.png")
-    atomic_save(stats, release / "ood_stats.pt")  # float32 (6 KB): the handler scores exactly as measured here
+    plot_gate_scores({"test lesions": fams["unshifted"][0],
+                      f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
+                      **scores}, refuse, release / "gate_scores.png")
+    atomic_save(best.stats, release / "ood_stats.pt")  # float32: the handler scores exactly as measured here
     meta.abstention = {**result, "ood_stats_file": "ood_stats.pt"}
     meta.version = version or meta.version
     meta.save(release)
+    (release / "gate_pool.json").write_text(__import__("json").dumps(
+        gate_pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
+    print(render_comparison(result))
     print(render_table(result))
     return result
 
 
+def render_comparison(ab: dict) -> str:
+    """The rejectors compared on validation sources (README and model card)."""
+    lines = ["| rejector (validation sources) | refused, mean over sources | worst source | answered ok | "
+             "worst shift family, lesions refused |", "|---|---|---|---|---|"]
+    for name, r in ab["rejector_comparison"].items():
+        mark = " (chosen)" if name == ab["rejector"] else ""
+        lines.append(f"| {name}{mark} | {r['mean_refused']:.1%} | {r['min_refused']:.1%} | {r['mean_ok']:.1%} | "
+                     f"{r['worst_family_refused']:.1%} |")
+    return "\n".join(lines)
+
+
 def render_table(ab: dict) -> str:
-    """The false-refusal table of README and the model card."""
+    """The false-refusal table and the held-out sources' table of README and the model card."""
     classes = ab["test_rejected_per_class"]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731  (None: no lesion of that class in the split)
     lines = [f"Real test lesions answered `not_dermoscopy`: {ab['test_lesions_rejected_as_ood']:.1%} overall; per "
@@ -207,10 +184,15 @@ def render_table(ab: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {fam} | {pct(v['all'])} | {pct(v['mel'])} | {v.get('balanced_accuracy', float('nan')):.3f} |"
               for fam, v in ab["test_rejected_per_shift"].items()]
-    lines += ["", "| pictures that are not dermoscopy (never fitted on) | images | refused | AUROC vs test lesions |",
-              "|---|---|---|---|"]
-    lines += [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
+    lines += ["", "| held-out sources, not dermoscopy (never fitted on, never chosen on) | images | "
+              "`not_dermoscopy` | `uncertain` | `ok` | AUROC vs test lesions |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {v['images']} | {pct(v.get('not_dermoscopy', v.get('rejected')))} | "
+              f"{pct(v.get('uncertain'))} | {pct(v.get('ok'))} | {v['auroc']:.3f} |"
               for name, v in ab["non_skin_sets"].items()]
+    if "held_out_sources" in ab:
+        h = ab["held_out_sources"]
+        lines.append(f"| all held-out sources | {h['images']} | {pct(h['not_dermoscopy'])} | {pct(h['uncertain'])} | "
+                     f"{pct(h['ok'])} | {ab['test_ood_auroc_all']:.3f} |")
     return "\n".join(lines)
 
 

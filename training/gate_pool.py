@@ -203,10 +203,10 @@ def _special_images(source: Source, seed: int) -> list[Image.Image]:
 
         faces = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")[:100]  # the first 100: faces
         return [Image.fromarray((f * 255).astype(np.uint8)).convert("RGB") for f in faces]
-    from training.nonskin import _drawn
+    from training.nonskin import drawn
 
     rng = np.random.default_rng(seed)
-    return [_drawn(i % 10, rng) for i in range(MAX_FILES * 3)]
+    return [drawn(i % 10, rng) for i in range(MAX_FILES * 3)]
 
 
 def pictures(source: Source, seed: int = 0) -> list[bytes]:
