@@ -193,6 +193,12 @@ def render_table(ab: dict) -> str:
         h = ab["held_out_sources"]
         lines.append(f"| all held-out sources | {h['images']} | {pct(h['not_dermoscopy'])} | {pct(h['uncertain'])} | "
                      f"{pct(h['ok'])} | {ab['test_ood_auroc_all']:.3f} |")
+    if "rejector_comparison" in ab:  # releases from 1.2 on: how the gate was chosen, and its two thresholds
+        lines = [f"Gate: {ab['rejector']}, chosen on the validation sources ({', '.join(ab['gate_sources']['val'])}); "
+                 f"fitted on {', '.join(ab['gate_sources']['fit'])}. Score above {ab['ood_score_above']:.3f}: "
+                 f"`not_dermoscopy`; between {ab['ood_score_clear_below']:.3f} and it: `uncertain`, never `ok` "
+                 f"({ab['test_lesions_gate_uncertain']:.1%} of real test lesions).", "",
+                 render_comparison(ab), "", *lines]
     return "\n".join(lines)
 
 
