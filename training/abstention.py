@@ -20,6 +20,8 @@ and gate_scores.png.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -119,20 +121,25 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     meta, split, model = _load_release(release, data, device)
     data.use_threads()
     weights = release / meta.weights_file
+    try:
+        gate_pool.install()
+    except (OSError, subprocess.CalledProcessError) as err:  # offline or not root: measured on what is there
+        print(f"warning: the gate's picture sources could not be installed ({err})", flush=True)
     les = lesion_features(model, meta, weights, split, data.cache, seed)
     pics = R.pool_features(model, meta, weights, data.cache, seed)
+    parts = {p: [s for s in gate_pool.sources(p) if s.name in pics] for p in gate_pool.PARTS}
     uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
     old = release / "ood_stats.pt"
     old_stats = torch.load(old, weights_only=True) if old.exists() else None
     train_labels = torch.tensor([r.label for r in split.part("train")])
-    cands = R.candidates(torch.cat([les["train"], les["train_shifted"]]), train_labels.repeat(2),
-                         [pics[s.name]["feats"] for s in gate_pool.sources("fit")], old_stats,
-                         model.fc.cpu(), les["train"])
-    best, table = R.compare(cands, les["val"], {s.name: pics[s.name] for s in gate_pool.sources("val")},
+    cands = R.candidates(torch.cat([les["train"]["plain"], les["train"]["shifted"]]), train_labels.repeat(2),
+                         [pics[s.name]["feats"] for s in parts["fit"]], old_stats,
+                         model.fc.cpu(), les["train"]["plain"])
+    best, table = R.compare(cands, les["val"], {s.name: pics[s.name] for s in parts["val"]},
                             uncertain_below, lesion_keep)
     refuse, clear = table[best.name]["refuse_above"], table[best.name]["clear_below"]
     lesion, fams = _lesion_report(best.score, les["test"], refuse, clear, uncertain_below, meta)
-    test_names = [s.name for s in gate_pool.sources("test")]
+    test_names = [s.name for s in parts["test"]]
     per_source, scores = _source_report(best.score, pics, test_names, fams["unshifted"][0], refuse, clear,
                                         uncertain_below)
     result = {
@@ -147,7 +154,7 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
                                                        for n, r in table.items()},
         **lesion, "non_skin_sets": per_source, "held_out_sources": _pooled(per_source),
         "test_ood_auroc_all": auroc(np.concatenate(list(scores.values())), fams["unshifted"][0]),
-        "gate_sources": {p: [s.name for s in gate_pool.sources(p)] for p in gate_pool.PARTS},
+        "gate_sources": {p: [s.name for s in sources] for p, sources in parts.items()},
     }
     plot_gate_scores({"test lesions": fams["unshifted"][0],
                       f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
@@ -156,7 +163,7 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     meta.abstention = {**result, "ood_stats_file": "ood_stats.pt"}
     meta.version = version or meta.version
     meta.save(release)
-    (release / "gate_pool.json").write_text(__import__("json").dumps(
+    (release / "gate_pool.json").write_text(json.dumps(
         gate_pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
     print(render_comparison(result))
     print(render_table(result))
@@ -202,6 +209,20 @@ def render_table(ab: dict) -> str:
     return "\n".join(lines)
 
 
+def carry_gate(release: Path, variant: Path) -> None:
+    """A variant of the release with the same weights' gate (the int8 folder): the new gate, thresholds and version
+    (the variant's own suffix kept), so the int8 model answers with the gate this run measured."""
+    import shutil
+
+    meta, var = ReleaseMeta.load(release), ReleaseMeta.load(variant)
+    suffix = var.version.split("-", 1)[1] if "-" in var.version else ""
+    var.abstention = meta.abstention
+    var.version = f"{meta.version}-{suffix}" if suffix else meta.version
+    for name in ("ood_stats.pt", "gate_scores.png"):
+        shutil.copy(release / name, variant / name)
+    var.save(variant)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Choose the 'uncertain' and 'not dermoscopy' thresholds of a release "
                                             "on validation; report them on test, shifted test and other pictures.",
@@ -213,13 +234,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lesion-keep", type=float, default=LESION_KEEP,
                    help="share of the validation lesions of every class (plain and shifted) the gate must accept")
     p.add_argument("--version", default=None, help="new version for the release (default: keep meta.json's)")
+    p.add_argument("--variant", action="append", default=[], type=Path,
+                   help="a folder of the same release's other weights (release/int8) to carry the new gate to")
     add_device_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    return fit_abstention(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
-                          version=args.version, device=args.device)
+    result = fit_abstention(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
+                            version=args.version, device=args.device)
+    for variant in args.variant:
+        carry_gate(Path(args.release), variant)
+    return result
 
 
 if __name__ == "__main__":

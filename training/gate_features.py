@@ -62,38 +62,44 @@ def _read(records: list[D.Record]) -> list[bytes]:
     return [Path(r.path).read_bytes() for r in records]
 
 
-def _compute(model, meta: ReleaseMeta, split: D.Split, seed: int) -> dict:
-    train = split.part("train")
-    rng = np.random.default_rng(seed)
-    families = list(FAMILIES)
-    picks = [families[int(rng.integers(len(families)))] for _ in train]  # drawn in order, as always
-    train_shifted = list(D.thread_map(lambda i: shifted(load_rgb(train[i].path), picks[i], 10_000_000 + i),
-                                      range(len(train))))
-    out = {"train": features(model, meta, _read(train), "train")[0],
-           "train_shifted": features(model, meta, train_shifted, "train, shifted")[0]}
-    for part, base in (("val", 20_000_000), ("test", 30_000_000)):
-        recs = split.part(part)
-        f, top, pred = features(model, meta, _read(recs), part)
-        out[part] = {"labels": torch.tensor([r.label for r in recs]), "plain": f, "top": top,
-                     "pred": torch.from_numpy(pred), "shift": {}, "shift_pred": {}}
-        for fam, blobs in shifted_sets(recs, base):
-            f, _, pred = features(model, meta, blobs, f"{part}, {fam}")
-            out[part]["shift"][fam], out[part]["shift_pred"][fam] = f, torch.from_numpy(pred)
+def _compute(model, meta: ReleaseMeta, split: D.Split, seed: int, part: str) -> dict:
+    if part == "train":
+        train = split.part("train")
+        rng = np.random.default_rng(seed)
+        families = list(FAMILIES)
+        picks = [families[int(rng.integers(len(families)))] for _ in train]  # drawn in order, as always
+        train_shifted = list(D.thread_map(lambda i: shifted(load_rgb(train[i].path), picks[i], 10_000_000 + i),
+                                          range(len(train))))
+        return {"plain": features(model, meta, _read(train), "train")[0],
+                "shifted": features(model, meta, train_shifted, "train, shifted")[0]}
+    recs = split.part(part)
+    f, top, pred = features(model, meta, _read(recs), part)
+    out = {"labels": torch.tensor([r.label for r in recs]), "plain": f, "top": top, "pred": torch.from_numpy(pred),
+           "shift": {}, "shift_pred": {}}
+    for fam, blobs in shifted_sets(recs, {"val": 20_000_000, "test": 30_000_000}[part]):
+        f, _, pred = features(model, meta, blobs, f"{part}, {fam}")
+        out["shift"][fam], out["shift_pred"][fam] = f, torch.from_numpy(pred)
     return out
 
 
-def lesion_features(model, meta: ReleaseMeta, weights: Path, split: D.Split, cache: Path | None,
-                    seed: int = 0) -> dict:
-    """The lesion features of a release (see the module's doc), from the cache when this release, split and seed
-    were computed before."""
+def part_features(model, meta: ReleaseMeta, weights: Path, split: D.Split, cache: Path | None, part: str,
+                  seed: int = 0) -> dict:
+    """One part's lesion features (see the module's doc), from the cache when this release, split, seed and part
+    were computed before (the three parts may be computed by three processes at once)."""
     key = hashlib.sha256(f"{CACHE_VERSION}|{hashlib.sha256(weights.read_bytes()).hexdigest()}|{split.hash}|"
-                         f"{seed}|{meta.preprocessing}".encode()).hexdigest()[:16]
-    path = cache / f"gate-lesions-{key}.pt" if cache else None
+                         f"{seed}|{meta.preprocessing}|{part}".encode()).hexdigest()[:16]
+    path = cache / f"gate-lesions-{part}-{key}.pt" if cache else None
     if path and path.exists():
         return torch.load(path, weights_only=True)
-    out = _compute(model, meta, split, seed)
+    out = _compute(model, meta, split, seed, part)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
     return out
+
+
+def lesion_features(model, meta: ReleaseMeta, weights: Path, split: D.Split, cache: Path | None,
+                    seed: int = 0) -> dict:
+    """{"train": {"plain", "shifted"}, "val": {...}, "test": {...}}: every part, cached."""
+    return {part: part_features(model, meta, weights, split, cache, part, seed) for part in ("train", "val", "test")}

@@ -45,6 +45,9 @@ def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0)
         return torch.load(path, weights_only=True)
     out = {}
     for source in gate_pool.SOURCES:
+        if not gate_pool.available(source):
+            print(f"warning: {source.name} ({source.package}) is not installed: left out of the gate's pool", flush=True)
+            continue
         blobs = gate_pool.pictures(source, seed)
         f, top, _ = features(model, meta, blobs, source.name)
         out[source.name] = {"feats": f, "top": top}
