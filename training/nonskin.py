@@ -50,4 +50,3 @@ def drawn(kind: int, rng: np.random.Generator) -> Image.Image:
         return Image.new("RGB", SIZE, (int(rng.choice([0, 5, 250, 255])),) * 3)
     base = np.array([rng.uniform(150, 240), rng.uniform(100, 190), rng.uniform(80, 160)])  # bare skin tone, no lesion
     return Image.fromarray((np.zeros((h, w, 3)) + base + rng.normal(0, 4, (h, w, 3))).clip(0, 255).astype(np.uint8))
-_drawn = drawn  # TEMP alias
