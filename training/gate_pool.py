@@ -222,6 +222,20 @@ def pictures(source: Source, seed: int = 0) -> list[bytes]:
     return out
 
 
+def drop_fitted(by_source: dict[str, list]) -> dict[str, list[int]]:
+    """{source: indices of its pictures to keep}: a held-out (val, test) picture identical to a fitting one (a
+    blank crop of one package is byte for byte a blank crop of another) is left out of the held-out figures.
+    by_source: every source's pictures, or their sha256 digests."""
+    digest = lambda b: b if len(b) == 32 else hashlib.sha256(b).digest()  # noqa: E731
+    fitted = {digest(b) for s in sources("fit") for b in by_source.get(s.name, [])}
+    return {name: [i for i, b in enumerate(blobs) if part(name) == "fit" or digest(b) not in fitted]
+            for name, blobs in by_source.items()}
+
+
+def part(name: str) -> str:
+    return next(s.part for s in SOURCES if s.name == name)
+
+
 def version(source: Source) -> str:
     if source.registry == "deb":
         return "+".join(_deb_version(p) or "missing" for p in _deb_packages(source))

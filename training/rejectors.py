@@ -35,14 +35,27 @@ KNN_K = 10
 
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Features (and calibrated top probabilities) of every source's pictures, cached per weights and sources."""
+    """Features (and calibrated top probabilities) of every source's pictures, cached per weights and sources;
+    held-out pictures identical to a fitting one left out (gate_pool.drop_fitted)."""
     rows = [{k: v for k, v in r.items() if k != "pictures"} for r in gate_pool.manifest()]
     key = hashlib.sha256((hashlib.sha256(weights.read_bytes()).hexdigest() + json.dumps(rows, sort_keys=True)
                           + f"|{seed}|{gate_pool.MAX_FILES}|{gate_pool.CROP_SCALES}|{meta.preprocessing}")
                          .encode()).hexdigest()[:16]
     path = cache / f"gate-pool-{key}.pt" if cache else None
-    if path and path.exists():
-        return torch.load(path, weights_only=True)
+    out = torch.load(path, weights_only=True) if path and path.exists() else _compute_pool(model, meta, seed)
+    if path and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    if any("digests" not in v for v in out.values()):  # a cache written before digests were kept
+        for source in gate_pool.SOURCES:
+            if source.name in out:
+                out[source.name]["digests"] = [hashlib.sha256(b).digest() for b in gate_pool.pictures(source, seed)]
+    keep = gate_pool.drop_fitted({n: v["digests"] for n, v in out.items()})
+    return {n: {"feats": v["feats"][keep[n]], "top": v["top"][keep[n]]} for n, v in out.items()}
+
+
+def _compute_pool(model, meta, seed: int) -> dict:
     out = {}
     for source in gate_pool.SOURCES:
         if not gate_pool.available(source):
@@ -50,11 +63,7 @@ def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0)
             continue
         blobs = gate_pool.pictures(source, seed)
         f, top, _ = features(model, meta, blobs, source.name)
-        out[source.name] = {"feats": f, "top": top}
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        out[source.name] = {"feats": f, "top": top, "digests": [hashlib.sha256(b).digest() for b in blobs]}
     return out
 
 
