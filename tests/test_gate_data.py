@@ -5,8 +5,8 @@ real gate on real test lesions.
 """
 from __future__ import annotations
 
-import hashlib
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -16,9 +16,9 @@ from PIL import Image
 from skinmodel.inputs import PreprocessConfig
 from skinmodel.networks import ood_score
 from skinmodel.preprocessing import preprocess_bytes
-from training.release.abstention import fit_head, render_table
-from training.release.nonskin import evaluation_sets, fitting_negatives, fitting_pool
-from training.release.shifts import FAMILIES, shifted
+from training.dermoscopy.abstention import fit_head, render_comparison, render_table
+from training.dermoscopy import gate_pool
+from training.dermoscopy.shifts import FAMILIES, shifted
 
 pytestmark = pytest.mark.fast
 CFG = PreprocessConfig(64, 56, (0.5,) * 3, (0.25,) * 3)
@@ -51,31 +51,41 @@ def test_jpeg_family_really_sends_low_quality_jpegs():
     assert blob[:3] == b"\xff\xd8\xff" and len(blob) < len(shifted(_lesion(), "blur", 3))
 
 
-def test_the_fitting_pools_and_the_evaluation_sets_never_share_a_file():
-    train, val = fitting_negatives("train", 1), fitting_negatives("val", 1)
-    digest = lambda blobs: {hashlib.sha256(b).digest() for b in blobs}  # noqa: E731
-    assert len(val) * 3 < len(train) and not digest(train) & digest(val)
-    sets = evaluation_sets(train + val)
-    assert set(sets) == {"scikit-image photographs", "LFW faces (scikit-image)", "generated"}
-    for name, blobs in sets.items():
-        assert blobs and not digest(blobs) & digest(train + val), name
-    # Without the exclusion the drawn black and white pictures would be shared: the exclusion is what keeps
-    # "never fitted on" true.
-    assert len(evaluation_sets()["generated"]) > len(sets["generated"])
-    faces = [np.asarray(Image.open(io.BytesIO(b)).convert("L").resize((40, 40))) for b in sets["LFW faces (scikit-image)"]]
-    fitted = {np.asarray(Image.open(io.BytesIO(b)).convert("L").resize((40, 40))).tobytes() for b in train + val}
-    assert not any(f.tobytes() in fitted for f in faces), "an evaluation face is also a fitting face"
+def _packages(source) -> set[str]:
+    """The packages a source reads: "deb:a+b" is two; scikit-image's LFW faces are scikit-image's."""
+    registry, _, names = source.package.partition(":")
+    return {f"{registry}:{n.split(':')[0]}" for n in names.split("+")} if names else {registry}
 
 
-def test_the_held_out_pictures_cover_every_source_of_the_fitting_pool():
-    pool = fitting_pool(1)
-    fitted = {src for src, _, held in pool if not held}
-    held = [src for src, _, h in pool if h]
-    # Each source (photo crops, face-free backgrounds, every drawn kind) must be in both parts: the head's
-    # strength is chosen on the held-out part, so a kind it lacks would never count. Only plain black or white
-    # ("drawn 8": four possible files, all fitted) cannot be held out without sharing a file.
-    assert len(fitted) == 12 and set(held) == fitted - {"drawn 8"}, (fitted, set(held))
-    assert 0.15 < len(held) / len(pool) < 0.21
+def test_every_package_feeds_one_part_only_so_held_out_sources_are_never_fitted():
+    """Split by source, not by picture: a package whose pictures are held out (val, test) may not give a single
+    picture to the fitting pool, nor the validation sources to the test ones."""
+    owner = {}
+    for source in gate_pool.SOURCES:
+        for package in _packages(source):
+            assert owner.setdefault(package, source.part) == source.part, (package, owner[package], source.part)
+    for part in gate_pool.PARTS:
+        kinds = " ".join(s.kind for s in gate_pool.sources(part))
+        assert "photographs" in kinds, f"{part}: photographs are the pictures that leaked: every part needs some"
+    assert len(gate_pool.sources("val")) >= 3 and len(gate_pool.sources("test")) >= 3
+    assert {s.name for s in gate_pool.sources("test")} >= {"scikit-image photographs", "LFW faces (scikit-image)"}
+
+
+def test_a_gimp_pattern_file_reads_as_its_pixels():
+    pixels = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(3, 4, 3)
+    name = b"tiny\0"
+    header = struct.pack(">5I4s", 24 + len(name), 1, 4, 3, 3, b"GPAT") + name
+    img = gate_pool.read_gimp_pattern(header + pixels.tobytes())
+    assert img.size == (4, 3) and img.mode == "RGB" and (np.asarray(img) == pixels).all()
+    with pytest.raises(ValueError):
+        gate_pool.read_gimp_pattern(header.replace(b"GPAT", b"GBRH") + pixels.tobytes())
+
+
+def test_each_file_counts_whole_and_as_crops_of_half_and_a_quarter_of_its_side():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 1024, 3), dtype=np.uint8))
+    views = gate_pool.views(img, np.random.default_rng(1))
+    assert [v.size for v in views] == [(512, 300), (512, 300), (256, 150)]  # at most 512 px, the model sees 96
+    assert len(gate_pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
 
 
 def test_head_scores_the_way_the_handler_does_and_separates_what_it_saw():
@@ -88,11 +98,23 @@ def test_head_scores_the_way_the_handler_does_and_separates_what_it_saw():
     assert all(v.dtype == torch.float32 for v in stats.values())  # saved as scored: the handler reads them as is
 
 
-def test_render_table_shows_every_family_class_and_set():
+def test_render_table_shows_every_family_class_and_held_out_source():
     ab = {"test_lesions_rejected_as_ood": 0.004, "test_rejected_per_class": {"mel": 0.009, "vasc": 0.0},
           "test_rejected_per_shift": {"unshifted": {"all": 0.004, "mel": 0.009, "balanced_accuracy": 0.6},
                                       "blur": {"all": 0.02, "mel": 0.031, "balanced_accuracy": 0.5}},
-          "non_skin_sets": {"generated": {"images": 90, "rejected": 0.99, "auroc": 0.9995}}}
+          "non_skin_sets": {"Pingus data": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01,
+                                            "auroc": 0.9995}},
+          "held_out_sources": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01},
+          "test_ood_auroc_all": 0.9995}
     table = render_table(ab)
     assert "0.4% overall" in table and "mel 0.9%" in table and "vasc 0.0%" in table
-    assert "| blur | 2.0% | 3.1% | 0.500 |" in table and "| generated | 90 | 99% | 1.000 |" in table
+    assert "| blur | 2.0% | 3.1% | 0.500 |" in table
+    assert "| Pingus data | 90 | 97.0% | 2.0% | 1.0% | 1.000 |" in table
+    assert "| all held-out sources | 90 | 97.0% | 2.0% | 1.0% | 1.000 |" in table
+
+
+def test_render_comparison_marks_the_chosen_rejector():
+    row = {"mean_refused": 0.9, "min_refused": 0.8, "mean_ok": 0.01, "worst_family_refused": 0.02}
+    ab = {"rejector": "b", "rejector_comparison": {"a": row, "b": {**row, "mean_refused": 0.95}}}
+    text = render_comparison(ab)
+    assert "| a | 90.0% | 80.0% | 1.0% | 2.0% |" in text and "| b (chosen) | 95.0% |" in text

@@ -13,7 +13,7 @@ COMMANDS = {
     "evaluate-release": ("training.evaluation.evaluate_release", "a release as served, on any labelled set"),
     "export": ("training.release.export", "write the release state_dict + meta.json pair"),
     "calibrate": ("training.release.calibrate", "fit the softmax temperature on validation, report test ECE"),
-    "trust": ("training.release.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
+    "trust": ("training.dermoscopy.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
     "model-card": ("training.release.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.release.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.study.pipeline", "the whole study end to end (resumable: --resume)"),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from skinmodel.release import ReleaseMeta
-from training.release.abstention import render_table
+from training.dermoscopy.abstention import render_table
 from training.common.metrics import wilson
 from training.evaluation.subgroups import render_subgroups
 

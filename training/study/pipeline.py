@@ -28,7 +28,7 @@ import numpy as np
 
 from skinmodel.release import MODEL_NAME, ReleaseMeta
 from training.common import data as D
-from training.release.abstention import fit_abstention
+from training.dermoscopy.abstention import fit_abstention
 from training.evaluation.evaluate_release import evaluate_release
 from training.release.calibrate import calibrate
 from training.common.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,

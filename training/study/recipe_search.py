@@ -28,7 +28,7 @@ from training.common import data as D
 from training.common.checkpoint import checkpoint_preprocessing, model_from_checkpoint
 from training.common.device import resolve_device
 from training.common.metrics import classification_metrics, predict_logits
-from training.release.shifts import FAMILIES
+from training.dermoscopy.shifts import FAMILIES
 from training.network.train import TrainConfig, run_or_resume
 
 SCORE_SHIFTS = ("colour temperature", "brightness")
