@@ -88,7 +88,10 @@ def test_each_file_counts_whole_and_as_crops_of_half_and_a_quarter_of_its_side()
     assert len(gate_pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
 
 
-def test_head_scores_the_way_the_handler_does_and_separates_what_it_saw():
+def test_the_head_separates_what_it_saw_and_stores_fp32_statistics():
+    """What it claims, no more: the fitted head scores through skinmodel.networks.ood_score (the function the
+    handler calls) as the logit of "not dermoscopy", and its statistics are fp32. The handler itself answering
+    with these statistics is tests/test_verdicts.py's."""
     gen = torch.Generator().manual_seed(0)
     lesions = torch.randn(400, 16, generator=gen) + 2.0
     others = torch.randn(400, 16, generator=gen) - 2.0
