@@ -52,9 +52,8 @@ if [[ $rebuild -eq 0 && "$have" == "$want" ]]; then step skin-local/pip:3.11-boo
   step skin-local/pip:3.11-bookworm "pip download + build (a few minutes: torch)"
   wheels="$(mktemp -d)"
   trap 'rm -rf "$wheels"' EXIT
-  nice "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-    --platform manylinux_2_36_x86_64 --python-version 3.11 --implementation cp --abi cp311 \
-    -d "$wheels" -r requirements-runtime.txt "$(pin aiohttp)" "$(pin Jinja2)" "$(pin 'moto\[server\]')"
+  # pip wheel, not download: a dependency published only as source is built into a wheel here (same Python 3.11).
+  nice "$py" -m pip wheel --quiet --disable-pip-version-check -w "$wheels" -r requirements-runtime.txt "$(pin aiohttp)" "$(pin Jinja2)" "$(pin 'moto\[server\]')"
   cp docker/local/pip.Dockerfile "$wheels/Dockerfile"
   $build --label "skin.wheels=$want" -t skin-local/pip:3.11-bookworm "$wheels" >/dev/null
   rm -rf "$wheels"
