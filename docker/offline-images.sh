@@ -27,7 +27,14 @@ py="${PYTHON:-$here/.venv/bin/python}"
 [[ -x "$py" ]] || py=python3
 pin() { grep -E "^$1==" requirements.txt; }
 moto_version="$(pin 'moto\[server\]' | cut -d= -f3)"
-build="nice docker build -q"
+quietly() {  # run a command; its output is shown only if it fails
+  local log rc=0
+  log="$(mktemp)"
+  nice "$@" >"$log" 2>&1 || rc=$?
+  [[ $rc -eq 0 ]] || { tail -40 "$log" >&2; rm -f "$log"; echo "offline-images: failed: $*" >&2; exit 1; }
+  rm -f "$log"
+}
+build() { quietly docker build $([[ $rebuild -eq 1 ]] && echo --no-cache) "$@"; }
 exists() { [[ $rebuild -eq 0 ]] && docker image inspect "$1" >/dev/null 2>&1; }
 step() { printf 'offline-images: %-34s %s\n' "$1" "$2" >&2; }
 
@@ -43,7 +50,7 @@ if exists skin-local/debian:bookworm; then step skin-local/debian:bookworm cache
   trap - EXIT
 fi
 step skin-local/python:3.11-bookworm build
-$build -t skin-local/python:3.11-bookworm -f docker/local/python.Dockerfile docker/local >/dev/null
+build -t skin-local/python:3.11-bookworm -f docker/local/python.Dockerfile docker/local
 
 # The wheels: everything the images pip-install, downloaded on the host (containers reach no Python registry).
 want="$(cat requirements-runtime.txt <(pin aiohttp) <(pin Jinja2) <(pin 'moto\[server\]') | sha256sum | cut -c1-16)"
@@ -55,13 +62,13 @@ if [[ $rebuild -eq 0 && "$have" == "$want" ]]; then step skin-local/pip:3.11-boo
   # pip wheel, not download: a dependency published only as source is built into a wheel here (same Python 3.11).
   nice "$py" -m pip wheel --quiet --disable-pip-version-check -w "$wheels" -r requirements-runtime.txt "$(pin aiohttp)" "$(pin Jinja2)" "$(pin 'moto\[server\]')"
   cp docker/local/pip.Dockerfile "$wheels/Dockerfile"
-  $build --label "skin.wheels=$want" -t skin-local/pip:3.11-bookworm "$wheels" >/dev/null
+  build --label "skin.wheels=$want" -t skin-local/pip:3.11-bookworm "$wheels"
   rm -rf "$wheels"
   trap - EXIT
 fi
 for image in postgres:15-bookworm nginx:1.22-bookworm "s3:moto-$moto_version"; do
   step "skin-local/$image" build
-  $build -t "skin-local/$image" -f "docker/local/${image%%:*}.Dockerfile" . >/dev/null
+  build -t "skin-local/$image" -f "docker/local/${image%%:*}.Dockerfile" .
 done
 mkdir -p .stack
 cat > .stack/compose-offline.env <<VARS
