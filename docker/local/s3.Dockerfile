@@ -15,6 +15,7 @@ RUN useradd --create-home --uid 10001 skin && mkdir /data && chown skin /data
 COPY --from=deps /opt/venv /opt/venv
 COPY docker/local/s3-entrypoint.sh /usr/local/bin/s3-entrypoint.sh
 COPY docker/local/mc.py /usr/local/bin/mc
+RUN chmod 755 /usr/local/bin/mc /usr/local/bin/s3-entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 USER skin
 EXPOSE 9000
