@@ -9,8 +9,10 @@ COPY requirements-runtime.txt /tmp/
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements-runtime.txt
 
 FROM ${SKIN_PYTHON_IMAGE}
+# procps: TorchServe stops a worker by running `kill -9 PID`; without /bin/kill (the slim images have none) every
+# unregister fails with "Interrupted while cleaning resources" (found by the compose test's version swap).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless procps \
  && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 skin
 COPY --from=deps /opt/venv /opt/venv
