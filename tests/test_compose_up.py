@@ -123,11 +123,13 @@ def stack(tmp_path_factory):
     started = time.monotonic()
     s.compose("build")
     print(f"compose build: {time.monotonic() - started:.0f} s")
-    s.compose("up", "-d")
-    s.wait_healthy()
-    print(f"compose build + up + healthy: {time.monotonic() - started:.0f} s")
-    yield s
-    s.compose("down", "-v", "--remove-orphans", check=False)
+    try:  # down -v also when the stack never became healthy
+        s.compose("up", "-d")
+        s.wait_healthy()
+        print(f"compose build + up + healthy: {time.monotonic() - started:.0f} s")
+        yield s
+    finally:
+        s.compose("down", "-v", "--remove-orphans", check=False)
 
 
 @pytest.fixture(scope="module")
