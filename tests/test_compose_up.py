@@ -114,8 +114,10 @@ def stack(tmp_path_factory):
              "MINIO_ROOT_USER": "skin-admin", "MINIO_ROOT_PASSWORD": secrets.token_hex(12), "SKIN_S3_BUCKET": "models",
              "SKIN_SITE_PORT": str(free_port())}
     if not os.environ.get("SKIN_COMPOSE_PUBLIC_IMAGES"):  # default: the local images (nothing can be pulled here)
+        started = time.monotonic()
         r = subprocess.run([str(REPO / "docker" / "offline-images.sh")], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
+        print(f"./skin images --offline: {time.monotonic() - started:.0f} s")
         lines.update(line.split("=", 1) for line in (REPO / ".stack" / "compose-offline.env").read_text().split())
     env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     s = Stack(env_file, int(lines["SKIN_SITE_PORT"]))
