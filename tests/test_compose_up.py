@@ -194,7 +194,10 @@ def test_every_service_is_healthy_non_root_and_only_the_page_is_published_on_loo
 def test_the_page_renders_through_the_published_port(stack):
     r = requests.get(stack.url + "/", timeout=10)
     assert r.status_code == 200 and "<html" in r.text.lower() and r.headers["X-Frame-Options"] == "DENY"
-    assert "predictions" in r.text or "script" in r.text
+    version = json.loads((REPO / "release" / "meta.json").read_text())["version"]
+    assert f"<title>Skin-lesion classifier · {MODEL_NAME} {version}</title>" in r.text  # rendered from meta.json
+    script = requests.get(stack.url + "/app.js", timeout=10)
+    assert script.status_code == 200 and "javascript" in script.headers["Content-Type"]
 
 
 def test_real_lesion_photos_get_predictions_and_their_rows_reach_postgresql(stack, images):
@@ -218,13 +221,15 @@ def test_swap_to_a_second_version_from_s3_under_load_then_roll_back(stack, image
     for i, image in enumerate(images[:2]):
         (canary := Path(stack.env_file.parent / f"canary{i}.jpg")).write_bytes(image)
         docker("cp", str(canary), f"{ts}:/tmp/canary/{i}.jpg")
-    for version in ("1.1", "1.1.1"):  # the release as built, and a second version of it, into the S3 service
+    current = json.loads((REPO / "release" / "meta.json").read_text())["version"]
+    second = f"{current}.1"
+    for version in (current, second):  # the release as built, and a second version of it, into the S3 service
         docker("exec", ts, "python", "-m", "stack", "archive", "--version", version, "--out", f"/tmp/v{version}",
                "--file-name", f"{MODEL_NAME}-{version}.mar", "--publish", timeout=300)
     canary = ["--canary", "/tmp/canary/0.jpg", "/tmp/canary/1.jpg", "--workers", "1"]
     with Client(stack, images) as client:
         time.sleep(3)
-        docker("exec", ts, "python", "-m", "ops", "swap", "--to", "1.1.1", *canary, timeout=300)
+        docker("exec", ts, "python", "-m", "ops", "swap", "--to", second, *canary, timeout=300)
         n_swapped = len(client.results)
         time.sleep(4)
         docker("exec", ts, "python", "-m", "ops", "rollback", *canary, timeout=300)
@@ -232,7 +237,7 @@ def test_swap_to_a_second_version_from_s3_under_load_then_roll_back(stack, image
     statuses = [s for s, _ in client.results]
     versions = [v for _, v in client.results]
     assert statuses and set(statuses) == {200}, [r for r in client.results if r[0] != 200][:5]
-    assert "1.1.1" in versions[n_swapped:] and versions[-1] == "1.1", versions
+    assert second in versions[n_swapped:] and versions[-1] == current, versions
     assert set(stack.answered) <= stack.audited()
 
 
