@@ -1,7 +1,10 @@
 # The upload page rendered from release/meta.json, served by nginx, which also passes the API paths to the gate.
-FROM python:3.11-slim-bookworm AS build
+# Base images are build arguments (SKIN_PIP_IMAGE, SKIN_NGINX_IMAGE): public by default, local offline.
+ARG SKIN_PIP_IMAGE=python:3.11-slim-bookworm
+ARG SKIN_NGINX_IMAGE=nginx:1.27-alpine
+FROM ${SKIN_PIP_IMAGE} AS build
 COPY requirements.txt /tmp/
-RUN pip install --no-cache-dir "$(grep -E '^Jinja2==' /tmp/requirements.txt)"
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir "$(grep -E '^Jinja2==' /tmp/requirements.txt)"
 WORKDIR /src
 # stack/page.py renders it: meta.json through skinmodel.release (standard library only), the defaults in stack/settings.py.
 COPY site/ site/
@@ -9,9 +12,9 @@ COPY skinmodel/__init__.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/la
 COPY stack/__init__.py stack/page.py stack/settings.py stack/tokens.py stack/
 COPY config.properties ./
 COPY release/meta.json release/model_card.md release/
-RUN python -m stack.page --meta release/meta.json --api-base "" --out /dist
+RUN /opt/venv/bin/python -m stack.page --meta release/meta.json --api-base "" --out /dist
 
-FROM nginx:1.27-alpine
+FROM ${SKIN_NGINX_IMAGE}
 COPY --from=build /dist /usr/share/nginx/html
 COPY docker/nginx.conf /etc/nginx/conf.d/default.conf
 EXPOSE 8080

@@ -212,13 +212,28 @@ def cmd_archive(args) -> int:
     return 0
 
 
+COMPOSE_TESTS = ["tests/test_compose.py", "tests/test_compose_up.py"]
+
+
 def cmd_test(args) -> int:
-    """pytest; --fast runs the fast tier only (no Java, PostgreSQL, browser or HAM10000)."""
+    """pytest; --fast runs the fast tier only (no Java, PostgreSQL, browser or HAM10000); --compose the compose
+    tier only (docker-compose.yml brought up in Docker: tests/test_compose_up.py)."""
     pytest_args = (["-m", "fast"] if "--fast" in args.pytest_args else []) + \
-        [a for a in args.pytest_args if a != "--fast"]
+        (COMPOSE_TESTS if "--compose" in args.pytest_args else []) + \
+        [a for a in args.pytest_args if a not in ("--fast", "--compose")]
     # Workers of the TorchServes the tests start use one thread each; so does the test process itself.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO, env=env)
+
+
+def cmd_images(args) -> int:
+    """Local stand-ins for the public base images, for docker compose where they cannot be pulled."""
+    if not args.offline:
+        print("images: the public base images come with `docker compose build`; --offline builds local ones "
+              "from Debian's packages and this host's pip (README, Docker Compose)", file=sys.stderr)
+        return 2
+    return subprocess.call(["bash", str(REPO / "docker" / "offline-images.sh")] + (["--rebuild"] if args.rebuild else []),
+                           cwd=REPO)
 
 
 def cmd_logs(args) -> int:
@@ -303,13 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "./skin logs --help", add_help=False)  # --help: the logger's, with its commands
     logs.add_argument("logger_args", nargs=argparse.REMAINDER)
     logs.set_defaults(func=cmd_logs)
-    test = sub.add_parser("test", help="run the test suite (pytest); --fast: the fast tier; other arguments go "
-                                       "to pytest",
+    images = sub.add_parser("images", help="--offline: build local base images for docker compose from Debian's "
+                                           "packages and local wheels (cached)", description=cmd_images.__doc__)
+    images.add_argument("--offline", action="store_true", help="build skin-local/* images (debootstrap, Debian's "
+                        "Python 3.11, PostgreSQL 15, nginx; moto's S3 server) and write .stack/compose-offline.env")
+    images.add_argument("--rebuild", action="store_true", help="rebuild them even if they exist")
+    images.set_defaults(func=cmd_images)
+    test = sub.add_parser("test", help="run the test suite (pytest); --fast: the fast tier; --compose: the compose "
+                                       "tier; other arguments go to pytest",
                           description="Run the test suite against real services (TorchServe, PostgreSQL, headless "
-                                      "Chromium, nginx, an S3 server, HAM10000). --fast: only the fast tier (synthetic "
-                                      "data, SQLite; no Java, PostgreSQL, browser or HAM10000; under a minute). Any "
-                                      "other argument goes to pytest, e.g. ./skin test tests/test_gate.py -k budget.")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="--fast, and pytest's own arguments")
+                                      "Chromium, nginx, an S3 server, HAM10000, and docker compose). --fast: only the "
+                                      "fast tier (synthetic data, SQLite; no Java, PostgreSQL, browser, Docker or "
+                                      "HAM10000; under a minute). --compose: only the compose tier. Any other argument "
+                                      "goes to pytest, e.g. ./skin test tests/test_gate.py -k budget.")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="--fast or --compose, and pytest's own arguments")
     test.set_defaults(func=cmd_test)
     return p
 

@@ -1,4 +1,5 @@
-"""docker-compose.yml, checked as data (no Docker engine runs here): services, health, volumes, exposure, secrets."""
+"""docker-compose.yml and the Dockerfiles checked as data (fast tier): services, health, volumes, exposure, secrets,
+base images. tests/test_compose_up.py brings the file up in a real Docker engine."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.I)
+APP_DOCKERFILES = ("torchserve.Dockerfile", "gate.Dockerfile", "site.Dockerfile")
+
+
+def default(value: str) -> str:
+    """'${VAR:-default}' -> 'default': what compose uses when the variable is not set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
 def test_the_services_are_there():
@@ -65,17 +72,17 @@ def test_no_secret_value_is_committed():
 
 
 def test_pinned_images_and_no_debug():
-    assert re.fullmatch(r"postgres:\d+(-[a-z]+)?", SERVICES["postgres"]["image"])
+    assert re.fullmatch(r"postgres:\d+(-[a-z]+)?", default(SERVICES["postgres"]["image"]))
     for svc in SERVICES.values():
-        if "image" in svc:
-            assert not svc["image"].endswith(":latest") and ":" in svc["image"]
+        if "image" in svc and "build" not in svc:
+            assert not default(svc["image"]).endswith(":latest") and ":" in default(svc["image"])
     assert "DEBUG" not in (REPO / "docker-compose.yml").read_text().upper().replace("NO DEBUG", "")
     assert COMPOSE["networks"]["backend"]["internal"] is True
 
 
 def test_dockerfiles_exist_and_run_as_non_root():
     ts = (REPO / "docker" / "torchserve.Dockerfile").read_text()
-    assert "USER skin" in ts and "-r requirements.txt" in ts and "HEALTHCHECK" in ts
+    assert "USER skin" in ts and "-r /tmp/requirements-runtime.txt" in ts and "HEALTHCHECK" in ts
     assert (REPO / "docker" / "site.Dockerfile").exists() and (REPO / "docker" / "nginx.conf").exists()
     gate = (REPO / "docker" / "gate.Dockerfile").read_text()
     assert "USER skin" in gate and "stack.gate" in gate and "X-Real-IP" in gate
@@ -119,3 +126,42 @@ def test_the_gate_and_page_images_carry_every_file_they_run(tmp_path):
     r = subprocess.run(["./archive.sh", "--out", str(tmp_path / "store")], cwd=served, capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHON": sys.executable})
     assert r.returncode == 0 and (tmp_path / "store" / "skin-lesion.mar").exists(), r.stderr[-1500:]
+
+
+def test_base_images_are_build_arguments_whose_defaults_are_the_public_images():
+    public = {"SKIN_PYTHON_IMAGE": "python:3.11-slim-bookworm", "SKIN_PIP_IMAGE": "python:3.11-slim-bookworm",
+              "SKIN_NGINX_IMAGE": "nginx:1.27-alpine"}
+    for name in APP_DOCKERFILES:
+        text = (REPO / "docker" / name).read_text()
+        froms = re.findall(r"^FROM (\S+)", text, re.M)
+        assert froms and all(re.fullmatch(r"\$\{SKIN_[A-Z]+_IMAGE\}", f) for f in froms), (name, froms)
+        for arg, value in re.findall(r"^ARG (SKIN_[A-Z]+_IMAGE)=(\S+)", text, re.M):
+            assert public[arg] == value, (name, arg, value)
+    for service in ("torchserve", "logger", "gate", "site"):
+        assert {k: default(v) for k, v in SERVICES[service]["build"]["args"].items()} == public, service
+    assert default(SERVICES["minio"]["image"]).startswith("minio/minio:")
+    assert default(SERVICES["minio-init"]["image"]).startswith("minio/mc:")
+
+
+def test_the_app_images_end_as_a_non_root_user():
+    for name in ("torchserve.Dockerfile", "gate.Dockerfile"):
+        users = re.findall(r"^USER (\S+)", (REPO / "docker" / name).read_text(), re.M)
+        assert users and users[-1] not in ("root", "0"), (name, users)
+
+
+def test_ports_are_published_on_loopback_by_default_and_the_file_suits_compose_v1():
+    for svc in SERVICES.values():
+        for port in svc.get("ports", []):
+            assert default(port).startswith("127.0.0.1:"), port
+    assert "name" not in COMPOSE  # Compose v1.29 refuses a top-level name (v2 only); the project name is -p / .env
+
+
+def test_the_runtime_requirements_are_release_pins_without_test_packages():
+    def pins(path):
+        return {line.split("==")[0].lower(): line for line in (REPO / path).read_text().splitlines()
+                if line and not line.startswith("#")}
+
+    runtime, release = pins("requirements-runtime.txt"), pins("requirements.txt")
+    assert runtime and all(release.get(name) == line for name, line in runtime.items()), "pins disagree"
+    for test_only in ("pytest", "selenium", "moto[server]", "grpcio", "kubernetes-validate", "scikit-learn"):
+        assert test_only not in runtime
