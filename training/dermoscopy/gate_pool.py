@@ -25,11 +25,9 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 
 from skinmodel.preprocessing import MAX_ASPECT_RATIO
-
 from training.dermoscopy.shifts import encode
 
 PARTS = ("fit", "val", "test")
