@@ -25,6 +25,9 @@ COPY stack/ stack/
 COPY ops/ ops/
 COPY logger/ logger/
 COPY archive.sh config.properties log4j2.xml ./
+# Inside the container the metrics API listens on the container's own loopback only (metrics_address), where no
+# other user of the host can read it; the compose tests read each replica's request counts there.
+RUN sed -i 's/^enable_metrics_api=false$/enable_metrics_api=true/' config.properties
 # TorchServe's working files and logs (SKIN_STATE_DIR) and the spool are the only places the user writes.
 RUN ./archive.sh --out /app/model_store && mkdir -p /spool /app/.stack \
  && chown -R skin /app/model_store /spool /app/.stack

@@ -182,16 +182,19 @@ def test_oversize_body_is_refused_by_the_frontend(server):
     assert r.status_code == 413
 
 
-def test_management_and_metrics_listen_on_loopback_only(server):
+def test_management_listens_on_loopback_only_and_metrics_not_at_all(server):
+    """Management and inference on loopback only; the metrics API, which takes no key, is off (config.properties)."""
     import psutil
 
     java = psutil.Process(server.proc.pid)
     listening = {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port) for p in [java, *java.children(recursive=True)]
                  for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
-    for url in (server.management_url, server.metrics_url, server.inference_url):
+    for url in (server.management_url, server.inference_url):
         port = int(url.rsplit(":", 1)[1])
         assert ("127.0.0.1", port) in listening, (url, listening)
         assert not any(ip in ("0.0.0.0", "::") and p == port for ip, p in listening)
+    metrics_port = int(server.metrics_url.rsplit(":", 1)[1])
+    assert not any(p == metrics_port for _, p in listening), "the unauthenticated metrics API listens"
 
 
 def test_archive_script_versions_and_refuses_missing_inputs(tiny_release, tmp_path):

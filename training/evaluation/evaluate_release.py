@@ -147,7 +147,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     if not args.data:
-        raise D.DataError("--data is needed: a folder of <class>/ subfolders, a CSV (image,label or ISIC one-hot), "
+        raise D.DataError("--release needs --data: a folder of <class>/ subfolders, a CSV (image,label or ISIC one-hot), "
                           "or the HAM10000 folder with --split test")
     results = evaluate_release(Path(args.release), args.data, Path(args.out), args.split, args.split_seed,
                                args.limit_per_class)
