@@ -16,6 +16,7 @@ RUN /opt/venv/bin/python -m stack.page --meta release/meta.json --api-base "" --
 
 FROM ${SKIN_NGINX_IMAGE}
 COPY --from=build /dist /usr/share/nginx/html
+COPY docker/nginx-main.conf /etc/nginx/nginx.conf
 COPY docker/nginx.conf /etc/nginx/conf.d/default.conf
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1

@@ -27,27 +27,43 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "skin-lesion"
 API = f"/predictions/{NAME}"
 CONF = (REPO / "docker" / "nginx.conf").read_text()
+MAIN = (REPO / "docker" / "nginx-main.conf").read_text()
+VENV_NGINX = REPO / ".venv" / "nginx"
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or str(REPO / ".venv" / "nginx" / "usr" / "sbin" / "nginx")
-    if not os.access(found, os.X_OK):
-        pytest.fail("nginx is needed (./skin test unpacks Debian's nginx package into .venv/nginx)")
-    return found
+    found = VENV_NGINX / "usr" / "sbin" / "nginx"
+    if not os.access(found, os.X_OK) or not (VENV_NGINX / "usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.fail("nginx and its stream module are needed (./skin test unpacks Debian's packages into .venv/nginx)")
+    return str(found)
+
+
+def _replace(text: str, pairs) -> str:
+    for old, new in pairs:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
 
 
 def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
-    """The compose file with its three deployment facts (listen port, gate address, document root) made local."""
-    conf = CONF
-    for old, new in (("listen 8080;", f"listen 127.0.0.1:{port};"), ("server gate:8000;", f"server 127.0.0.1:{gate_port};"),
-                     ("root /usr/share/nginx/html;", f"root {dist};")):
-        assert conf.count(old) == 1, old
-        conf = conf.replace(old, new)
+    """The compose site's two files with their deployment facts (ports, gate address, document root, the paths of
+    the container's nginx) made local; nothing else changes."""
+    inner = free_port()
+    conf = _replace(CONF, (("listen 127.0.0.1:8081 proxy_protocol;", f"listen 127.0.0.1:{inner} proxy_protocol;"),
+                           ("server gate:8000;", f"server 127.0.0.1:{gate_port};"),
+                           ("root /usr/share/nginx/html;", f"root {dist};")))
     (work / "default.conf").write_text(conf)
-    temp = "".join(f"{kind}_temp_path {work / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    main = (f"daemon off;\nworker_processes 1;\npid {work / 'nginx.pid'};\nerror_log {work / 'error.log'} warn;\n"
-            + ("user root;\n" if os.geteuid() == 0 else "")
-            + f"events {{ worker_connections 1024; }}\nhttp {{\naccess_log off;\n{temp}include {work / 'default.conf'};\n}}\n")
+    main = _replace(MAIN, (
+        ("include /etc/nginx/modules-enabled/*.conf;",
+         f"load_module {VENV_NGINX / 'usr/lib/nginx/modules/ngx_stream_module.so'};\ndaemon off;"
+         + ("\nuser root;" if os.geteuid() == 0 else "")),
+        ("error_log /dev/stderr warn;", f"error_log {work / 'error.log'} warn;"),
+        ("pid /tmp/nginx.pid;", f"pid {work / 'nginx.pid'};"),
+        ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        ("proxy_pass 127.0.0.1:8081;", f"proxy_pass 127.0.0.1:{inner};"),
+        ("include /etc/nginx/conf.d/*.conf;", f"include {work / 'default.conf'};"),
+        *((f"_temp_path /tmp/nginx_{kind};", f"_temp_path {work / kind};")
+          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))))
     (work / "nginx.conf").write_text(main)
     return work / "nginx.conf"
 
@@ -103,6 +119,9 @@ def test_nginx_enforces_the_gates_limits():
     assert int(size.rstrip("m")) * 2**20 == cap and f"larger than {cap} bytes" in CONF
     assert _directive("limit_conn perclient") == str(limits.per_client)
     assert _directive("limit_conn everyone") == str(limits.max_connections)
+    for zone, cap in (("tcp_address", limits.per_address_connections), ("tcp_network", limits.per_network_connections),
+                      ("tcp_total", limits.max_connections)):
+        assert re.findall(rf"^\s*limit_conn {zone} (\d+);", MAIN, re.M) == [str(cap)], zone
     assert re.search(rf"zone=rate:10m rate={limits.rate:g}r/s;", CONF), "nginx's request rate is not the gate's"
     assert re.findall(r"limit_req zone=rate burst=(\d+) nodelay;", CONF) == [str(limits.burst)]
     for name in ("client_header_timeout", "keepalive_timeout"):
@@ -189,10 +208,25 @@ def test_a_per_client_cap_on_both(entries, sample_images):
                 s.close()
 
 
+def _open_and_silent(sock: socket.socket) -> bool:
+    """The server still holds this connection open without having answered on it."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # an answer, or the end: not held
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
 def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_images):
-    """One address opens connections and sends half a request head on each (nginx's limit_conn only counts a
-    connection once its head is read): another address is still served by both entries, and both close the
-    unfinished heads after the header timeout (GateLimits.idle_s = nginx's client_header_timeout)."""
+    """One address opens 150 connections and sends half a request head on each: both entries keep at most the
+    address's share open (GateLimits.per_address_connections; nginx's http limit_conn only counts a connection
+    once its head is read, so this is the stream front's cap), another address is still served, and both
+    close the unfinished heads after the header timeout (GateLimits.idle_s = nginx's client_header_timeout)."""
     image = sample_images[1].read_bytes()
     held = {entry: [] for entry in entries}
     try:
@@ -204,6 +238,10 @@ def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_image
                     held[entry].append(s)
                 except OSError:
                     pass  # the gate refuses an address's 65th connection at once
+        time.sleep(1.0)
+        for entry, socks in held.items():
+            still_open = sum(_open_and_silent(s) for s in socks)
+            assert 0 < still_open <= GateLimits().per_address_connections, (entry, still_open)
         t0 = time.monotonic()
         for entry, (url, _) in entries.items():
             r = requests.post(url + API, data=image, timeout=30)
