@@ -5,8 +5,9 @@ Built on aiohttp's low-level server rather than http.server: one event loop hold
 connections for a few KB each instead of a thread each; its llhttp parser refuses malformed, duplicate or
 conflicting Content-Length/Transfer-Encoding before any code here runs; it sets TCP_NODELAY (keep-alive
 clients paid 40 ms per request to Nagle + delayed ACK), closes idle and half-sent connections after the
-keep-alive timeout, drains refused bodies before closing (so a client sees the 413 instead of a reset),
-and keeps a pool of keep-alive connections to TorchServe.
+keep-alive timeout, and keeps a pool of keep-alive connections to TorchServe. Refused bodies are drained
+here, not by aiohttp's lingering close: at a bounded rate for all refusals together, so a client reads its
+refusal instead of a reset and a flood of refused uploads costs the machine at most that many bytes a second.
 
 What this module adds, in the order a request meets it (limits in GateLimits; the transport and connection
 shares in stack/gate_server.py, the bookkeeping of shares in stack/fairness.py):
@@ -62,6 +63,7 @@ class GateLimits:
     stall_s: float = 5.0                # ... with never more than this between two pieces of it ...
     min_rate: int = 32 * 1024           # ... and at least this many bytes/s on average after the first second
     upstream_s: float = 60.0
+    drain_rate: int = 8 * 2**20         # bytes/s of refused uploads read and dropped, all refusals together
     retry_after_s: int = 2              # what a busy answer tells clients to wait
     restart_retry_after_s: int = 5      # ... and while TorchServe restarts or renews its keys
     versions: bool = False              # /predictions/<model>/<version>: the owner's (direct, with the key)
@@ -112,6 +114,7 @@ class Gate:
         self.rate = RateLimit(limits.rate, limits.burst)
         self.per_client: dict[str, int] = {}
         self.session: ClientSession | None = None
+        self._drain_free_at = 0.0  # when the drain's shared rate has room for the next chunk
 
     @staticmethod
     def _load_static(dist: Path) -> dict[str, tuple[bytes, str]]:
@@ -131,6 +134,33 @@ class Gate:
         return client_of(address or "?")
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        resp = await self._answer(request)
+        if resp.status >= 400 and request.body_exists and not request.content.at_eof():
+            await resp.prepare(request)  # the answer goes out first: a client waiting for it need not send more
+            await resp.write_eof()
+            await self._drain(request)
+        return resp
+
+    async def _drain(self, request: web.BaseRequest) -> None:
+        """Read and drop what a refused client is still sending, at GateLimits.drain_rate shared by every refusal,
+        within body_s and never stalled for stall_s; whatever is left then is cut off with the connection (the
+        server's lingering close is off: it would read every refused byte at full speed on this event loop)."""
+        loop, lim = asyncio.get_running_loop(), self.limits
+        deadline = loop.time() + lim.body_s
+        while not request.content.at_eof():
+            try:
+                async with asyncio.timeout(min(lim.stall_s, max(0.0, deadline - loop.time()))):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                return
+            now = loop.time()
+            start = max(now, self._drain_free_at)
+            self._drain_free_at = start + len(chunk) / lim.drain_rate
+            if start >= deadline:
+                return
+            await asyncio.sleep(start - now)
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         where = policy.route(request.method, request.path, self.limits.versions)
         if isinstance(where, policy.Refusal):
             resp = refuse(where)
@@ -267,7 +297,7 @@ class Gate:
             timeout=ClientTimeout(total=self.limits.upstream_s), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"))
         server = GateServer(self.handle, self.limits, per_address=self.client_ip_header is None,
-                         keepalive_timeout=self.limits.idle_s, lingering_time=5.0, auto_decompress=False,
+                         keepalive_timeout=self.limits.idle_s, lingering_time=0, auto_decompress=False,
                          access_log=None, max_headers=64, handler_cancellation=True)
         self.runner = web.ServerRunner(server, shutdown_timeout=10)
         await self.runner.setup()

@@ -46,8 +46,8 @@ def error_body(status: int, code: str, reason: str, retry_after: int | None) -> 
 
 
 def refuse(r: policy.Refusal, retry_after: int | None = None, close: bool = False) -> web.Response:
-    """A refusal as JSON with the security headers; close=True also ends the connection (after aiohttp has
-    drained what the client was still sending, so the client reads this answer instead of a reset)."""
+    """A refusal as JSON with the security headers; close=True also ends the connection (after Gate._drain has
+    read what the client was still sending, so the client reads this answer instead of a reset)."""
     body, headers = error_body(r.status, r.code, r.reason, retry_after)
     resp = web.Response(status=r.status, body=body, headers=headers)
     if close:

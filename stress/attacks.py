@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -71,6 +72,7 @@ class Outcome:
     restarts: dict = field(default_factory=dict)  # child -> 1 if its process changed during the attack
     stack_up: bool = True
     note: str = ""
+    cpu_s: dict = field(default_factory=dict)  # CPU seconds during the attack: the attacker's process, each part
 
     def record(self, status, ms: float) -> None:
         self.attacker[status] += 1
@@ -81,7 +83,7 @@ class Outcome:
         return {"attack": self.name, "attacker": dict(self.attacker), "attacker_p50_ms": p50(self.attacker_ms),
                 "user_ok": self.user.get(200, 0), "user_sent": sum(self.user.values()),
                 "user_statuses": dict(self.user), "user_p50_ms": p50(self.user_ms), "peak_mb": self.peak_mb,
-                "restarts": self.restarts, "stack_up": self.stack_up, "note": self.note}
+                "restarts": self.restarts, "stack_up": self.stack_up, "note": self.note, "cpu_s": self.cpu_s}
 
 
 def _timed_post(session, url, out: Outcome, stop: threading.Event, **kw) -> None:
@@ -315,10 +317,33 @@ QUICK = ["form-bomb", "multipart-bomb", "scan-bomb", "decoder-bombs", "framing",
 
 # ---- the run ------------------------------------------------------------------------------------------------
 
+PARTS = (("gate", "stack.gate"), ("torchserve", "org.pytorch.serve.ModelServer"), ("workers", "model_service_worker"))
+
+
+def _cpu_seconds(stack: LocalStack) -> dict:
+    """CPU seconds (user + system) each part of the stack has used so far, by process id."""
+    seen = {}
+    for p in stack.processes():
+        try:
+            line, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:
+            continue
+        for label, marker in PARTS:
+            if marker in line:
+                seen[p.pid] = (label, t.user + t.system)
+    return seen
+
+
+def _cpu_used(before: dict, after: dict) -> dict:
+    used = {}
+    for pid, (label, seconds) in after.items():
+        used[label] = used.get(label, 0.0) + seconds - (before[pid][1] if pid in before else 0.0)
+    return used
+
+
 def _sample_memory(stack: LocalStack, peak: dict, stop: threading.Event) -> None:
     while not stop.is_set():
-        for label, marker in (("gate", "stack.gate"), ("torchserve", "org.pytorch.serve.ModelServer"),
-                              ("workers", "model_service_worker")):
+        for label, marker in PARTS:
             total = 0
             for p in stack.processes():
                 try:
@@ -353,17 +378,41 @@ def _pids(stack: LocalStack) -> dict:
     return {name: getattr(stack.find(marker), "pid", None) for name, marker in CHILDREN.items()}
 
 
+def _attacker_process(name: str, stack: LocalStack, stop_all, results) -> None:
+    """The attack in a process of its own: its threads never share an interpreter lock with the normal user's
+    client (they did, and the user's measured latency then included the attacker's own Python work)."""
+    out, stop = Outcome(name), threading.Event()
+    threading.Thread(target=lambda: (stop_all.wait(), stop.set()), daemon=True).start()
+    cpu = time.process_time()
+    try:
+        ATTACKS[name](stack, out, stop)
+    finally:
+        results.send((dict(out.attacker), out.attacker_ms, out.note, time.process_time() - cpu))
+        results.close()
+
+
 def run_attack(stack: LocalStack, name: str, images: list[bytes], seconds: float, period: float = 0.5) -> Outcome:
     out, stop, peak = Outcome(name), threading.Event(), {}
-    before = _pids(stack)
+    before, cpu_before = _pids(stack), _cpu_seconds(stack)
+    ctx = multiprocessing.get_context("fork")
+    stop_attack, (results, sender) = ctx.Event(), ctx.Pipe(duplex=False)
+    attacker = ctx.Process(target=_attacker_process, args=(name, stack, stop_attack, sender))
+    attacker.start()  # forked before this run's own threads start
     helpers = [threading.Thread(target=_sample_memory, args=(stack, peak, stop), daemon=True),
                threading.Thread(target=_normal_user, args=(stack, images, out, stop, period), daemon=True)]
-    attacker = threading.Thread(target=ATTACKS[name], args=(stack, out, stop), daemon=True)
-    for t in (*helpers, attacker):
+    for t in helpers:
         t.start()
     time.sleep(seconds)
+    stop_attack.set()
     stop.set()
-    attacker.join(timeout=150)
+    if results.poll(150):
+        statuses, ms, out.note, attacker_cpu = results.recv()
+        out.cpu_s = {"attacker": attacker_cpu, **_cpu_used(cpu_before, _cpu_seconds(stack))}
+        out.attacker.update(statuses)
+        out.attacker_ms.extend(ms)
+    attacker.join(timeout=10)
+    if attacker.is_alive():
+        attacker.kill()
     for t in helpers:
         t.join(timeout=70)
     out.peak_mb = peak
@@ -451,7 +500,8 @@ def table(r: dict) -> str:
     rows = [f"Measured {r['date']} on {r['machine']}. Normal user at rest: p50 {r['rest_p50_ms']:.0f} ms "
             f"({r['rest_requests']} requests, one image every 0.5 s from another address).\n",
             "| attack | attacker got | attacker p50 ms | normal user answered | user p50 ms (at rest) | user p50 "
-            "ratio | stack | peak MiB gate / JVM / workers |", "|---|---|---|---|---|---|---|---|"]
+            "ratio | stack | peak MiB gate / JVM / workers | CPU s attacker / gate / JVM / workers |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for a in r["attacks"]:
         got = ", ".join(f"{k}: {v}" for k, v in sorted(a["attacker"].items(), key=lambda kv: -kv[1]))
         mem = a["peak_mb"]
@@ -460,7 +510,9 @@ def table(r: dict) -> str:
         rows.append(f"| {a['attack']} | {got} | {a['attacker_p50_ms']:.0f} | {a['user_ok']}/{a['user_sent']} | "
                     f"{a['user_p50_ms']:.0f} ({r['rest_p50_ms']:.0f}) | {a['user_p50_ms'] / r['rest_p50_ms']:.2f}x | "
                     f"{stack} | {mem.get('gate', 0)} / "
-                    f"{mem.get('torchserve', 0)} / {mem.get('workers', 0)} |")
+                    f"{mem.get('torchserve', 0)} / {mem.get('workers', 0)} | "
+                    + " / ".join(f"{a['cpu_s'].get(k, 0):.1f}" for k in ("attacker", "gate", "torchserve", "workers"))
+                    + " |")
     o = r["owner_only"]
     rows.append(f"\nAs {o['as']}: REST scale-to-0 HTTP {o['rest_scale_http']}, gRPC ScaleWorker {o['grpc_scale']}, "
                 f"key file readable: {o['key_file_readable']}. Listeners: {', '.join(o['listeners'])}. "

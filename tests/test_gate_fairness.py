@@ -197,3 +197,28 @@ def test_model_versions_only_at_the_owners_entry(ts, dist, sample_images):
     finally:
         public.stop()
         owner.stop()
+
+
+@pytest.mark.parametrize("gate", [GateLimits(drain_rate=2**20, body_s=20)], indirect=True)
+def test_refused_uploads_are_drained_at_a_bounded_rate(gate):
+    """A refusal is answered at the headers, then what the client still sends is read at GateLimits.drain_rate
+    (shared by every refusal), not as fast as loopback carries it: after 3 s one refused 400 MiB upload has got
+    at most ~3 MiB past the socket buffers, and another refused upload meanwhile still gets its answer."""
+    port, declared = gate.gate.port, 400 * 2**20
+    s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.60.1", 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)
+    s.sendall(POST + f"Content-Length: {declared}\r\n\r\n".encode())
+    s.settimeout(5)
+    assert assert_one_json_refusal(s.recv(4096), 413)["error"] == "too_large"  # answered before the body
+    s.setblocking(False)
+    sent, chunk, t0 = 0, b"\0" * 2**16, time.monotonic()
+    while time.monotonic() - t0 < 3.0:
+        try:
+            sent += s.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    other = exchange(port, POST + b"Content-Length: 20000000\r\n\r\n", source="127.0.61.1", first_only=True)
+    assert assert_one_json_refusal(other, 413)["error"] == "too_large"
+    s.close()
+    # 3 s at 1 MiB/s, plus what the kernel buffers on both sides of one loopback connection (a few MiB)
+    assert sent < 16 * 2**20, f"{sent / 2**20:.0f} MiB of a refused upload read in 3 s"
