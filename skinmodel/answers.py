@@ -17,7 +17,7 @@ VERDICT_REASONS = {
                       "meaningless for it",
 }
 # The other cause of "uncertain": the dermoscopy gate's score lies between "clearly dermoscopy" and refusal.
-GATE_UNCERTAIN_REASON = ("the picture may not be a dermoscopy image (the dermoscopy check is unsure), so no "
+CHECK_UNCERTAIN_REASON = ("the picture may not be a dermoscopy image (the dermoscopy check is unsure), so no "
                          "class is given with confidence; the ranking may be meaningless")
 
 
@@ -32,7 +32,7 @@ def decide(top_probability: float, ood_score: float | None, abstention: dict | N
     if ood_score is not None and above is not None and ood_score > above:
         return "not_dermoscopy", VERDICT_REASONS["not_dermoscopy"]
     if ood_score is not None and clear is not None and ood_score > clear:
-        return "uncertain", GATE_UNCERTAIN_REASON
+        return "uncertain", CHECK_UNCERTAIN_REASON
     if top_probability < abstention["uncertain_below"]:
         return "uncertain", VERDICT_REASONS["uncertain"]
     return "ok", VERDICT_REASONS["ok"]

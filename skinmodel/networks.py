@@ -112,7 +112,7 @@ def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: to
 def ood_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
     """How unlike a dermoscopy image the features are; the verdict compares it with meta.json's threshold.
     With an "is this dermoscopy" head in the statistics (weight, bias, mean, scale): its logit of "not
-    dermoscopy" (training/dermoscopy/abstention.py). Without (release 1.0's first statistics): the smallest class-conditional
+    dermoscopy" (training/dermoscopy/check.py). Without (release 1.0's first statistics): the smallest class-conditional
     Mahalanobis distance. With the classifier's own head (fc_weight, fc_bias): the energy score,
     -logsumexp of the logits."""
     if "fc_weight" in stats:

@@ -48,7 +48,7 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
     card = (RELEASE / "model_card.md").read_text()
     assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
     assert "Out-of-scope use" in card and "lesion_id" in card
-    from training.dermoscopy.abstention import render_table
+    from training.dermoscopy.check import render_table
 
     # The card (shipped in the .mar) and README carry the gate figures of this meta.json, not an older run's.
     table = render_table(meta["abstention"])
@@ -116,38 +116,38 @@ def test_the_recorded_held_out_refusals_meet_the_target(meta):
 
 
 @pytest.fixture(scope="module")
-def gate_sources_installed():
+def pool_sources_installed():
     """The Debian packages the gate's pictures come from: installed here (root), else the test cannot run."""
-    from training.dermoscopy import gate_pool
+    from training.dermoscopy import pool
 
     try:
-        gate_pool.install()
+        pool.install()
     except PermissionError as err:
         pytest.skip(f"cannot install the gate's picture sources without root: {err}")
-    missing = [s.name for s in gate_pool.SOURCES if not gate_pool.available(s)]
+    missing = [s.name for s in pool.SOURCES if not pool.available(s)]
     assert not missing, f"sources still missing after the install: {missing}"
-    return gate_pool
+    return pool
 
 
 @pytest.fixture(scope="module")
-def pool_pictures(gate_sources_installed):
-    """{part: {source: picture files}} of the validation and test sources, made as the trust step makes them
+def pool_pictures(pool_sources_installed):
+    """{part: {source: picture files}} of the validation and test sources, made as the dermoscopy check step makes them
     (less any picture identical to a fitting one), and the fitting sources' pictures."""
-    gate_pool = gate_sources_installed
-    every = {s.name: gate_pool.pictures(s) for s in gate_pool.SOURCES}
-    keep = gate_pool.drop_fitted(every)
-    return {part: {s.name: [every[s.name][i] for i in keep[s.name]] for s in gate_pool.sources(part)}
-            for part in gate_pool.PARTS}
+    pool = pool_sources_installed
+    every = {s.name: pool.pictures(s) for s in pool.SOURCES}
+    keep = pool.drop_fitted(every)
+    return {part: {s.name: [every[s.name][i] for i in keep[s.name]] for s in pool.sources(part)}
+            for part in pool.PARTS}
 
 
-def test_the_release_gate_was_fitted_on_none_of_the_held_out_sources(meta, gate_sources_installed, pool_pictures):
+def test_the_release_gate_was_fitted_on_none_of_the_held_out_sources(meta, pool_sources_installed, pool_pictures):
     """The release records which sources it was fitted, chosen and reported on: the same split as the code's, no
     held-out source among the fitted ones, and no held-out picture identical to a fitted one."""
     import hashlib
 
-    gate_pool = gate_sources_installed
+    pool = pool_sources_installed
     recorded = meta["abstention"]["gate_sources"]
-    assert recorded == {p: [s.name for s in gate_pool.sources(p)] for p in gate_pool.PARTS}
+    assert recorded == {p: [s.name for s in pool.sources(p)] for p in pool.PARTS}
     assert not set(recorded["fit"]) & (set(recorded["val"]) | set(recorded["test"]))
     assert set(recorded["test"]) == set(meta["abstention"]["non_skin_sets"]), "the figure is not for the test sources"
     fitted = {hashlib.sha256(b).digest() for blobs in pool_pictures["fit"].values() for b in blobs}

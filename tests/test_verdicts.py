@@ -42,7 +42,7 @@ def verdict_release(tiny_release, sample_images, tmp_path_factory):
     by_confidence = sorted(rest, key=lambda i: float(top[i]))
     uncertain, ok = by_confidence[0], by_confidence[-1]
     assert float(distances[order[0]]) > float(distances[order[1]]) and float(top[by_confidence[0]]) < float(top[by_confidence[1]])
-    # A linear "is this dermoscopy" head, as training/dermoscopy/abstention.py writes one: the projection on the direction
+    # A linear "is this dermoscopy" head, as training/dermoscopy/check.py writes one: the projection on the direction
     # of the farthest photo scores it highest (|d| beats every other projection, each at most its own |d|).
     direction = (feats[refused] - centre) / distances[refused]
     projections = (feats - centre) @ direction
@@ -225,7 +225,7 @@ def test_a_gate_score_between_clearly_dermoscopy_and_refusal_is_uncertain_never_
     import dataclasses
     from pathlib import Path
 
-    from skinmodel.answers import GATE_UNCERTAIN_REASON, VERDICT_REASONS, format_prediction
+    from skinmodel.answers import CHECK_UNCERTAIN_REASON, VERDICT_REASONS, format_prediction
 
     meta = ReleaseMeta.load(Path(__file__).resolve().parents[1] / "release")
     meta = dataclasses.replace(meta, abstention={"uncertain_below": 0.4, "ood_score_clear_below": 0.0,
@@ -234,7 +234,7 @@ def test_a_gate_score_between_clearly_dermoscopy_and_refusal_is_uncertain_never_
     answers = {s: format_prediction(confident, meta, ood_score=s) for s in (-1.0, 0.5, 1.99, 2.5)}
     assert answers[-1.0]["verdict"] == "ok" and answers[-1.0]["verdict_reason"] == VERDICT_REASONS["ok"]
     for s in (0.5, 1.99):
-        assert answers[s]["verdict"] == "uncertain" and answers[s]["verdict_reason"] == GATE_UNCERTAIN_REASON, s
+        assert answers[s]["verdict"] == "uncertain" and answers[s]["verdict_reason"] == CHECK_UNCERTAIN_REASON, s
     assert answers[2.5]["verdict"] == "not_dermoscopy" and answers[2.5]["top"] is None
     unsure = format_prediction([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1], meta, ood_score=-1.0)
     assert unsure["verdict"] == "uncertain" and unsure["verdict_reason"] == VERDICT_REASONS["uncertain"]

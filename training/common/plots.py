@@ -71,7 +71,7 @@ def plot_grid(alphas, temps, scores, png_path: Path, label="val macro-F1") -> No
     plt.close(fig)
 
 
-def plot_gate_scores(groups: dict[str, np.ndarray], threshold: float, png_path: Path) -> None:
+def plot_check_scores(groups: dict[str, np.ndarray], threshold: float, png_path: Path) -> None:
     """Where the dermoscopy gate's scores fall: one histogram per group (real lesions first), the threshold as a
     line. What lies right of the line is answered `not_dermoscopy`."""
     low = min(float(np.percentile(v, 0.5)) for v in groups.values())

@@ -2,7 +2,7 @@
 
 The release's network is fine-tuned (layer4 and fc; the rest frozen, to fit a CPU budget) with the classification
 loss on HAM10000 training lesions plus `--weight` x the cross-entropy to the uniform distribution on the fitting
-sources' pictures (training/dermoscopy/gate_pool.py). Scored by the maximum softmax probability and by energy. Because this
+sources' pictures (training/dermoscopy/pool.py). Scored by the maximum softmax probability and by energy. Because this
 changes the weights, a winner would not be the release's network: the result is a comparison row, not a release.
 
 Reduced protocol (what fits 2 shared cores): thresholds keep --lesion-keep of the plain validation lesions of every
@@ -24,8 +24,8 @@ from skinmodel.networks import build_model, features_and_logits, load_state_dict
 from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
-from training.dermoscopy import gate_pool
-from training.dermoscopy.gate_features import features
+from training.dermoscopy import pool
+from training.dermoscopy.features import features
 from training.dermoscopy.rejectors import refusal_threshold
 
 
@@ -81,11 +81,11 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     picked = [train[i] for i in sorted(rng.choice(len(train), min(3000, len(train)), replace=False))]
     lesions = _tensors(meta, [Path(r.path).read_bytes() for r in picked])
     labels = torch.tensor([r.label for r in picked])
-    pictures = torch.cat([_tensors(meta, gate_pool.pictures(s, seed)) for s in gate_pool.sources("fit")])
+    pictures = torch.cat([_tensors(meta, pool.pictures(s, seed)) for s in pool.sources("fit")])
     tuned = fine_tune(model, lesions, labels, pictures, steps, weight, seed=seed)
     val_x = _tensors(meta, [Path(r.path).read_bytes() for r in val])
     val_y = np.array([r.label for r in val])
-    val_pics = {s.name: gate_pool.pictures(s, seed) for s in gate_pool.sources("val")}
+    val_pics = {s.name: pool.pictures(s, seed) for s in pool.sources("val")}
     stats = torch.load(release / meta.abstention["ood_stats_file"], weights_only=True)
     rows = {}
     lesion_scores = {f"OE fine-tune ({steps} steps, weight {weight:g}), {k}": v

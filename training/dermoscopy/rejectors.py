@@ -2,7 +2,7 @@
 
 Every rejector maps penultimate features to a score, higher = less like dermoscopy:
 - "1.1 head": the shipped logistic head (release 1.1's ood_stats.pt, fitted on the old, small pool);
-- "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/gate_pool.py),
+- "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/pool.py),
   each source weighted alike or every picture alike, at three strengths;
 - "energy": -logsumexp of the logits (Liu et al. 2020), no fitting;
 - "kNN": minus the cosine similarity to the k-th nearest training lesion (Sun et al. 2022), no fitting.
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from skinmodel.networks import ood_score
-from training.dermoscopy import gate_pool
-from training.dermoscopy.gate_features import features
+from training.dermoscopy import pool
+from training.dermoscopy.features import features
 
 LESION_KEEP = 0.995
 CLEAR_KEEP = (0.99, 0.985, 0.98, 0.97, 0.96, 0.95)  # lesion shares that may be answered ok, tried in order
@@ -36,10 +36,10 @@ KNN_K = 10
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Features (and calibrated top probabilities) of every source's pictures, cached per weights and sources;
-    held-out pictures identical to a fitting one left out (gate_pool.drop_fitted)."""
-    rows = [{k: v for k, v in r.items() if k != "pictures"} for r in gate_pool.manifest()]
+    held-out pictures identical to a fitting one left out (pool.drop_fitted)."""
+    rows = [{k: v for k, v in r.items() if k != "pictures"} for r in pool.manifest()]
     key = hashlib.sha256((hashlib.sha256(weights.read_bytes()).hexdigest() + json.dumps(rows, sort_keys=True)
-                          + f"|{seed}|{gate_pool.MAX_FILES}|{gate_pool.CROP_SCALES}|{meta.preprocessing}")
+                          + f"|{seed}|{pool.MAX_FILES}|{pool.CROP_SCALES}|{meta.preprocessing}")
                          .encode()).hexdigest()[:16]
     path = cache / f"gate-pool-{key}.pt" if cache else None
     out = torch.load(path, weights_only=True) if path and path.exists() else _compute_pool(model, meta, seed)
@@ -48,20 +48,20 @@ def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0)
         torch.save(out, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
     if any("digests" not in v for v in out.values()):  # a cache written before digests were kept
-        for source in gate_pool.SOURCES:
+        for source in pool.SOURCES:
             if source.name in out:
-                out[source.name]["digests"] = [hashlib.sha256(b).digest() for b in gate_pool.pictures(source, seed)]
-    keep = gate_pool.drop_fitted({n: v["digests"] for n, v in out.items()})
+                out[source.name]["digests"] = [hashlib.sha256(b).digest() for b in pool.pictures(source, seed)]
+    keep = pool.drop_fitted({n: v["digests"] for n, v in out.items()})
     return {n: {"feats": v["feats"][keep[n]], "top": v["top"][keep[n]]} for n, v in out.items()}
 
 
 def _compute_pool(model, meta, seed: int) -> dict:
     out = {}
-    for source in gate_pool.SOURCES:
-        if not gate_pool.available(source):
+    for source in pool.SOURCES:
+        if not pool.available(source):
             print(f"warning: {source.name} ({source.package}) is not installed: left out of the gate's pool", flush=True)
             continue
-        blobs = gate_pool.pictures(source, seed)
+        blobs = pool.pictures(source, seed)
         f, top, _ = features(model, meta, blobs, source.name)
         out[source.name] = {"feats": f, "top": top, "digests": [hashlib.sha256(b).digest() for b in blobs]}
     return out
@@ -205,4 +205,4 @@ def compare(cands: list[Candidate], val: dict, val_pics: dict, uncertain_below: 
 
 def fitted_files_digest(seed: int = 0) -> set[bytes]:
     """sha256 of every fitting picture: what no held-out picture may be."""
-    return {hashlib.sha256(b).digest() for s in gate_pool.sources("fit") for b in gate_pool.pictures(s, seed)}
+    return {hashlib.sha256(b).digest() for s in pool.sources("fit") for b in pool.pictures(s, seed)}

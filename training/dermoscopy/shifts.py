@@ -2,7 +2,7 @@
 saw HAM10000. Ten families, each drawn at random within a range, deterministic for a seed.
 
 Used to fit the "is this dermoscopy" gate (training copies), to choose its threshold (validation copies) and to
-report its false refusals per family (test copies): `python -m training trust`.
+report its false refusals per family (test copies): `python -m training dermoscopy-check`.
 """
 from __future__ import annotations
 

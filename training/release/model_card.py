@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from skinmodel.release import ReleaseMeta
-from training.dermoscopy.abstention import render_table
+from training.dermoscopy.check import render_table
 from training.common.metrics import wilson
 from training.evaluation.subgroups import render_subgroups
 
@@ -115,7 +115,7 @@ push probability towards rare classes, so probabilities are not prevalence-calib
   ({ab.get('ood_method', '')}): {ab.get('test_lesions_rejected_as_ood', float('nan')):.1%} of real test lesions are
   wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {ab.get('test_ood_auroc_all', float('nan')):.3f}.
   Shifted test copies (other cameras, light, focus, compression, framing) and pictures the gate never saw
-  (`python -m training trust --release release` prints this table; `gate_scores.png` shows where the scores of
+  (`python -m training dermoscopy-check --release release` prints this table; `gate_scores.png` shows where the scores of
   each group fall against the threshold):
 
 {gate}

@@ -86,7 +86,7 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {"file_mb": path.stat().st_size / 2**20, "images_per_s": throughput(net, cfg.crop_size),
                       "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
-                      "not_dermoscopy": gate_refusals(net, x_test, release, meta)}
+                      "not_dermoscopy": check_refusals(net, x_test, release, meta)}
     drop = rows["fp32"]["balanced_accuracy"] - rows["int8"]["balanced_accuracy"]
     speed = rows["int8"]["images_per_s"] / rows["fp32"]["images_per_s"]
     meets = rows["int8"]["file_mb"] <= 12 and speed >= 2 and drop <= 0.01
@@ -124,7 +124,7 @@ def write_comparison(rows: dict, comparison: dict, out: Path) -> str:
     return text
 
 
-def gate_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
+def check_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
     """Share of test lesions the dermoscopy gate refuses with this network's features: the gate was fitted on
     fp32 features, and int8 features must not push real lesions over its threshold."""
     ab = meta.abstention or {}

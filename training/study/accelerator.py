@@ -168,7 +168,7 @@ NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # 
 
 def rescue(work: Path, out: Path, error: BaseException | None = None) -> None:
     """What cannot be rebuilt without the GPU, in OUT: the best checkpoint of the most advanced run, its weights
-    in fp16 (it loads like any checkpoint: export, calibrate and trust take it on a CPU), with every run's history.
+    in fp16 (it loads like any checkpoint: export, calibrate and dermoscopy-check take it on a CPU), with every run's history.
     Written as soon as training ends (error None; the full release replaces it at the end, so a run killed at its
     time limit still sends the student back) and again after a failure."""
     for run in ("resnet18_kd", "resnet18"):

@@ -28,7 +28,7 @@ import numpy as np
 
 from skinmodel.release import MODEL_NAME, ReleaseMeta
 from training.common import data as D
-from training.dermoscopy.abstention import fit_abstention
+from training.dermoscopy.check import fit_dermoscopy_check
 from training.evaluation.evaluate_release import evaluate_release
 from training.release.calibrate import calibrate
 from training.common.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,
@@ -337,7 +337,7 @@ def make_release(study: StudyConfig, out: Path, data: D.DataConfig, teacher: dic
                                         str(report_dir / "results.json"), "resnet18 distilled",
                                         command=study.command))
     _done(out, "calibrate", lambda: calibrate(student, release, data, study.device))
-    _done(out, "gate", lambda: fit_abstention(release, data, device=study.device))
+    _done(out, "gate", lambda: fit_dermoscopy_check(release, data, device=study.device))
     _done(out, "served test", lambda: _served(release, data))
     served_file = release / SERVED_TEST / "results.json"
     served = json.loads(served_file.read_text()) if served_file.exists() else None

@@ -9,7 +9,7 @@ are installed by `install()` (apt-get, as root) and read where dpkg put them; no
 repository. `manifest()` records every source with its package version, licence and file count
 (release/gate_pool.json).
 
-    python -m training.dermoscopy.gate_pool --install --manifest release/gate_pool.json
+    python -m training.dermoscopy.pool --install --manifest release/gate_pool.json
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 - the dermoscopy gate: a score on the penultimate features (training/dermoscopy/rejectors.py compares a logistic head on
   the old pool and on the packages' pool, the energy score and a nearest-neighbour score on VALIDATION sources
   and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
-  (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages, training/dermoscopy/gate_pool.py), fit,
+  (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages, training/dermoscopy/pool.py), fit,
   val and test sources disjoint. Two thresholds: above `ood_score_above` (keeps --lesion-keep of the validation
   lesions of every class, pooled with their copies under the ten shift families) the answer is
   `not_dermoscopy`; between `ood_score_clear_below` and it, `uncertain`, never `ok`.
@@ -14,8 +14,8 @@ Reported on the test split (per class, per shift family) and on the test sources
 Features are computed once per release and cached (--cache-dir). Writes ood_stats.pt, meta.json's "abstention"
 and gate_scores.png.
 
-    python -m training.dermoscopy.gate_pool --install     # once per machine (root): the Debian packages of the pool
-    python -m training trust --release release --version 1.2
+    python -m training.dermoscopy.pool --install     # once per machine (root): the Debian packages of the pool
+    python -m training dermoscopy-check --release release --version 1.2
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
 from skinmodel.networks import build_model, load_state_dict_file
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
-from training.dermoscopy import gate_pool
+from training.dermoscopy import pool
 from training.dermoscopy import rejectors as R
 from training.common.checkpoint import StudyError, atomic_save
 from training.common.device import add_device_args, resolve_device
-from training.dermoscopy.gate_features import lesion_features
-from training.common.plots import plot_gate_scores
+from training.dermoscopy.features import lesion_features
+from training.common.plots import plot_check_scores
 from training.dermoscopy.shifts import FAMILIES
 
 UNCERTAIN_SHARE = 0.2  # share of validation lesions answered "uncertain"
@@ -112,7 +112,7 @@ def _load_release(release: Path, data: D.DataConfig, device: str):
     return meta, split, model.eval().to(resolve_device(device))
 
 
-def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
+def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
                    lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
                    device: str = "auto") -> dict:
     """Choose, measure and write the abstention of a release. A new `version` names the result: the same weights
@@ -122,12 +122,12 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     data.use_threads()
     weights = release / meta.weights_file
     try:
-        gate_pool.install()
+        pool.install()
     except (OSError, subprocess.CalledProcessError) as err:  # offline or not root: measured on what is there
         print(f"warning: the gate's picture sources could not be installed ({err})", flush=True)
     les = lesion_features(model, meta, weights, split, data.cache, seed)
     pics = R.pool_features(model, meta, weights, data.cache, seed)
-    parts = {p: [s for s in gate_pool.sources(p) if s.name in pics] for p in gate_pool.PARTS}
+    parts = {p: [s for s in pool.sources(p) if s.name in pics] for p in pool.PARTS}
     uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
     old = release / "ood_stats.pt"
     old_stats = torch.load(old, weights_only=True) if old.exists() else None
@@ -156,7 +156,7 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
         "test_ood_auroc_all": auroc(np.concatenate(list(scores.values())), fams["unshifted"][0]),
         "gate_sources": {p: [s.name for s in sources] for p, sources in parts.items()},
     }
-    plot_gate_scores({"test lesions": fams["unshifted"][0],
+    plot_check_scores({"test lesions": fams["unshifted"][0],
                       f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
                       **scores}, refuse, release / "gate_scores.png")
     atomic_save(best.stats, release / "ood_stats.pt")  # float32: the handler scores exactly as measured here
@@ -164,7 +164,7 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     meta.version = version or meta.version
     meta.save(release)
     (release / "gate_pool.json").write_text(json.dumps(
-        gate_pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
+        pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
     print(render_comparison(result))
     print(render_table(result))
     return result
@@ -209,7 +209,7 @@ def render_table(ab: dict) -> str:
     return "\n".join(lines)
 
 
-def carry_gate(release: Path, variant: Path) -> None:
+def carry_check(release: Path, variant: Path) -> None:
     """A variant of the release with the same weights' gate (the int8 folder): the new gate, thresholds and version
     (the variant's own suffix kept), so the int8 model answers with the gate this run measured."""
     import shutil
@@ -241,10 +241,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    result = fit_abstention(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
+    result = fit_dermoscopy_check(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
                             version=args.version, device=args.device)
     for variant in args.variant:
-        carry_gate(Path(args.release), variant)
+        carry_check(Path(args.release), variant)
     return result
 
 

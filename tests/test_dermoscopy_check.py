@@ -16,8 +16,8 @@ from PIL import Image
 from skinmodel.inputs import PreprocessConfig
 from skinmodel.networks import ood_score
 from skinmodel.preprocessing import preprocess_bytes
-from training.dermoscopy.abstention import fit_head, render_comparison, render_table
-from training.dermoscopy import gate_pool
+from training.dermoscopy.check import fit_head, render_comparison, render_table
+from training.dermoscopy import pool
 from training.dermoscopy.shifts import FAMILIES, shifted
 
 pytestmark = pytest.mark.fast
@@ -61,31 +61,31 @@ def test_every_package_feeds_one_part_only_so_held_out_sources_are_never_fitted(
     """Split by source, not by picture: a package whose pictures are held out (val, test) may not give a single
     picture to the fitting pool, nor the validation sources to the test ones."""
     owner = {}
-    for source in gate_pool.SOURCES:
+    for source in pool.SOURCES:
         for package in _packages(source):
             assert owner.setdefault(package, source.part) == source.part, (package, owner[package], source.part)
-    for part in gate_pool.PARTS:
-        kinds = " ".join(s.kind for s in gate_pool.sources(part))
+    for part in pool.PARTS:
+        kinds = " ".join(s.kind for s in pool.sources(part))
         assert "photographs" in kinds, f"{part}: photographs are the pictures that leaked: every part needs some"
-    assert len(gate_pool.sources("val")) >= 3 and len(gate_pool.sources("test")) >= 3
-    assert {s.name for s in gate_pool.sources("test")} >= {"scikit-image photographs", "LFW faces (scikit-image)"}
+    assert len(pool.sources("val")) >= 3 and len(pool.sources("test")) >= 3
+    assert {s.name for s in pool.sources("test")} >= {"scikit-image photographs", "LFW faces (scikit-image)"}
 
 
 def test_a_gimp_pattern_file_reads_as_its_pixels():
     pixels = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(3, 4, 3)
     name = b"tiny\0"
     header = struct.pack(">5I4s", 24 + len(name), 1, 4, 3, 3, b"GPAT") + name
-    img = gate_pool.read_gimp_pattern(header + pixels.tobytes())
+    img = pool.read_gimp_pattern(header + pixels.tobytes())
     assert img.size == (4, 3) and img.mode == "RGB" and (np.asarray(img) == pixels).all()
     with pytest.raises(ValueError):
-        gate_pool.read_gimp_pattern(header.replace(b"GPAT", b"GBRH") + pixels.tobytes())
+        pool.read_gimp_pattern(header.replace(b"GPAT", b"GBRH") + pixels.tobytes())
 
 
 def test_each_file_counts_whole_and_as_crops_of_half_and_a_quarter_of_its_side():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 1024, 3), dtype=np.uint8))
-    views = gate_pool.views(img, np.random.default_rng(1))
+    views = pool.views(img, np.random.default_rng(1))
     assert [v.size for v in views] == [(512, 300), (512, 300), (256, 150)]  # at most 512 px, the model sees 96
-    assert len(gate_pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
+    assert len(pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
 
 
 def test_the_head_separates_what_it_saw_and_stores_fp32_statistics():
