@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
+from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file
 from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
@@ -86,7 +86,7 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     val_x = _tensors(meta, [Path(r.path).read_bytes() for r in val])
     val_y = np.array([r.label for r in val])
     val_pics = {s.name: pool.pictures(s, seed) for s in pool.sources("val")}
-    stats = torch.load(release / meta.abstention["ood_stats_file"], weights_only=True)
+    stats = torch.load(meta.check_stats_path(release), weights_only=True)
     rows = {}
     lesion_scores = {f"OE fine-tune ({steps} steps, weight {weight:g}), {k}": v
                      for k, v in scores(tuned, val_x, meta.temperature).items()}
@@ -94,9 +94,10 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     for name, blobs in val_pics.items():
         for k, v in scores(tuned, _tensors(meta, blobs), meta.temperature).items():
             pic_scores[f"OE fine-tune ({steps} steps, weight {weight:g}), {k}"][name] = v
-    head = f"release's gate ({meta.abstention.get('rejector', 'head')})"
-    lesion_scores[head] = ood_score(features(model, meta, [Path(r.path).read_bytes() for r in val], "val")[0], stats)
-    pic_scores[head] = {n: ood_score(features(model, meta, b, n)[0], stats) for n, b in val_pics.items()}
+    head = f"release's dermoscopy check ({meta.dermoscopy_check.get('rejector', 'head')})"
+    val_feats = features(model, meta, [Path(r.path).read_bytes() for r in val], "val")[0]
+    lesion_scores[head] = dermoscopy_check_score(val_feats, stats)
+    pic_scores[head] = {n: dermoscopy_check_score(features(model, meta, b, n)[0], stats) for n, b in val_pics.items()}
     for name, les in lesion_scores.items():
         t = refusal_threshold([les], val_y, keep)
         per = {n: float((s > t).float().mean()) for n, s in pic_scores[name].items()}
