@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from handler.skin_handler import SkinLesionHandler
+from skinmodel.release import CHECK_STATS_FILE
 from training.common import data as D
+from training.dermoscopy.check import POOL_JSON, SCORES_PNG
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "release"
@@ -43,7 +45,8 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
         "the release was evaluated on another split than the lesion-grouped one this code makes"
     test = meta["metrics"]["test"]
     assert 0 < test["balanced_accuracy"] <= 1 and meta["temperature"] > 0
-    for name in ("report.md", "results.json", "model_card.md", "reliability.png", "ood_stats.pt", "gate_scores.png"):
+    for name in ("report.md", "results.json", "model_card.md", "reliability.png", CHECK_STATS_FILE, SCORES_PNG,
+                 POOL_JSON):
         assert (RELEASE / name).exists(), name
     card = (RELEASE / "model_card.md").read_text()
     assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
@@ -60,7 +63,8 @@ def test_the_int8_variant_carries_this_release_dermoscopy_check(meta):
     int8 = json.loads((RELEASE / "int8" / "meta.json").read_text())
     assert int8["version"] == f"{meta['version']}-int8" and int8["split_hash"] == meta["split_hash"]
     assert int8["dermoscopy_check"] == meta["dermoscopy_check"]
-    assert (RELEASE / "int8" / "ood_stats.pt").read_bytes() == (RELEASE / "ood_stats.pt").read_bytes()
+    assert (RELEASE / "int8" / CHECK_STATS_FILE).read_bytes() == (RELEASE / CHECK_STATS_FILE).read_bytes()
+    assert (RELEASE / "int8" / SCORES_PNG).read_bytes() == (RELEASE / SCORES_PNG).read_bytes()
 
 
 @pytest.fixture(scope="module")
