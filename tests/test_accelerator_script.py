@@ -89,7 +89,7 @@ def test_unpack_rebuilds_a_release_the_handler_serves(packed, tmp_path, sample_i
     r = run_training("unpack", "--from", str(out), "--release", str(tmp_path / "release"))
     assert r.returncode == 0, r.stderr[-2000:]
     meta = ReleaseMeta.load(tmp_path / "release")
-    assert meta.version == "2.0" and meta.abstention and meta.calibration
+    assert meta.version == "2.0" and meta.dermoscopy_check and meta.calibration
     assert json.loads((tmp_path / "release" / "results.json").read_text()) == json.loads(
         (work / "study" / "release" / "results.json").read_text())
     answer = SkinLesionHandler.in_process(tmp_path / "release").answer([sample_images[0].read_bytes()])[0]
