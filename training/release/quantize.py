@@ -51,8 +51,8 @@ def throughput(model, crop: int, batch: int = 8, seconds: float = 4.0) -> float:
 
 
 def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: int = 512) -> dict:
-    """OUT: an int8 release of release's ResNet18 (weights, meta.json, the OOD statistics and model card) and the
-    fp32-vs-int8 comparison; returns the comparison."""
+    """OUT: an int8 release of release's ResNet18 (weights, meta.json, the dermoscopy check's statistics and model
+    card) and the fp32-vs-int8 comparison; returns the comparison."""
     release, out = Path(release), Path(out)
     meta = ReleaseMeta.load(release)
     if meta.arch != "resnet18":
