@@ -19,7 +19,7 @@ from skinmodel.answers import format_error, format_prediction
 from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
 from skinmodel.inputs import DECODE_CPU_BUDGET_S, cpu_budget
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
+from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
 from skinmodel.release import ReleaseMeta
@@ -45,11 +45,10 @@ class SkinLesionHandler(BaseHandler):
         self.model = build_model(self.meta.arch, self.meta.num_classes)
         self.model.load_state_dict(load_state_dict_file(weights))
         self.model.eval()
-        self.ood_stats = None
-        abstention = self.meta.abstention
-        if abstention and abstention.get("ood_stats_file"):
-            stats = torch.load(os.path.join(model_dir, abstention["ood_stats_file"]), weights_only=True)
-            self.ood_stats = {k: v.float() for k, v in stats.items()}
+        self.check_stats = None  # the dermoscopy check's statistics (in older folders formerly ood_stats.pt)
+        stats_path = self.meta.check_stats_path(model_dir)
+        if stats_path is not None:
+            self.check_stats = {k: v.float() for k, v in torch.load(stats_path, weights_only=True).items()}
         self.spool = EventSpool.from_env()
         self.review = ReviewStore.from_env()  # off unless SKIN_REVIEW_KEEP_DAYS > 0
         # Under KServe's TorchServe runtime the rows are v1 instances ({"data": "<base64>"}): the runtime sets
@@ -83,8 +82,8 @@ class SkinLesionHandler(BaseHandler):
         return (torch.stack(tensors) if tensors else None), slots
 
     def inference(self, batch, *args, **kwargs):
-        """The one decision, for predictions and explanations alike: calibrated probabilities and the gate's
-        dermoscopy score the verdict is made of."""
+        """The one decision, for predictions and explanations alike: calibrated probabilities and the dermoscopy
+        check's score the verdict is made of."""
         tensor, slots = batch
         self._tensor = tensor  # Grad-CAM reruns an explained image with gradients
         if tensor is None:
@@ -92,8 +91,8 @@ class SkinLesionHandler(BaseHandler):
         with torch.inference_mode():
             feats, logits = features_and_logits(self.model, tensor)
             probabilities = torch.softmax(logits / self.temperature, dim=1)
-            scores = (ood_score(feats, self.ood_stats).tolist()
-                         if self.ood_stats is not None and feats is not None else [None] * len(tensor))
+            scores = (dermoscopy_check_score(feats, self.check_stats).tolist()
+                      if self.check_stats is not None and feats is not None else [None] * len(tensor))
         return (probabilities, scores), slots
 
     def postprocess(self, output):

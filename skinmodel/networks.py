@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Only networks with the whole release path (dermoscopy gate on their `fc` features, Grad-CAM on `layer4`, tested):
+# Only networks with the whole release path (dermoscopy check on their `fc` features, Grad-CAM on `layer4`, tested):
 # convnext_tiny was offered once without either and is gone.
 ARCHITECTURES = ("resnet18", "resnet50")
 INT8_ENGINE = "x86"
@@ -109,12 +109,12 @@ def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: to
     return d2.clamp_min(0).min(dim=1).values.sqrt()
 
 
-def ood_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
-    """How unlike a dermoscopy image the features are; the verdict compares it with meta.json's threshold.
-    With an "is this dermoscopy" head in the statistics (weight, bias, mean, scale): its logit of "not
-    dermoscopy" (training/dermoscopy/abstention.py). Without (release 1.0's first statistics): the smallest class-conditional
-    Mahalanobis distance. With the classifier's own head (fc_weight, fc_bias): the energy score,
-    -logsumexp of the logits."""
+def dermoscopy_check_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
+    """The dermoscopy check's score: how unlike a dermoscopy image the features are; the verdict compares it with
+    meta.json's dermoscopy_check thresholds. With an "is this dermoscopy" head in the statistics (weight, bias,
+    mean, scale): its logit of "not dermoscopy" (training/dermoscopy/check.py). Without (release 1.0's first
+    statistics): the smallest class-conditional Mahalanobis distance. With the classifier's own head (fc_weight,
+    fc_bias): the energy score, -logsumexp of the logits."""
     if "fc_weight" in stats:
         return -torch.logsumexp(feats @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
     if "weight" in stats:

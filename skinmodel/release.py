@@ -2,8 +2,11 @@
 ReleaseMeta (load / save), as timm's pretrained_cfg travels with its weights.
 
 Every reader (the handler, the page build, the archive, ops, the model card) and every writer (export,
-calibration, abstention thresholds, int8 quantization, the archive's renaming) goes through this class, so
+calibration, the dermoscopy check, int8 quantization, the archive's renaming) goes through this class, so
 the file has one schema, a version, atomic writes, and one serialised form of the preprocessing.
+
+Schema 2 names the dermoscopy check `dermoscopy_check`; schema 1 files (its keys formerly `abstention` and
+`ood_*`) are migrated on read (`migrate`), so older release folders keep loading and keep refusing.
 """
 from __future__ import annotations
 
@@ -16,9 +19,18 @@ from pathlib import Path
 from skinmodel.inputs import PreprocessConfig
 from skinmodel.labels import CONCERNING
 
-SCHEMA = 1
+SCHEMA = 2
 FILE_NAME = "meta.json"
 MODEL_NAME = "skin-lesion"  # the name a release is served under unless it says otherwise
+CHECK_STATS_FILE = "dermoscopy_check.pt"  # the dermoscopy check's statistics, beside the weights
+FORMER_CHECK_STATS_FILE = "ood_stats.pt"  # their file name in release folders written before schema 2
+# Schema 1's names (formerly) of the dermoscopy check's keys: the block was "abstention", the threshold of
+# release 1.0 "ood_distance_above"; any other "ood_" key loses the prefix.
+FORMER_CHECK_KEYS = {"ood_distance_above": "refuse_above", "ood_score_above": "refuse_above",
+                     "ood_score_clear_below": "clear_below", "ood_stats_file": "stats_file",
+                     "test_lesions_rejected_as_ood": "test_lesions_refused",
+                     "test_lesions_gate_uncertain": "test_lesions_check_uncertain",
+                     "test_ood_auroc_all": "test_auroc_all", "gate_sources": "sources"}
 
 
 class ReleaseError(ValueError):
@@ -44,7 +56,7 @@ class ReleaseMeta:
     training: dict = field(default_factory=dict)
     created: str = ""
     calibration: dict | None = None
-    abstention: dict | None = None
+    dermoscopy_check: dict | None = None  # thresholds, statistics file and figures of the "is it dermoscopy" check
     quantization: dict | None = None
     schema: int = SCHEMA
     extra: dict = field(default_factory=dict)  # keys this code does not know (a newer writer's): kept, written back
@@ -69,10 +81,22 @@ class ReleaseMeta:
                     out[f.name] = value
         return {**out, **{k: v for k, v in self.extra.items() if k not in out}}
 
+    def check_stats_path(self, folder: Path | str) -> Path | None:
+        """The dermoscopy check's statistics in a release folder: the file meta.json names, else the file under its
+        current or its former name; None for a release without a check."""
+        named = (self.dermoscopy_check or {}).get("stats_file")
+        if not named:
+            return None
+        for name in (named, CHECK_STATS_FILE, FORMER_CHECK_STATS_FILE):
+            if (Path(folder) / name).is_file():
+                return Path(folder) / name
+        raise ReleaseError(f"{Path(folder) / named} is missing: the dermoscopy check's statistics, named in meta.json")
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "meta.json") -> "ReleaseMeta":
         if d.get("schema", SCHEMA) > SCHEMA:
             raise ReleaseError(f"{source} has schema {d['schema']}; this code reads up to {SCHEMA} (update the code)")
+        d = migrate(d)
         missing = [k for k in ("name", "version", "arch", "class_names", "preprocessing") if k not in d]
         if missing:
             raise ReleaseError(f"{source} lacks {', '.join(missing)}")
@@ -111,3 +135,16 @@ class ReleaseMeta:
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def migrate(d: dict) -> dict:
+    """A meta.json dict in schema 2's shape: schema 1's "abstention" block and any top-level "ood_*" key become
+    the "dermoscopy_check" block, their keys renamed (FORMER_CHECK_KEYS); values are kept as they are."""
+    if d.get("schema", 1) >= 2:
+        return d
+    top = {k: v for k, v in d.items() if k.startswith("ood_")}
+    out = {k: v for k, v in d.items() if k != "abstention" and k not in top}
+    block = {**(d.get("abstention") or {}), **top}
+    if block:
+        out["dermoscopy_check"] = {FORMER_CHECK_KEYS.get(k, k.removeprefix("ood_")): v for k, v in block.items()}
+    return {**out, "schema": SCHEMA}

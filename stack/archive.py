@@ -14,13 +14,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from skinmodel.release import ReleaseError, ReleaseMeta
+from skinmodel.release import CHECK_STATS_FILE, ReleaseError, ReleaseMeta
 from stack.settings import REPO
 
 HANDLER = REPO / "handler" / "skin_handler.py"
 MODEL_CONFIG = REPO / "handler" / "model-config.yaml"
 CORE = REPO / "skinmodel"
-OPTIONAL = ("model_card.md", "ood_stats.pt")  # shipped when the release has them
+OPTIONAL = ("model_card.md",)  # shipped when the release has it; the dermoscopy check's statistics when meta.json
+# names them (as dermoscopy_check.pt, whichever name an older release folder gave them)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -31,8 +32,9 @@ class ArchiveError(RuntimeError):
 def inputs(release: Path) -> list[Path]:
     """Every file the archive is made of: a change to any of them makes the archive stale."""
     meta = ReleaseMeta.load(release)
-    return [release / "meta.json", release / meta.weights_file, HANDLER, MODEL_CONFIG,
-            *sorted(CORE.glob("*.py")), *(release / f for f in OPTIONAL if (release / f).exists())]
+    stats = meta.check_stats_path(release)
+    return [release / "meta.json", release / meta.weights_file, HANDLER, MODEL_CONFIG, *sorted(CORE.glob("*.py")),
+            *(release / f for f in OPTIONAL if (release / f).exists()), *([stats] if stats else [])]
 
 
 def mar_version(mar: Path) -> str:
@@ -63,9 +65,14 @@ def build_mar(release: Path, out_dir: Path, name: str | None = None, version: st
         stage = Path(tmp)
         # The archiver copies a folder's contents to the archive root: stage skinmodel/ one level down.
         shutil.copytree(CORE, stage / "code" / "skinmodel", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        extra = [stage / "code", stage / "meta.json", *(release / f for f in OPTIONAL if (release / f).exists())]
+        stats = meta.check_stats_path(release)
+        if stats is not None:
+            shutil.copy(stats, stage / CHECK_STATS_FILE)
+            meta.dermoscopy_check = {**meta.dermoscopy_check, "stats_file": CHECK_STATS_FILE}
+            extra.append(stage / CHECK_STATS_FILE)
         meta.save(stage / "meta.json")
         (stage / "tmp").mkdir()
-        extra = [stage / "code", stage / "meta.json", *(release / f for f in OPTIONAL if (release / f).exists())]
         r = subprocess.run([str(archiver), "--model-name", meta.name, "--version", meta.version,
                             "--serialized-file", str(weights), "--handler", str(HANDLER),
                             "--extra-files", ",".join(map(str, extra)), "--config-file", str(model_config),

@@ -89,7 +89,7 @@ def test_unpack_rebuilds_a_release_the_handler_serves(packed, tmp_path, sample_i
     r = run_training("unpack", "--from", str(out), "--release", str(tmp_path / "release"))
     assert r.returncode == 0, r.stderr[-2000:]
     meta = ReleaseMeta.load(tmp_path / "release")
-    assert meta.version == "2.0" and meta.abstention and meta.calibration
+    assert meta.version == "2.0" and meta.dermoscopy_check and meta.calibration
     assert json.loads((tmp_path / "release" / "results.json").read_text()) == json.loads(
         (work / "study" / "release" / "results.json").read_text())
     answer = SkinLesionHandler.in_process(tmp_path / "release").answer([sample_images[0].read_bytes()])[0]
@@ -119,9 +119,9 @@ def test_a_failure_after_training_still_sends_the_weights_back(packed, tmp_path,
     from training.common.checkpoint import model_from_checkpoint
 
     work, _ = packed
-    rescue(work / "study", tmp_path / "out", RuntimeError("the gate step broke"))
+    rescue(work / "study", tmp_path / "out", RuntimeError("the dermoscopy check step broke"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["error"] == "RuntimeError: the gate step broke" and manifest["rescued"] == "resnet18_kd_best.pt"
+    assert manifest["error"] == "RuntimeError: the dermoscopy check step broke" and manifest["rescued"] == "resnet18_kd_best.pt"
     r = run_training("unpack", "--from", str(tmp_path / "out"), "--release", str(tmp_path / "back"))
     assert r.returncode == 0 and "sent back its student only" in r.stdout, r.stderr[-2000:]
     back = tmp_path / "back"
@@ -131,10 +131,10 @@ def test_a_failure_after_training_still_sends_the_weights_back(packed, tmp_path,
     assert ckpt["teacher"] is True and next(model.parameters()).dtype == torch.float32
     for (k, v), w in zip(model.state_dict().items(), original.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-2, rtol=1e-2), k
-    # the steps it prints finish the release on this machine (the gate's step is the trust test's business)
+    # the steps it prints finish the release on this machine (the dermoscopy check's step is its own tests' business)
     data = ["--data", str(data_dir), "--limit-per-class", "12", "--cache-dir", str(tmp_path / "cache")]
     steps = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("  python -m training ")]
-    assert [s[3] for s in steps] == ["evaluate", "export", "calibrate", "trust", "model-card"]
+    assert [s[3] for s in steps] == ["evaluate", "export", "calibrate", "dermoscopy-check", "model-card"]
     for step in steps[:3]:
         done = run_training(*step[3:], *(data if step[3] != "export" else []))
         assert done.returncode == 0, (step, done.stderr[-2000:])

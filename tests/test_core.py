@@ -2,6 +2,7 @@
 and the archive that ships the core as a folder. Fast tier: no Java, PostgreSQL, browser or HAM10000."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from skinmodel.audit import EVENT_COLUMNS, make_event
 from skinmodel.gradcam import grad_cam
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import build_model, features_and_logits, ood_score
+from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits
 from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
 from stack.settings import Settings
 
@@ -37,7 +39,7 @@ def synthetic_release(folder: Path, seed: int = 0) -> ReleaseMeta:
 
 def test_release_meta_round_trips_and_writes_atomically(tmp_path, monkeypatch):
     meta = synthetic_release(tmp_path / "r")
-    meta.abstention = {"uncertain_below": 0.4, "ood_score_above": 9.0}
+    meta.dermoscopy_check = {"uncertain_below": 0.4, "refuse_above": 9.0}
     meta.save(tmp_path / "r")
     again = ReleaseMeta.load(tmp_path / "r")
     assert again == meta and again.input_size == 32 and again.num_classes == 7
@@ -82,6 +84,60 @@ def test_release_meta_refuses_what_it_cannot_read(tmp_path, broken, message):
         ReleaseMeta.load(tmp_path)
     with pytest.raises(ReleaseError, match="missing"):
         ReleaseMeta.load(tmp_path / "nowhere")
+
+
+# Schema 1's keys of the dermoscopy check (formerly "abstention"), as release 1.2's meta.json had them before the
+# rename, keyed by their names now.
+SCHEMA_1_NAMES = {"refuse_above": "ood_score_above", "clear_below": "ood_score_clear_below", "method": "ood_method",
+                  "stats_file": "ood_stats_file", "test_lesions_refused": "test_lesions_rejected_as_ood",
+                  "test_lesions_check_uncertain": "test_lesions_gate_uncertain", "test_auroc_all": "test_ood_auroc_all",
+                  "sources": "gate_sources"}
+SCHEMA_1_KEYS = ["gate_sources", "held_out_sources", "non_skin_sets", "ood_method", "ood_score_above",
+                 "ood_score_clear_below", "ood_stats_file", "rejector", "rejector_comparison", "test_accuracy_confident",
+                 "test_accuracy_uncertain", "test_lesions_gate_uncertain", "test_lesions_rejected_as_ood",
+                 "test_ood_auroc_all", "test_rejected_per_class", "test_rejected_per_shift", "test_uncertain_share",
+                 "uncertain_below"]
+
+
+def _schema_1(doc: dict) -> dict:
+    """A schema-2 meta.json dict put back in schema 1's shape (its dermoscopy check formerly "abstention")."""
+    doc = dict(doc)
+    check = doc.pop("dermoscopy_check")
+    return {**doc, "schema": 1, "abstention": {SCHEMA_1_NAMES.get(k, k): v for k, v in check.items()}}
+
+
+def test_a_schema_1_meta_json_reads_as_the_committed_release(tmp_path):
+    """The committed release/meta.json with its dermoscopy check renamed back to schema 1's keys: ReleaseMeta
+    migrates it on read to exactly the committed release's meta, and writes it back in the new shape."""
+    committed = json.loads((REPO / "release" / "meta.json").read_text())
+    old = _schema_1(committed)
+    assert sorted(old["abstention"]) == SCHEMA_1_KEYS and "dermoscopy_check" not in old
+    (tmp_path / "meta.json").write_text(json.dumps(old))
+    migrated = ReleaseMeta.load(tmp_path)
+    assert migrated == ReleaseMeta.load(REPO / "release")
+    assert json.loads(migrated.save(tmp_path / "again.json").read_text()) == committed
+
+
+@pytest.mark.parametrize("stats_file", ["ood_stats.pt", "dermoscopy_check.pt"])
+def test_an_older_release_folder_keeps_refusing(tmp_path, stats_file):
+    """A schema-1 release folder (its statistics formerly ood_stats.pt, or renamed since): the handler finds them and
+    refuses with them; its archive ships them as dermoscopy_check.pt, named so in the meta.json inside."""
+    from handler.skin_handler import SkinLesionHandler
+    from stack.archive import build_mar
+
+    meta = synthetic_release(tmp_path / "r")
+    torch.save({"mean": torch.zeros(512), "scale": torch.ones(512), "weight": torch.zeros(512),
+                "bias": torch.tensor(5.0)}, tmp_path / "r" / stats_file)  # every image scores 5
+    check = {"uncertain_below": 0.0, "refuse_above": 1.0, "stats_file": "ood_stats.pt"}
+    (tmp_path / "r" / "meta.json").write_text(json.dumps(_schema_1({**meta.to_dict(), "dermoscopy_check": check})))
+    png = io.BytesIO()
+    Image.new("RGB", (200, 150), (200, 120, 100)).save(png, "PNG")
+    answer = SkinLesionHandler.in_process(tmp_path / "r").answer([png.getvalue()])[0]
+    assert answer["verdict"] == "not_dermoscopy", answer
+    _, mar = build_mar(tmp_path / "r", tmp_path / "store")
+    with zipfile.ZipFile(mar) as z:
+        assert json.loads(z.read("meta.json"))["dermoscopy_check"]["stats_file"] == "dermoscopy_check.pt"
+        assert z.read("dermoscopy_check.pt") == (tmp_path / "r" / stats_file).read_bytes()
 
 
 def test_settings_come_from_defaults_then_environment():
@@ -141,14 +197,14 @@ def test_features_of_the_int8_network_are_dequantized():
     assert not feats.is_quantized and torch.equal(feats, reference) and torch.equal(logits, int8(x))
 
 
-def test_the_ood_score_reads_either_kind_of_statistics():
+def test_the_dermoscopy_check_score_reads_either_kind_of_statistics():
     torch.manual_seed(0)
     feats = torch.cat([torch.randn(50, 8) + 5, torch.randn(50, 8) - 5])
     means = torch.stack([feats[:50].mean(0), feats[50:].mean(0)])
-    near, far = ood_score(torch.stack([means[0], torch.full((8,), 40.0)]), {"means": means, "precision": torch.eye(8)})
+    near, far = dermoscopy_check_score(torch.stack([means[0], torch.full((8,), 40.0)]), {"means": means, "precision": torch.eye(8)})
     assert near == 0 and far > 30  # release 1.0's first statistics: the distance to the nearest class mean
     head = {"mean": torch.zeros(8), "scale": torch.full((8,), 2.0), "weight": torch.ones(8), "bias": torch.tensor(-1.0)}
-    assert torch.allclose(ood_score(torch.full((1, 8), 4.0), head), torch.tensor([15.0]))  # 8 * 4/2 - 1: a logit
+    assert torch.allclose(dermoscopy_check_score(torch.full((1, 8), 4.0), head), torch.tensor([15.0]))  # 8 * 4/2 - 1: a logit
 
 
 def test_grad_cam_explains_the_requested_class():
@@ -186,15 +242,15 @@ def test_a_refused_answer_is_audited_without_a_top_class(tmp_path):
     from skinmodel.answers import format_prediction
 
     meta = synthetic_release(tmp_path)
-    meta.abstention = {"uncertain_below": 0.3, "ood_score_above": 1.0}
+    meta.dermoscopy_check = {"uncertain_below": 0.3, "refuse_above": 1.0}
     probs = [0.05, 0.05, 0.05, 0.05, 0.6, 0.1, 0.1]
     image = {"sha256": "i", "bytes": 3, "format": "PNG", "width": 2, "height": 2}
-    refused = format_prediction(probs, meta, "r1", ood_score=5.0)
+    refused = format_prediction(probs, meta, "r1", check_score=5.0)
     event = make_event("r1", meta, "sha", image, 1.0, probs, answer=refused, kind="explanation")
     assert refused["top"] is None and event["verdict"] == "not_dermoscopy" and event["kind"] == "explanation"
     assert event["top_class"] is None and event["top_probability"] is None
-    assert event["probabilities"]["mel"] == 0.6  # the probabilities stay, for audits of the gate
-    answered = format_prediction(probs, meta, "r2", ood_score=0.0)
+    assert event["probabilities"]["mel"] == 0.6  # the probabilities stay, for audits of the dermoscopy check
+    answered = format_prediction(probs, meta, "r2", check_score=0.0)
     event = make_event("r2", meta, "sha", image, 1.0, probs, answer=answered)
     assert (event["top_class"], event["verdict"], event["kind"]) == ("mel", "ok", "prediction")
 

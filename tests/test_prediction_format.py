@@ -51,16 +51,19 @@ def test_error_body():
 
 
 def test_verdicts_follow_the_thresholds_in_meta():
-    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_score_above": 10.0})
-    assert format_prediction([0.2, 0.5, 0.3], meta, ood_score=3.0)["verdict"] == "ok"
-    assert format_prediction([0.3, 0.4, 0.3], meta, ood_score=3.0)["verdict"] == "uncertain"
-    far = format_prediction([0.1, 0.8, 0.1], meta, ood_score=12.0)
+    meta = dataclasses.replace(META, dermoscopy_check={"uncertain_below": 0.45, "refuse_above": 10.0})
+    assert format_prediction([0.2, 0.5, 0.3], meta, check_score=3.0)["verdict"] == "ok"
+    assert format_prediction([0.3, 0.4, 0.3], meta, check_score=3.0)["verdict"] == "uncertain"
+    far = format_prediction([0.1, 0.8, 0.1], meta, check_score=12.0)
     assert far["verdict"] == "not_dermoscopy" and far["top"] is None and len(far["predictions"]) == 3
-    assert format_prediction([0.3, 0.4, 0.3], META)["verdict"] == "ok"  # no thresholds: no abstention
+    assert format_prediction([0.3, 0.4, 0.3], META)["verdict"] == "ok"  # no thresholds: no dermoscopy check
 
 
 def test_a_release_1_0_threshold_key_still_refuses():
-    """1.0's meta.json named the threshold ood_distance_above; such a release must keep refusing."""
-    meta = dataclasses.replace(META, abstention={"uncertain_below": 0.45, "ood_distance_above": 10.0})
-    assert format_prediction([0.1, 0.8, 0.1], meta, ood_score=12.0)["verdict"] == "not_dermoscopy"
-    assert format_prediction([0.1, 0.8, 0.1], meta, ood_score=8.0)["verdict"] == "ok"
+    """1.0's meta.json named the threshold ood_distance_above (formerly, in its "abstention" block); read through
+    ReleaseMeta, such a release must keep refusing."""
+    old = {**META.to_dict(), "schema": 1, "abstention": {"uncertain_below": 0.45, "ood_distance_above": 10.0}}
+    meta = ReleaseMeta.from_dict(old)
+    assert meta.dermoscopy_check == {"uncertain_below": 0.45, "refuse_above": 10.0}
+    assert format_prediction([0.1, 0.8, 0.1], meta, check_score=12.0)["verdict"] == "not_dermoscopy"
+    assert format_prediction([0.1, 0.8, 0.1], meta, check_score=8.0)["verdict"] == "ok"

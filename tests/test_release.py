@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from handler.skin_handler import SkinLesionHandler
+from skinmodel.release import CHECK_STATS_FILE
 from training.common import data as D
+from training.dermoscopy.check import POOL_JSON, SCORES_PNG
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "release"
@@ -43,24 +45,26 @@ def test_meta_matches_weights_classes_and_split(meta, data_dir):
         "the release was evaluated on another split than the lesion-grouped one this code makes"
     test = meta["metrics"]["test"]
     assert 0 < test["balanced_accuracy"] <= 1 and meta["temperature"] > 0
-    for name in ("report.md", "results.json", "model_card.md", "reliability.png", "ood_stats.pt", "gate_scores.png"):
+    for name in ("report.md", "results.json", "model_card.md", "reliability.png", CHECK_STATS_FILE, SCORES_PNG,
+                 POOL_JSON):
         assert (RELEASE / name).exists(), name
     card = (RELEASE / "model_card.md").read_text()
     assert f"{test['balanced_accuracy']:.3f}" in card and f"{meta['calibration']['test_ece_after']:.3f}" in card
     assert "Out-of-scope use" in card and "lesion_id" in card
-    from training.dermoscopy.abstention import render_table
+    from training.dermoscopy.check import render_table
 
-    # The card (shipped in the .mar) and README carry the gate figures of this meta.json, not an older run's.
-    table = render_table(meta["abstention"])
+    # The card (shipped in the .mar) and README carry this meta.json's dermoscopy check figures, not an older run's.
+    table = render_table(meta["dermoscopy_check"])
     assert table in card and table in (RELEASE.parent / "README.md").read_text(), "card or README is stale"
     assert f"{meta['name']} {meta['version']}" in card
 
 
-def test_the_int8_variant_carries_this_release_gate(meta):
+def test_the_int8_variant_carries_this_release_dermoscopy_check(meta):
     int8 = json.loads((RELEASE / "int8" / "meta.json").read_text())
     assert int8["version"] == f"{meta['version']}-int8" and int8["split_hash"] == meta["split_hash"]
-    assert int8["abstention"]["ood_score_above"] == meta["abstention"]["ood_score_above"]
-    assert (RELEASE / "int8" / "ood_stats.pt").read_bytes() == (RELEASE / "ood_stats.pt").read_bytes()
+    assert int8["dermoscopy_check"] == meta["dermoscopy_check"]
+    assert (RELEASE / "int8" / CHECK_STATS_FILE).read_bytes() == (RELEASE / CHECK_STATS_FILE).read_bytes()
+    assert (RELEASE / "int8" / SCORES_PNG).read_bytes() == (RELEASE / SCORES_PNG).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +84,8 @@ def _answers(handler, blobs: list[bytes]) -> list[dict]:
 
 
 def test_real_lesions_are_not_refused_plain_or_shifted(handler, data_dir, meta):
-    """The gate's promise, re-measured on 200 test lesions (every class) as they are and under the two shifts
-    that refused most of them with release 1.0's first gate (colour temperature, zoom)."""
+    """The dermoscopy check's promise, re-measured on 200 test lesions (every class) as they are and under the two
+    shifts that refused most of them with release 1.0's first check (colour temperature, zoom)."""
     from PIL import Image
 
     from training.dermoscopy.shifts import shifted
@@ -98,58 +102,60 @@ def test_real_lesions_are_not_refused_plain_or_shifted(handler, data_dir, meta):
         assert sum(vasc) <= 2, (label, "vascular lesions refused", sum(vasc), len(vasc))
 
 
-def test_the_recorded_gate_figures_meet_the_targets(meta):
-    ab = meta["abstention"]
-    assert ab["test_lesions_rejected_as_ood"] <= 0.01 and max(ab["test_rejected_per_class"].values()) <= 0.02
+def test_the_recorded_dermoscopy_check_figures_meet_the_targets(meta):
+    ab = meta["dermoscopy_check"]
+    assert ab["test_lesions_refused"] <= 0.01 and max(ab["test_rejected_per_class"].values()) <= 0.02
     for family, v in ab["test_rejected_per_shift"].items():
         assert v["all"] <= 0.03 and v["mel"] <= 0.05, family
-    assert ab["test_ood_auroc_all"] >= 0.97
-    # Pictures of sources the gate never saw (whole packages held out): at most 2 % answered ok.
+    assert ab["test_auroc_all"] >= 0.97
+    # Pictures of sources the check never saw (whole packages held out): at most 2 % answered ok.
     assert ab["held_out_sources"]["ok"] <= 0.02, ab["held_out_sources"]
-    assert ab["rejector"] in ab["rejector_comparison"] and ab["ood_score_clear_below"] <= ab["ood_score_above"]
+    assert ab["rejector"] in ab["rejector_comparison"] and ab["clear_below"] <= ab["refuse_above"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 24's target: release 1.2 refuses 93.7 % of the held-out sources' "
                                        "pictures (photographs and wallpapers 79-82 %), short of 95 %")
 def test_the_recorded_held_out_refusals_meet_the_target(meta):
-    assert meta["abstention"]["held_out_sources"]["not_dermoscopy"] >= 0.95, meta["abstention"]["held_out_sources"]
+    held = meta["dermoscopy_check"]["held_out_sources"]
+    assert held["not_dermoscopy"] >= 0.95, held
 
 
 @pytest.fixture(scope="module")
-def gate_sources_installed():
-    """The Debian packages the gate's pictures come from: installed here (root), else the test cannot run."""
-    from training.dermoscopy import gate_pool
+def pool_sources_installed():
+    """The Debian packages the dermoscopy check's pictures come from: installed here (root), else the test cannot
+    run."""
+    from training.dermoscopy import pool
 
     try:
-        gate_pool.install()
+        pool.install()
     except PermissionError as err:
-        pytest.skip(f"cannot install the gate's picture sources without root: {err}")
-    missing = [s.name for s in gate_pool.SOURCES if not gate_pool.available(s)]
+        pytest.skip(f"cannot install the dermoscopy check's picture sources without root: {err}")
+    missing = [s.name for s in pool.SOURCES if not pool.available(s)]
     assert not missing, f"sources still missing after the install: {missing}"
-    return gate_pool
+    return pool
 
 
 @pytest.fixture(scope="module")
-def pool_pictures(gate_sources_installed):
-    """{part: {source: picture files}} of the validation and test sources, made as the trust step makes them
+def pool_pictures(pool_sources_installed):
+    """{part: {source: picture files}} of the validation and test sources, made as the dermoscopy check step makes them
     (less any picture identical to a fitting one), and the fitting sources' pictures."""
-    gate_pool = gate_sources_installed
-    every = {s.name: gate_pool.pictures(s) for s in gate_pool.SOURCES}
-    keep = gate_pool.drop_fitted(every)
-    return {part: {s.name: [every[s.name][i] for i in keep[s.name]] for s in gate_pool.sources(part)}
-            for part in gate_pool.PARTS}
+    pool = pool_sources_installed
+    every = {s.name: pool.pictures(s) for s in pool.SOURCES}
+    keep = pool.drop_fitted(every)
+    return {part: {s.name: [every[s.name][i] for i in keep[s.name]] for s in pool.sources(part)}
+            for part in pool.PARTS}
 
 
-def test_the_release_gate_was_fitted_on_none_of_the_held_out_sources(meta, gate_sources_installed, pool_pictures):
+def test_the_release_dermoscopy_check_was_fitted_on_none_of_the_held_out_sources(meta, pool_sources_installed, pool_pictures):
     """The release records which sources it was fitted, chosen and reported on: the same split as the code's, no
     held-out source among the fitted ones, and no held-out picture identical to a fitted one."""
     import hashlib
 
-    gate_pool = gate_sources_installed
-    recorded = meta["abstention"]["gate_sources"]
-    assert recorded == {p: [s.name for s in gate_pool.sources(p)] for p in gate_pool.PARTS}
+    pool = pool_sources_installed
+    recorded = meta["dermoscopy_check"]["sources"]
+    assert recorded == {p: [s.name for s in pool.sources(p)] for p in pool.PARTS}
     assert not set(recorded["fit"]) & (set(recorded["val"]) | set(recorded["test"]))
-    assert set(recorded["test"]) == set(meta["abstention"]["non_skin_sets"]), "the figure is not for the test sources"
+    assert set(recorded["test"]) == set(meta["dermoscopy_check"]["non_skin_sets"]), "not the test sources' figure"
     fitted = {hashlib.sha256(b).digest() for blobs in pool_pictures["fit"].values() for b in blobs}
     for part in ("val", "test"):
         for name, blobs in pool_pictures[part].items():
@@ -173,27 +179,27 @@ def test_non_dermoscopy_pictures_of_held_out_sources_are_refused_at_the_recorded
     for name, blobs in pool_pictures["test"].items():
         answers = [a for i in range(0, len(blobs), 64) for a in _answers(handler, blobs[i:i + 64])]
         # A picture the decoder refuses (e.g. a sprite strip beyond the aspect-ratio limit) gets a 4xx and no class:
-        # refused before the model, so outside the gate's figures, never an answer.
+        # refused before the model, so outside the dermoscopy check's figures, never an answer.
         refused = [a for a in answers if "verdict" not in a]
         assert all(a.get("error") in ("extreme_aspect_ratio", "bloated_file", "too_many_pixels") for a in refused)
         verdicts = [a["verdict"] for a in answers if "verdict" in a]
-        recorded = meta["abstention"]["non_skin_sets"][name]
+        recorded = meta["dermoscopy_check"]["non_skin_sets"][name]
         assert len(verdicts) == recorded["images"], name
         for v in counts:
             counts[v] += verdicts.count(v)
             assert abs(verdicts.count(v) / len(verdicts) - recorded[v]) <= 0.005, (name, v, recorded)
     total = sum(counts.values())
     assert counts["ok"] / total <= 0.02, counts
-    held = meta["abstention"]["held_out_sources"]
+    held = meta["dermoscopy_check"]["held_out_sources"]
     assert held["images"] == total and abs(held["not_dermoscopy"] - counts["not_dermoscopy"] / total) <= 0.002
 
 
-def test_a_low_gate_score_is_never_answered_ok(meta):
+def test_a_check_score_between_the_thresholds_is_never_answered_ok(meta):
     """Between "clearly dermoscopy" and refusal the answer is uncertain, however confident the classifier."""
     from skinmodel.answers import decide
 
-    ab = meta["abstention"]
-    clear, above = ab["ood_score_clear_below"], ab["ood_score_above"]
+    ab = meta["dermoscopy_check"]
+    clear, above = ab["clear_below"], ab["refuse_above"]
     assert clear <= above
     middle = (clear + above) / 2 if clear < above else above
     verdict, reason = decide(0.99, middle, ab)

@@ -25,6 +25,22 @@ def test_every_command_has_help(capsys):
         assert exit_.value.code == 0 and f"python -m training {command}" in capsys.readouterr().out, command
 
 
+@pytest.mark.fast
+def test_trust_formerly_named_the_dermoscopy_check_and_still_runs_it(capsys):
+    """The old command name prints nothing different from the new one, and the top-level help lists only the new."""
+    from training.__main__ import main
+
+    outputs = []
+    for command in ("dermoscopy-check", "trust"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        outputs.append((exit_.value.code, capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and "python -m training dermoscopy-check" in outputs[0][1]
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert "dermoscopy-check" in listed and " trust " not in listed
+
+
 def test_top_level_help_lists_commands():
     r = run_training("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("train", "grid", "evaluate", "export", "all"))

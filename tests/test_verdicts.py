@@ -1,4 +1,4 @@
-"""One verdict, one code path: a release whose abstention thresholds put three real photos in the three
+"""One verdict, one code path: a release whose dermoscopy check thresholds put three real photos in the three
 verdicts; /predictions and /explanations agree on each, a refusal gets no heat map, and the page shows all
 three as they should read."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from handler.skin_handler import SkinLesionHandler
 from skinmodel.networks import features_and_logits
-from skinmodel.release import ReleaseMeta
+from skinmodel.release import CHECK_STATS_FILE, ReleaseMeta
 from stack.archive import build_mar
 from stack.gate import GateThread
 from stack.page import render_page
@@ -42,16 +42,16 @@ def verdict_release(tiny_release, sample_images, tmp_path_factory):
     by_confidence = sorted(rest, key=lambda i: float(top[i]))
     uncertain, ok = by_confidence[0], by_confidence[-1]
     assert float(distances[order[0]]) > float(distances[order[1]]) and float(top[by_confidence[0]]) < float(top[by_confidence[1]])
-    # A linear "is this dermoscopy" head, as training/dermoscopy/abstention.py writes one: the projection on the direction
+    # A linear "is this dermoscopy" head, as training/dermoscopy/check.py writes one: the projection on the direction
     # of the farthest photo scores it highest (|d| beats every other projection, each at most its own |d|).
     direction = (feats[refused] - centre) / distances[refused]
     projections = (feats - centre) @ direction
     second = float(projections[rest].max())
     torch.save({"mean": centre, "scale": torch.ones_like(centre), "weight": direction, "bias": torch.tensor(0.0)},
-               out / "ood_stats.pt")
+               out / CHECK_STATS_FILE)
     meta = ReleaseMeta.load(out)
-    meta.abstention = {"uncertain_below": float(top[by_confidence[0]] + top[by_confidence[1]]) / 2,
-                       "ood_score_above": (float(projections[refused]) + second) / 2, "ood_stats_file": "ood_stats.pt"}
+    meta.dermoscopy_check = {"uncertain_below": float(top[by_confidence[0]] + top[by_confidence[1]]) / 2,
+                             "refuse_above": (float(projections[refused]) + second) / 2, "stats_file": CHECK_STATS_FILE}
     meta.save(out)
     return out, {"ok": sample_images[ok], "uncertain": sample_images[uncertain], "not_dermoscopy": sample_images[refused]}
 
@@ -219,22 +219,21 @@ def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
     assert icons == 200
 
 
-def test_a_gate_score_between_clearly_dermoscopy_and_refusal_is_uncertain_never_ok():
-    """Release 1.2's second gate threshold: however confident the classifier, a picture whose gate score lies
-    between ood_score_clear_below and ood_score_above is answered uncertain, and the reason says the gate is why."""
+def test_a_check_score_between_clearly_dermoscopy_and_refusal_is_uncertain_never_ok():
+    """Release 1.2's second dermoscopy check threshold: however confident the classifier, a picture whose check score
+    lies between clear_below and refuse_above is answered uncertain, and the reason says the check is why."""
     import dataclasses
     from pathlib import Path
 
-    from skinmodel.answers import GATE_UNCERTAIN_REASON, VERDICT_REASONS, format_prediction
+    from skinmodel.answers import CHECK_UNCERTAIN_REASON, VERDICT_REASONS, format_prediction
 
     meta = ReleaseMeta.load(Path(__file__).resolve().parents[1] / "release")
-    meta = dataclasses.replace(meta, abstention={"uncertain_below": 0.4, "ood_score_clear_below": 0.0,
-                                                 "ood_score_above": 2.0})
+    meta = dataclasses.replace(meta, dermoscopy_check={"uncertain_below": 0.4, "clear_below": 0.0, "refuse_above": 2.0})
     confident = [0.01, 0.01, 0.01, 0.01, 0.94, 0.01, 0.01]
-    answers = {s: format_prediction(confident, meta, ood_score=s) for s in (-1.0, 0.5, 1.99, 2.5)}
+    answers = {s: format_prediction(confident, meta, check_score=s) for s in (-1.0, 0.5, 1.99, 2.5)}
     assert answers[-1.0]["verdict"] == "ok" and answers[-1.0]["verdict_reason"] == VERDICT_REASONS["ok"]
     for s in (0.5, 1.99):
-        assert answers[s]["verdict"] == "uncertain" and answers[s]["verdict_reason"] == GATE_UNCERTAIN_REASON, s
+        assert answers[s]["verdict"] == "uncertain" and answers[s]["verdict_reason"] == CHECK_UNCERTAIN_REASON, s
     assert answers[2.5]["verdict"] == "not_dermoscopy" and answers[2.5]["top"] is None
-    unsure = format_prediction([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1], meta, ood_score=-1.0)
+    unsure = format_prediction([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1], meta, check_score=-1.0)
     assert unsure["verdict"] == "uncertain" and unsure["verdict_reason"] == VERDICT_REASONS["uncertain"]

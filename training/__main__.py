@@ -1,4 +1,7 @@
-"""python -m training <command> --help"""
+"""python -m training <command> --help
+
+`trust`, formerly the dermoscopy check's command, still runs `dermoscopy-check` (ALIASES; not listed in --help).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,8 @@ COMMANDS = {
     "evaluate-release": ("training.evaluation.evaluate_release", "a release as served, on any labelled set"),
     "export": ("training.release.export", "write the release state_dict + meta.json pair"),
     "calibrate": ("training.release.calibrate", "fit the softmax temperature on validation, report test ECE"),
-    "trust": ("training.dermoscopy.abstention", "fit the 'uncertain' / 'not dermoscopy' gate; refusals per class and shift"),
+    "dermoscopy-check": ("training.dermoscopy.check",
+                         "fit the dermoscopy check ('uncertain' / 'not_dermoscopy'); refusals per class and shift"),
     "model-card": ("training.release.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.release.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.study.pipeline", "the whole study end to end (resumable: --resume)"),
@@ -21,10 +25,12 @@ COMMANDS = {
     "accelerator": ("training.study.accelerator", "the whole study inside a time budget, packed into <= 8 small files"),
     "unpack": ("training.study.unpack", "rebuild a release folder from what an accelerator run packed"),
 }
+ALIASES = {"trust": "dermoscopy-check"}  # former names: run as the command they name, under its name
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = [ALIASES.get(argv[0], argv[0]), *argv[1:]] if argv else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = argparse.ArgumentParser(prog="python -m training", description="HAM10000 training pipeline.")
         sub = parser.add_subparsers(dest="command", metavar="COMMAND")

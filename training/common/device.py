@@ -46,8 +46,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def full_fp32():
-    """cuDNN convolutions in real fp32 for scoring: on Ampere and later they default to TF32, and validation,
-    test, calibration and gate figures fitted on a GPU must be those of the fp32 network the CPU handler runs."""
+    """cuDNN convolutions in real fp32 for scoring: on Ampere and later they default to TF32, and validation, test,
+    calibration and dermoscopy check figures fitted on a GPU must be those of the fp32 network the CPU handler runs."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:

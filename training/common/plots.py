@@ -71,8 +71,8 @@ def plot_grid(alphas, temps, scores, png_path: Path, label="val macro-F1") -> No
     plt.close(fig)
 
 
-def plot_gate_scores(groups: dict[str, np.ndarray], threshold: float, png_path: Path) -> None:
-    """Where the dermoscopy gate's scores fall: one histogram per group (real lesions first), the threshold as a
+def plot_check_scores(groups: dict[str, np.ndarray], threshold: float, png_path: Path) -> None:
+    """Where the dermoscopy check's scores fall: one histogram per group (real lesions first), the threshold as a
     line. What lies right of the line is answered `not_dermoscopy`."""
     low = min(float(np.percentile(v, 0.5)) for v in groups.values())
     high = max(float(np.percentile(v, 99.5)) for v in groups.values())
@@ -84,7 +84,7 @@ def plot_gate_scores(groups: dict[str, np.ndarray], threshold: float, png_path: 
                 label=f"{name} (n={len(scores)}, refused {share:.1%})")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
     ax.text(threshold, ax.get_ylim()[1] * 0.97, " threshold", va="top", ha="left")
-    ax.set_xlabel("dermoscopy-gate score (logit of 'not dermoscopy'; each group's 0.5-99.5 % range shown)")
+    ax.set_xlabel("dermoscopy-check score (logit of 'not dermoscopy'; each group's 0.5-99.5 % range shown)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Drawn pictures that are not dermoscopy: noise, flat colour, gradients, checkerboards, documents, smooth noise,
-shapes, stripes, black or white, and bare skin tone without a lesion; one source ("drawn pictures") of the gate's
-fitting pool (training/dermoscopy/gate_pool.py), which holds every other source, all of them files that packages ship.
+shapes, stripes, black or white, and bare skin tone without a lesion; one source ("drawn pictures") of the check's
+fitting pool (training/dermoscopy/pool.py), which holds every other source, all of them files that packages ship.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The release's network is fine-tuned (layer4 and fc; the rest frozen, to fit a CPU budget) with the classification
 loss on HAM10000 training lesions plus `--weight` x the cross-entropy to the uniform distribution on the fitting
-sources' pictures (training/dermoscopy/gate_pool.py). Scored by the maximum softmax probability and by energy. Because this
+sources' pictures (training/dermoscopy/pool.py). Scored by the maximum softmax probability and by energy. Because this
 changes the weights, a winner would not be the release's network: the result is a comparison row, not a release.
 
 Reduced protocol (what fits 2 shared cores): thresholds keep --lesion-keep of the plain validation lesions of every
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score
+from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file
 from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
-from training.dermoscopy import gate_pool
-from training.dermoscopy.gate_features import features
+from training.dermoscopy import pool
+from training.dermoscopy.features import features
 from training.dermoscopy.rejectors import refusal_threshold
 
 
@@ -81,12 +81,12 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     picked = [train[i] for i in sorted(rng.choice(len(train), min(3000, len(train)), replace=False))]
     lesions = _tensors(meta, [Path(r.path).read_bytes() for r in picked])
     labels = torch.tensor([r.label for r in picked])
-    pictures = torch.cat([_tensors(meta, gate_pool.pictures(s, seed)) for s in gate_pool.sources("fit")])
+    pictures = torch.cat([_tensors(meta, pool.pictures(s, seed)) for s in pool.sources("fit")])
     tuned = fine_tune(model, lesions, labels, pictures, steps, weight, seed=seed)
     val_x = _tensors(meta, [Path(r.path).read_bytes() for r in val])
     val_y = np.array([r.label for r in val])
-    val_pics = {s.name: gate_pool.pictures(s, seed) for s in gate_pool.sources("val")}
-    stats = torch.load(release / meta.abstention["ood_stats_file"], weights_only=True)
+    val_pics = {s.name: pool.pictures(s, seed) for s in pool.sources("val")}
+    stats = torch.load(meta.check_stats_path(release), weights_only=True)
     rows = {}
     lesion_scores = {f"OE fine-tune ({steps} steps, weight {weight:g}), {k}": v
                      for k, v in scores(tuned, val_x, meta.temperature).items()}
@@ -94,9 +94,10 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     for name, blobs in val_pics.items():
         for k, v in scores(tuned, _tensors(meta, blobs), meta.temperature).items():
             pic_scores[f"OE fine-tune ({steps} steps, weight {weight:g}), {k}"][name] = v
-    head = f"release's gate ({meta.abstention.get('rejector', 'head')})"
-    lesion_scores[head] = ood_score(features(model, meta, [Path(r.path).read_bytes() for r in val], "val")[0], stats)
-    pic_scores[head] = {n: ood_score(features(model, meta, b, n)[0], stats) for n, b in val_pics.items()}
+    head = f"release's dermoscopy check ({meta.dermoscopy_check.get('rejector', 'head')})"
+    val_feats = features(model, meta, [Path(r.path).read_bytes() for r in val], "val")[0]
+    lesion_scores[head] = dermoscopy_check_score(val_feats, stats)
+    pic_scores[head] = {n: dermoscopy_check_score(features(model, meta, b, n)[0], stats) for n, b in val_pics.items()}
     for name, les in lesion_scores.items():
         t = refusal_threshold([les], val_y, keep)
         per = {n: float((s > t).float().mean()) for n, s in pic_scores[name].items()}

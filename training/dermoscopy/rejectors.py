@@ -1,8 +1,8 @@
-"""Rejectors for the dermoscopy gate, compared on VALIDATION sources only, and the two thresholds of the chosen one.
+"""Rejectors for the dermoscopy check, compared on VALIDATION sources only, and the two thresholds of the chosen one.
 
 Every rejector maps penultimate features to a score, higher = less like dermoscopy:
-- "1.1 head": the shipped logistic head (release 1.1's ood_stats.pt, fitted on the old, small pool);
-- "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/gate_pool.py),
+- "shipped head": the release's statistics before this run (for release 1.2: 1.1's head, fitted on the old, small pool);
+- "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/pool.py),
   each source weighted alike or every picture alike, at three strengths;
 - "energy": -logsumexp of the logits (Liu et al. 2020), no fitting;
 - "kNN": minus the cosine similarity to the k-th nearest training lesion (Sun et al. 2022), no fitting.
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinmodel.networks import ood_score
-from training.dermoscopy import gate_pool
-from training.dermoscopy.gate_features import features
+from skinmodel.networks import dermoscopy_check_score
+from training.dermoscopy import pool
+from training.dermoscopy.features import features
 
 LESION_KEEP = 0.995
 CLEAR_KEEP = (0.99, 0.985, 0.98, 0.97, 0.96, 0.95)  # lesion shares that may be answered ok, tried in order
@@ -36,39 +36,40 @@ KNN_K = 10
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Features (and calibrated top probabilities) of every source's pictures, cached per weights and sources;
-    held-out pictures identical to a fitting one left out (gate_pool.drop_fitted)."""
-    rows = [{k: v for k, v in r.items() if k != "pictures"} for r in gate_pool.manifest()]
+    held-out pictures identical to a fitting one left out (pool.drop_fitted)."""
+    rows = [{k: v for k, v in r.items() if k != "pictures"} for r in pool.manifest()]
     key = hashlib.sha256((hashlib.sha256(weights.read_bytes()).hexdigest() + json.dumps(rows, sort_keys=True)
-                          + f"|{seed}|{gate_pool.MAX_FILES}|{gate_pool.CROP_SCALES}|{meta.preprocessing}")
+                          + f"|{seed}|{pool.MAX_FILES}|{pool.CROP_SCALES}|{meta.preprocessing}")
                          .encode()).hexdigest()[:16]
-    path = cache / f"gate-pool-{key}.pt" if cache else None
+    path = cache / f"gate-pool-{key}.pt" if cache else None  # "gate": the check's name formerly, kept for caches
     out = torch.load(path, weights_only=True) if path and path.exists() else _compute_pool(model, meta, seed)
     if path and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
     if any("digests" not in v for v in out.values()):  # a cache written before digests were kept
-        for source in gate_pool.SOURCES:
+        for source in pool.SOURCES:
             if source.name in out:
-                out[source.name]["digests"] = [hashlib.sha256(b).digest() for b in gate_pool.pictures(source, seed)]
-    keep = gate_pool.drop_fitted({n: v["digests"] for n, v in out.items()})
+                out[source.name]["digests"] = [hashlib.sha256(b).digest() for b in pool.pictures(source, seed)]
+    keep = pool.drop_fitted({n: v["digests"] for n, v in out.items()})
     return {n: {"feats": v["feats"][keep[n]], "top": v["top"][keep[n]]} for n, v in out.items()}
 
 
 def _compute_pool(model, meta, seed: int) -> dict:
     out = {}
-    for source in gate_pool.SOURCES:
-        if not gate_pool.available(source):
-            print(f"warning: {source.name} ({source.package}) is not installed: left out of the gate's pool", flush=True)
+    for source in pool.SOURCES:
+        if not pool.available(source):
+            print(f"warning: {source.name} ({source.package}) is not installed: left out of the dermoscopy check's "
+                  "pool", flush=True)
             continue
-        blobs = gate_pool.pictures(source, seed)
+        blobs = pool.pictures(source, seed)
         f, top, _ = features(model, meta, blobs, source.name)
         out[source.name] = {"feats": f, "top": top, "digests": [hashlib.sha256(b).digest() for b in blobs]}
     return out
 
 
 def fit_logistic(lesions: torch.Tensor, others: list[torch.Tensor], strength: float, per_source: bool) -> dict:
-    """Logistic "not dermoscopy" head on standardised features, in the statistics ood_score reads. Lesions and
+    """Logistic "not dermoscopy" head on standardised features, in the statistics dermoscopy_check_score reads. Lesions and
     pictures weigh alike in total; per_source: each source of pictures weighs alike too."""
     from sklearn.linear_model import LogisticRegression
 
@@ -93,7 +94,7 @@ def outlier_exposure_head(fc, lesions: torch.Tensor, labels: torch.Tensor, other
     """Outlier exposure (Hendrycks et al. 2019) on the classifier's last layer: starting from the release's fc, a
     short fine-tune on cached features with the classification loss on the training lesions plus `weight` x the
     cross-entropy to the uniform distribution on the fitting sources' pictures. The backbone is unchanged; the
-    tuned head scores energy (ood_score's fc_weight/fc_bias), the served probabilities stay the release's."""
+    tuned head scores energy (dermoscopy_check_score's fc_weight/fc_bias), the served probabilities stay the release's."""
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(fc.in_features, fc.out_features)
     head.load_state_dict({k: v.detach().float().clone() for k, v in fc.state_dict().items()})
@@ -123,7 +124,7 @@ def knn_scores(bank: torch.Tensor, feats: torch.Tensor, k: int = KNN_K) -> torch
 class Candidate:
     name: str
     score: object  # features -> scores
-    stats: dict | None  # what ood_stats.pt would hold (None: not servable as is)
+    stats: dict | None  # what dermoscopy_check.pt would hold (None: not servable as is)
 
 
 def candidates(lesion_fit: torch.Tensor, labels: torch.Tensor, fit_pool: list[torch.Tensor], old_stats: dict | None,
@@ -131,18 +132,19 @@ def candidates(lesion_fit: torch.Tensor, labels: torch.Tensor, fit_pool: list[to
     """Every rejector tried. lesion_fit: training lesions (plain, then shifted), labels: their classes."""
     out = []
     if old_stats is not None:
-        out.append(Candidate("shipped head (ood_stats.pt before this run)", lambda f, s=old_stats: ood_score(f, s),
-                             old_stats))
+        out.append(Candidate("shipped head (dermoscopy_check.pt before this run)",
+                             lambda f, s=old_stats: dermoscopy_check_score(f, s), old_stats))
     for per_source in (False, True):
         for c in STRENGTHS:
             stats = fit_logistic(lesion_fit, fit_pool, c, per_source)
             out.append(Candidate(f"logistic, source pool, C={c:g}{', sources alike' if per_source else ''}",
-                                 lambda f, s=stats: ood_score(f, s), stats))
+                                 lambda f, s=stats: dermoscopy_check_score(f, s), stats))
     e = energy_stats(fc)
-    out.append(Candidate("energy", lambda f, s=e: ood_score(f, s), e))
+    out.append(Candidate("energy", lambda f, s=e: dermoscopy_check_score(f, s), e))
     for w in (0.5, 2.0):
         oe = outlier_exposure_head(fc, lesion_fit, labels, fit_pool, weight=w)
-        out.append(Candidate(f"outlier exposure (last layer, weight {w:g}), energy", lambda f, s=oe: ood_score(f, s), oe))
+        out.append(Candidate(f"outlier exposure (last layer, weight {w:g}), energy",
+                             lambda f, s=oe: dermoscopy_check_score(f, s), oe))
     out.append(Candidate(f"kNN (k={KNN_K}, cosine)", lambda f: knn_scores(bank, f), None))
     return out
 
@@ -205,4 +207,4 @@ def compare(cands: list[Candidate], val: dict, val_pics: dict, uncertain_below: 
 
 def fitted_files_digest(seed: int = 0) -> set[bytes]:
     """sha256 of every fitting picture: what no held-out picture may be."""
-    return {hashlib.sha256(b).digest() for s in gate_pool.sources("fit") for b in gate_pool.pictures(s, seed)}
+    return {hashlib.sha256(b).digest() for s in pool.sources("fit") for b in pool.pictures(s, seed)}

@@ -1,8 +1,8 @@
 """Shifted copies of lesion photos: what images from other clinics, cameras and settings do to a model that only
 saw HAM10000. Ten families, each drawn at random within a range, deterministic for a seed.
 
-Used to fit the "is this dermoscopy" gate (training copies), to choose its threshold (validation copies) and to
-report its false refusals per family (test copies): `python -m training trust`.
+Used to fit the dermoscopy check (training copies), to choose its threshold (validation copies) and to
+report its false refusals per family (test copies): `python -m training dermoscopy-check`.
 """
 from __future__ import annotations
 

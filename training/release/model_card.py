@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from skinmodel.release import ReleaseMeta
-from training.dermoscopy.abstention import render_table
+from training.dermoscopy.check import SCORES_PNG, render_table
 from training.common.metrics import wilson
 from training.evaluation.subgroups import render_subgroups
 
@@ -29,13 +29,13 @@ def _recall_rows(meta: dict, cm) -> list[str]:
     return rows
 
 
-def _gate_table(ab: dict) -> str:
-    """The dermoscopy gate's figures: the shift table of the current gate, or the older per-set table."""
-    if "test_rejected_per_shift" in ab:
-        return render_table(ab)
+def _check_table(check: dict) -> str:
+    """The dermoscopy check's figures: the shift table of the current check, or the older per-set table."""
+    if "test_rejected_per_shift" in check:
+        return render_table(check)
     return "\n".join(["| non-skin set | images | rejected | AUROC vs test lesions |", "|---|---|---|---|"]
                      + [f"| {name} | {v['images']} | {v['rejected']:.0%} | {v['auroc']:.3f} |"
-                        for name, v in (ab.get("non_skin_sets") or {}).items()])
+                        for name, v in (check.get("non_skin_sets") or {}).items()])
 
 
 def _subgroups(served_test: dict | None) -> str:
@@ -99,33 +99,33 @@ on this data; look at balanced accuracy and per-class recall.
 """
 
 
-def _card_trust(meta: dict, cal: dict, ab: dict, gate: str, names: list[str], cm, subgroups: str) -> str:
-    """Calibration, abstention and the gate, failure modes, subgroups, ethics."""
+def _card_trust(meta: dict, cal: dict, ab: dict, table: str, names: list[str], cm, subgroups: str) -> str:
+    """Calibration, the dermoscopy check (ab: meta.json's dermoscopy_check), failure modes, subgroups, ethics."""
     return f"""## Calibration
 Temperature scaling fitted on validation: test ECE {cal.get('test_ece_before', float('nan')):.3f} ->
 {cal.get('test_ece_after', float('nan')):.3f} (15 bins), test NLL {cal.get('test_nll_before', float('nan')):.3f} ->
 {cal.get('test_nll_after', float('nan')):.3f}. Reliability diagram: `reliability.png`. Class weights in training
 push probability towards rare classes, so probabilities are not prevalence-calibrated per class.
 
-## Abstention and non-dermoscopy inputs
+## Uncertain and non-dermoscopy inputs (the dermoscopy check)
 - `uncertain` when the calibrated top probability is below {ab.get('uncertain_below', float('nan')):.3f}
   ({ab.get('test_uncertain_share', float('nan')):.0%} of test lesions; accuracy {ab.get('test_accuracy_confident') or float('nan'):.2f}
   on the rest vs {ab.get('test_accuracy_uncertain') or float('nan'):.2f} on the flagged ones).
-- `not_dermoscopy` when the gate's score exceeds {ab.get('ood_score_above', ab.get('ood_distance_above', float('nan'))):.2f}
-  ({ab.get('ood_method', '')}): {ab.get('test_lesions_rejected_as_ood', float('nan')):.1%} of real test lesions are
-  wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {ab.get('test_ood_auroc_all', float('nan')):.3f}.
-  Shifted test copies (other cameras, light, focus, compression, framing) and pictures the gate never saw
-  (`python -m training trust --release release` prints this table; `gate_scores.png` shows where the scores of
-  each group fall against the threshold):
+- `not_dermoscopy` when the dermoscopy check's score exceeds {ab.get('refuse_above', float('nan')):.2f}
+  ({ab.get('method', '')}): {ab.get('test_lesions_refused', float('nan')):.1%} of real test lesions are
+  wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {ab.get('test_auroc_all', float('nan')):.3f}.
+  Shifted test copies (other cameras, light, focus, compression, framing) and pictures the check never saw
+  (`python -m training dermoscopy-check --release release` prints this table; `{SCORES_PNG}` shows where the
+  scores of each group fall against the threshold):
 
-{gate}
+{table}
 
 ## Known failure modes
 {chr(10).join('- ' + line for line in confusions(cm, names))}
 - Trained from scratch on a CPU budget at low resolution: far below published ImageNet-pretrained results.
 - Not evaluated on real images from other dermatoscopes, clinics or skin types. The shifted copies above stand
-  in for them: they show how often the gate refuses such images and how much balanced accuracy drops, not how
-  the model does on a real other population, which is likely worse.
+  in for them: they show how often the dermoscopy check refuses such images and how much balanced accuracy
+  drops, not how the model does on a real other population, which is likely worse.
 
 {subgroups}
 
@@ -142,14 +142,14 @@ def render(meta: dict, results: dict, key: str, served_test: dict | None = None)
     m = results["models"][key]
     names, cm = meta["class_names"], m["confusion_matrix"]
     rows = _recall_rows(meta, cm)
-    cal, ab = meta.get("calibration") or {}, meta.get("abstention") or {}
+    cal, ab = meta.get("calibration") or {}, meta.get("dermoscopy_check") or {}
     baseline = results["models"].get("majority class (always nv)", {})
     others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
                        for name, r in results["models"].items())
-    gate, subgroups = _gate_table(ab), _subgroups(served_test)
+    table, subgroups = _check_table(ab), _subgroups(served_test)
     t = meta.get("training", {}).get("args", {})
     return (_card_head(meta, t, names) + "\n" + _card_data_and_metrics(meta, results, others, rows, baseline)
-            + "\n" + _card_trust(meta, cal, ab, gate, names, cm, subgroups))
+            + "\n" + _card_trust(meta, cal, ab, table, names, cm, subgroups))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

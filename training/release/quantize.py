@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from skinmodel.networks import build_model, features_and_logits, load_state_dict_file, ood_score, quantizable_resnet18
+from skinmodel.networks import (build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file,
+                                quantizable_resnet18)
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
 from training.common.checkpoint import StudyError, atomic_save
 from training.common.metrics import classification_metrics, predict_logits
+from training.dermoscopy.check import SCORES_PNG
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -49,8 +51,8 @@ def throughput(model, crop: int, batch: int = 8, seconds: float = 4.0) -> float:
 
 
 def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: int = 512) -> dict:
-    """OUT: an int8 release of release's ResNet18 (weights, meta.json, the OOD statistics and model card) and the
-    fp32-vs-int8 comparison; returns the comparison."""
+    """OUT: an int8 release of release's ResNet18 (weights, meta.json, the dermoscopy check's statistics and model
+    card) and the fp32-vs-int8 comparison; returns the comparison."""
     release, out = Path(release), Path(out)
     meta = ReleaseMeta.load(release)
     if meta.arch != "resnet18":
@@ -86,7 +88,7 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {"file_mb": path.stat().st_size / 2**20, "images_per_s": throughput(net, cfg.crop_size),
                       "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
-                      "not_dermoscopy": gate_refusals(net, x_test, release, meta)}
+                      "not_dermoscopy": check_refusals(net, x_test, release, meta)}
     drop = rows["fp32"]["balanced_accuracy"] - rows["int8"]["balanced_accuracy"]
     speed = rows["int8"]["images_per_s"] / rows["fp32"]["images_per_s"]
     meets = rows["int8"]["file_mb"] <= 12 and speed >= 2 and drop <= 0.01
@@ -100,9 +102,9 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
                                 f"{len(train)} training images for calibration", **comparison},
         metrics={**meta.metrics, "test": {**(meta.metrics.get("test") or {}),
                                           **{k: rows["int8"][k] for k in ("balanced_accuracy", "macro_f1", "accuracy")}}})
-    for extra in ("ood_stats.pt", "model_card.md", "gate_scores.png"):
-        if (release / extra).exists():
-            shutil.copy(release / extra, out / extra)
+    for extra in (meta.check_stats_path(release), release / "model_card.md", release / SCORES_PNG):
+        if extra is not None and extra.exists():
+            shutil.copy(extra, out / extra.name)
     int8_meta.save(out)
     text = write_comparison(rows, comparison, out)
     print(text)
@@ -124,18 +126,18 @@ def write_comparison(rows: dict, comparison: dict, out: Path) -> str:
     return text
 
 
-def gate_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
-    """Share of test lesions the dermoscopy gate refuses with this network's features: the gate was fitted on
+def check_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
+    """Share of test lesions the dermoscopy check refuses with this network's features: the check was fitted on
     fp32 features, and int8 features must not push real lesions over its threshold."""
-    ab = meta.abstention or {}
-    if not ab.get("ood_stats_file") or "ood_score_above" not in ab:
+    check = meta.dermoscopy_check or {}
+    if not check.get("stats_file") or "refuse_above" not in check:
         return None
-    stats = {k: v.float() for k, v in torch.load(release / ab["ood_stats_file"], weights_only=True).items()}
+    stats = {k: v.float() for k, v in torch.load(meta.check_stats_path(release), weights_only=True).items()}
     cfg, refused = meta.preprocessing, []
     with torch.inference_mode():
         for i in range(0, len(x_uint8), 128):
             feats, _ = features_and_logits(net, normalize(x_uint8[i:i + 128], cfg.mean, cfg.std))
-            refused.append(ood_score(feats, stats) > ab["ood_score_above"])
+            refused.append(dermoscopy_check_score(feats, stats) > check["refuse_above"])
     return float(torch.cat(refused).float().mean())
 
 

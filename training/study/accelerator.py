@@ -36,7 +36,7 @@ from training.network.train import add_recipe_args
 MAX_FILES = 8
 PART_BYTES = 15 * 2**20          # under the 16 MiB a lent device returns per file
 BUDGET_S = 480.0                 # 8 minutes: one device call of at most 10, with room to spare
-AFTER_TRAINING_S = 180.0         # evaluation, calibration, the gate, the served test report, packing
+AFTER_TRAINING_S = 180.0         # evaluation, calibration, the dermoscopy check, the served test report, packing
 MANIFEST = "manifest.json"
 ARCHIVE = "release.tar.gz"
 
@@ -163,12 +163,12 @@ def unpack(source: Path, release: Path, replace: bool = False) -> tuple[ReleaseM
     return meta, manifest
 
 
-NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # the gate, plots, the split
+NEEDED_AFTER_TRAINING = ("sklearn", "matplotlib", "skimage", "scipy", "PIL")  # the dermoscopy check, plots, the split
 
 
 def rescue(work: Path, out: Path, error: BaseException | None = None) -> None:
     """What cannot be rebuilt without the GPU, in OUT: the best checkpoint of the most advanced run, its weights
-    in fp16 (it loads like any checkpoint: export, calibrate and trust take it on a CPU), with every run's history.
+    in fp16 (it loads like any checkpoint: export, calibrate and dermoscopy-check take it on a CPU), with every run's history.
     Written as soon as training ends (error None; the full release replaces it at the end, so a run killed at its
     time limit still sends the student back) and again after a failure."""
     for run in ("resnet18_kd", "resnet18"):

@@ -1,5 +1,5 @@
 """The whole study, resumable: (recipe search) -> baselines -> teacher choice -> (grid) -> distilled student -> test
-table -> export -> calibration -> abstention thresholds -> model card. Every step is called as a function with typed
+table -> export -> calibration -> dermoscopy check -> model card. Every step is called as a function with typed
 settings.
 
     python -m training all                 # the real run (CPU: about 1.5 h at 96 px)
@@ -28,7 +28,7 @@ import numpy as np
 
 from skinmodel.release import MODEL_NAME, ReleaseMeta
 from training.common import data as D
-from training.dermoscopy.abstention import fit_abstention
+from training.dermoscopy.check import fit_dermoscopy_check
 from training.evaluation.evaluate_release import evaluate_release
 from training.release.calibrate import calibrate
 from training.common.checkpoint import (TTA_PREFIX, StudyError, checkpoint_preprocessing, load_checkpoint, models_from_spec,
@@ -129,7 +129,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_device_args(p)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time for all training runs together (each run's share sizes its epochs, at most the "
-                        "--epochs-* given); evaluation, calibration and the gate come on top")
+                        "--epochs-* given); evaluation, calibration and the dermoscopy check come on top")
     p.add_argument("--release-dir", default=None, help="export the distilled student here (default: OUT/release)")
     p.add_argument("--name", default=d.name)
     p.add_argument("--version", default=d.version)
@@ -171,6 +171,7 @@ def epochs_run(run_dir: Path) -> int:
 # A teacher's forward pass per distillation step, relative to one ResNet18 training step (forward + backward) at the
 # same size: a forward is about a third of a training step, and ResNet50 needs 2.3x ResNet18's operations.
 FORWARD_COST = {"resnet18": 0.33, "resnet50": 0.76}
+FORMER_STEPS = {"dermoscopy check": "gate"}  # progress.json's step names formerly: a resumed study still skips them
 
 
 def teacher_cost(paths: list[str], tta: bool) -> float:
@@ -229,7 +230,7 @@ def _done(out: Path, step: str, fn) -> None:
     """Run a step after training once: OUT/progress.json records it, a resumed study skips it."""
     progress = out / "progress.json"
     done = json.loads(progress.read_text()) if progress.exists() else {}
-    if step in done:
+    if step in done or FORMER_STEPS.get(step) in done:
         print(f"[skip] {step} is done", flush=True)
         return
     started = time.time()
@@ -326,7 +327,7 @@ def run_study(study: StudyConfig, after_training=None, resume: bool = True) -> R
 
 
 def make_release(study: StudyConfig, out: Path, data: D.DataConfig, teacher: dict, runs: dict) -> ReleaseMeta:
-    """Test table, export, calibration, the dermoscopy gate, the served report and the model card (each once)."""
+    """Test table, export, calibration, the dermoscopy check, the served report and the model card (each once)."""
     report_dir, student = out / "report", str(runs["kd"] / "best.pt")
     r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
     release = Path(study.release_dir) if study.release_dir else out / "release"
@@ -337,7 +338,7 @@ def make_release(study: StudyConfig, out: Path, data: D.DataConfig, teacher: dic
                                         str(report_dir / "results.json"), "resnet18 distilled",
                                         command=study.command))
     _done(out, "calibrate", lambda: calibrate(student, release, data, study.device))
-    _done(out, "gate", lambda: fit_abstention(release, data, device=study.device))
+    _done(out, "dermoscopy check", lambda: fit_dermoscopy_check(release, data, device=study.device))
     _done(out, "served test", lambda: _served(release, data))
     served_file = release / SERVED_TEST / "results.json"
     served = json.loads(served_file.read_text()) if served_file.exists() else None

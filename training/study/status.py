@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 from training.common.checkpoint import StudyError
-from training.study.pipeline import FORWARD_COST
+from training.study.pipeline import FORMER_STEPS, FORWARD_COST
 from training.study.recipe_search import STAGES, equal_compute_epochs
 
 # Seconds of an epoch relative to a plain ResNet18 epoch at the same size and batch (ResNet50: 2.3x the
 # operations); a distilled ResNet18 also pays for its teacher's forward passes (pipeline.FORWARD_COST).
 COST = {"resnet18": 1.0, "resnet50": 2.3}
-AFTER_TRAINING = ("evaluate", "export", "calibrate", "gate", "served test")
+AFTER_TRAINING = ("evaluate", "export", "calibrate", "dermoscopy check", "served test")
 TRAIN_IMAGES = 6008  # HAM10000's training split (seed 0): what a grid cell's --grid-max-train-images is a share of
 
 
@@ -122,7 +122,7 @@ def status(out: Path) -> dict:
     heartbeat = max((r["modified"] or 0 for r in runs), default=0)
     return {"study": str(out), "commit": study.get("commit"), "started": study.get("started"), "runs": runs,
             "not_started": waiting,
-            "after_training": {s: s in progress for s in AFTER_TRAINING},
+            "after_training": {s: s in progress or FORMER_STEPS.get(s) in progress for s in AFTER_TRAINING},
             "training_hours_left_estimate": round(left / 3600, 2) if ref else None,
             "last_epoch_ended": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(heartbeat)) if heartbeat else None,
             "running": _running(out)}

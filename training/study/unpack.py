@@ -31,7 +31,7 @@ def main(args: argparse.Namespace):
     name = "resnet18 distilled" if manifest["rescued"].startswith("resnet18_kd") else "resnet18 (scratch)"
     steps = [["evaluate", "--model", f"{name}={ckpt}", "--out", report],
              ["export", "--checkpoint", ckpt, "--out", r, "--results", report / "results.json", "--results-key", name],
-             ["calibrate", "--checkpoint", ckpt, "--release", r], ["trust", "--release", r],
+             ["calibrate", "--checkpoint", ckpt, "--release", r], ["dermoscopy-check", "--release", r],
              ["model-card", "--release", r]]
     print(f"the accelerator run sent back its student only ({manifest['error']}).\n{here} holds "
           f"{manifest['rescued']} (fp16 weights) and every run's history. Finish on this machine:")

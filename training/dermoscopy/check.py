@@ -1,21 +1,22 @@
-"""Abstention for a release: when to say "uncertain" and when "not a dermoscopy image", chosen on validation.
+"""The dermoscopy check of a release: when to say "uncertain" and when "not a dermoscopy image", chosen on
+validation.
 
 - uncertain (confidence): the calibrated top probability below the value that flags --uncertain-share of
   validation lesions.
-- the dermoscopy gate: a score on the penultimate features (training/dermoscopy/rejectors.py compares a logistic head on
-  the old pool and on the packages' pool, the energy score and a nearest-neighbour score on VALIDATION sources
-  and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
-  (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages, training/dermoscopy/gate_pool.py), fit,
-  val and test sources disjoint. Two thresholds: above `ood_score_above` (keeps --lesion-keep of the validation
-  lesions of every class, pooled with their copies under the ten shift families) the answer is
-  `not_dermoscopy`; between `ood_score_clear_below` and it, `uncertain`, never `ok`.
+- the dermoscopy check's score on the penultimate features (training/dermoscopy/rejectors.py compares a logistic
+  head on the old pool and on the packages' pool, the energy score and a nearest-neighbour score on VALIDATION
+  sources and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
+  (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages,
+  training/dermoscopy/pool.py), fit, val and test sources disjoint. Two thresholds: above `refuse_above` (keeps
+  --lesion-keep of the validation lesions of every class, pooled with their copies under the ten shift families)
+  the answer is `not_dermoscopy`; between `clear_below` and it, `uncertain`, never `ok`.
 
 Reported on the test split (per class, per shift family) and on the test sources, never fitted on nor chosen on.
-Features are computed once per release and cached (--cache-dir). Writes ood_stats.pt, meta.json's "abstention"
-and gate_scores.png.
+Features are computed once per release and cached (--cache-dir). Writes dermoscopy_check.pt (the statistics),
+meta.json's "dermoscopy_check", dermoscopy_scores.png and dermoscopy_pool.json.
 
-    python -m training.dermoscopy.gate_pool --install     # once per machine (root): the Debian packages of the pool
-    python -m training trust --release release --version 1.2
+    python -m training.dermoscopy.pool --install     # once per machine (root): the Debian packages of the pool
+    python -m training dermoscopy-check --release release --version 1.2
 """
 from __future__ import annotations
 
@@ -29,18 +30,20 @@ import torch
 from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
 
 from skinmodel.networks import build_model, load_state_dict_file
-from skinmodel.release import ReleaseMeta
+from skinmodel.release import CHECK_STATS_FILE, ReleaseMeta
 from training.common import data as D
-from training.dermoscopy import gate_pool
+from training.dermoscopy import pool
 from training.dermoscopy import rejectors as R
 from training.common.checkpoint import StudyError, atomic_save
 from training.common.device import add_device_args, resolve_device
-from training.dermoscopy.gate_features import lesion_features
-from training.common.plots import plot_gate_scores
+from training.dermoscopy.features import lesion_features
+from training.common.plots import plot_check_scores
 from training.dermoscopy.shifts import FAMILIES
 
 UNCERTAIN_SHARE = 0.2  # share of validation lesions answered "uncertain"
 LESION_KEEP = R.LESION_KEEP  # share of the validation lesions of every class (plain and shifted, pooled) accepted
+SCORES_PNG = "dermoscopy_scores.png"  # where each group's scores fall against the threshold
+POOL_JSON = "dermoscopy_pool.json"  # the pool's sources with their package versions, licences and file counts
 
 
 def auroc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
@@ -53,7 +56,7 @@ def auroc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
 
 def fit_head(lesions: torch.Tensor, others: torch.Tensor, strength: float) -> dict:
     """Logistic regression, lesions vs pictures (one source), on standardised features: the statistics the
-    handler scores with (skinmodel.networks.ood_score: the logit of "not dermoscopy")."""
+    handler scores with (skinmodel.networks.dermoscopy_check_score: the logit of "not dermoscopy")."""
     return R.fit_logistic(lesions, [others], strength, per_source=False)
 
 
@@ -64,8 +67,8 @@ def _share(scores, threshold: float, mask=None):
 
 
 def _lesion_report(score, test: dict, refuse: float, clear: float, uncertain_below: float, meta) -> dict:
-    """False refusals of real test lesions: overall, per class, per shift family; and the share the gate makes
-    uncertain."""
+    """False refusals of real test lesions: overall, per class, per shift family; and the share the dermoscopy
+    check makes uncertain."""
     y, mel = test["labels"].numpy(), meta.class_names.index("mel")
     s = score(test["plain"]).numpy()
     fams = {"unshifted": (s, test["pred"].numpy())}
@@ -74,8 +77,8 @@ def _lesion_report(score, test: dict, refuse: float, clear: float, uncertain_bel
     confident = (top >= uncertain_below) & (s <= clear)
     correct = test["pred"].numpy() == y
     return {
-        "test_lesions_rejected_as_ood": _share(s, refuse),
-        "test_lesions_gate_uncertain": float(((s > clear) & (s <= refuse)).mean()),
+        "test_lesions_refused": _share(s, refuse),
+        "test_lesions_check_uncertain": float(((s > clear) & (s <= refuse)).mean()),
         "test_rejected_per_class": {c: _share(s, refuse, y == k) for k, c in enumerate(meta.class_names)},
         "test_rejected_per_shift": {f: {"all": _share(v, refuse), "mel": _share(v, refuse, y == mel),
                                         "balanced_accuracy": balanced_accuracy(y, p)} for f, (v, p) in fams.items()},
@@ -112,25 +115,25 @@ def _load_release(release: Path, data: D.DataConfig, device: str):
     return meta, split, model.eval().to(resolve_device(device))
 
 
-def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
-                   lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
-                   device: str = "auto") -> dict:
-    """Choose, measure and write the abstention of a release. A new `version` names the result: the same weights
-    with another gate answer differently, and the audit trail records the version with each answer."""
+def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
+                         lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
+                         device: str = "auto") -> dict:
+    """Choose, measure and write the dermoscopy check of a release. A new `version` names the result: the same
+    weights with another check answer differently, and the audit trail records the version with each answer."""
     release = Path(release)
     meta, split, model = _load_release(release, data, device)
     data.use_threads()
     weights = release / meta.weights_file
     try:
-        gate_pool.install()
+        pool.install()
     except (OSError, subprocess.CalledProcessError) as err:  # offline or not root: measured on what is there
-        print(f"warning: the gate's picture sources could not be installed ({err})", flush=True)
+        print(f"warning: the dermoscopy check's picture sources could not be installed ({err})", flush=True)
     les = lesion_features(model, meta, weights, split, data.cache, seed)
     pics = R.pool_features(model, meta, weights, data.cache, seed)
-    parts = {p: [s for s in gate_pool.sources(p) if s.name in pics] for p in gate_pool.PARTS}
+    parts = {p: [s for s in pool.sources(p) if s.name in pics] for p in pool.PARTS}
     uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
-    old = release / "ood_stats.pt"
-    old_stats = torch.load(old, weights_only=True) if old.exists() else None
+    old = meta.check_stats_path(release)  # the shipped check, a candidate like the others
+    old_stats = torch.load(old, weights_only=True) if old else None
     train_labels = torch.tensor([r.label for r in split.part("train")])
     cands = R.candidates(torch.cat([les["train"]["plain"], les["train"]["shifted"]]), train_labels.repeat(2),
                          [pics[s.name]["feats"] for s in parts["fit"]], old_stats,
@@ -143,82 +146,84 @@ def fit_abstention(release: Path, data: D.DataConfig, uncertain_share: float = U
     per_source, scores = _source_report(best.score, pics, test_names, fams["unshifted"][0], refuse, clear,
                                         uncertain_below)
     result = {
-        "uncertain_below": uncertain_below, "ood_score_above": refuse, "ood_score_clear_below": clear,
-        "ood_method": f"{best.name}: lesions (training split, plain and shifted) vs pictures of the fitting "
-                      f"sources; chosen among {len(cands)} rejectors on {len(table[best.name]['per_source'])} "
-                      f"validation sources; refuses above a score that keeps {lesion_keep:.1%} of the validation "
-                      f"lesions of every class (plain and under {len(FAMILIES)} shift families), uncertain above "
-                      f"the {table[best.name]['clear_keep']:.1%} lesion quantile",
+        "uncertain_below": uncertain_below, "refuse_above": refuse, "clear_below": clear,
+        "method": f"{best.name}: lesions (training split, plain and shifted) vs pictures of the fitting "
+                  f"sources; chosen among {len(cands)} rejectors on {len(table[best.name]['per_source'])} "
+                  f"validation sources; refuses above a score that keeps {lesion_keep:.1%} of the validation "
+                  f"lesions of every class (plain and under {len(FAMILIES)} shift families), uncertain above "
+                  f"the {table[best.name]['clear_keep']:.1%} lesion quantile",
         "rejector": best.name, "rejector_comparison": {n: {k: v for k, v in r.items() if k != "per_source"}
                                                        | {"validation_sources": r["per_source"]}
                                                        for n, r in table.items()},
         **lesion, "non_skin_sets": per_source, "held_out_sources": _pooled(per_source),
-        "test_ood_auroc_all": auroc(np.concatenate(list(scores.values())), fams["unshifted"][0]),
-        "gate_sources": {p: [s.name for s in sources] for p, sources in parts.items()},
+        "test_auroc_all": auroc(np.concatenate(list(scores.values())), fams["unshifted"][0]),
+        "sources": {p: [s.name for s in sources] for p, sources in parts.items()},
     }
-    plot_gate_scores({"test lesions": fams["unshifted"][0],
-                      f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
-                      **scores}, refuse, release / "gate_scores.png")
-    atomic_save(best.stats, release / "ood_stats.pt")  # float32: the handler scores exactly as measured here
-    meta.abstention = {**result, "ood_stats_file": "ood_stats.pt"}
+    plot_check_scores({"test lesions": fams["unshifted"][0],
+                       f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
+                       **scores}, refuse, release / SCORES_PNG)
+    atomic_save(best.stats, release / CHECK_STATS_FILE)  # float32: the handler scores exactly as measured here
+    meta.dermoscopy_check = {**result, "stats_file": CHECK_STATS_FILE}
     meta.version = version or meta.version
     meta.save(release)
-    (release / "gate_pool.json").write_text(json.dumps(
-        gate_pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
+    (release / POOL_JSON).write_text(json.dumps(
+        pool.manifest({n: len(p["feats"]) for n, p in pics.items()}), indent=2) + "\n")
     print(render_comparison(result))
     print(render_table(result))
     return result
 
 
-def render_comparison(ab: dict) -> str:
+def render_comparison(check: dict) -> str:
     """The rejectors compared on validation sources (README and model card)."""
     lines = ["| rejector (validation sources) | refused, mean over sources | worst source | answered ok | "
              "worst shift family, lesions refused |", "|---|---|---|---|---|"]
-    for name, r in ab["rejector_comparison"].items():
-        mark = " (chosen)" if name == ab["rejector"] else ""
+    for name, r in check["rejector_comparison"].items():
+        mark = " (chosen)" if name == check["rejector"] else ""
         lines.append(f"| {name}{mark} | {r['mean_refused']:.1%} | {r['min_refused']:.1%} | {r['mean_ok']:.1%} | "
                      f"{r['worst_family_refused']:.1%} |")
     return "\n".join(lines)
 
 
-def render_table(ab: dict) -> str:
-    """The false-refusal table and the held-out sources' table of README and the model card."""
-    classes = ab["test_rejected_per_class"]
+def render_table(check: dict) -> str:
+    """The false-refusal table and the held-out sources' table of README and the model card, from meta.json's
+    dermoscopy_check."""
+    classes = check["test_rejected_per_class"]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731  (None: no lesion of that class in the split)
-    lines = [f"Real test lesions answered `not_dermoscopy`: {ab['test_lesions_rejected_as_ood']:.1%} overall; per "
+    lines = [f"Real test lesions answered `not_dermoscopy`: {check['test_lesions_refused']:.1%} overall; per "
              "class " + ", ".join(f"{c} {pct(v)}" for c, v in classes.items()) + ".", "",
              "| shift family (test split) | lesions refused | melanomas refused | balanced accuracy |",
              "|---|---|---|---|"]
     lines += [f"| {fam} | {pct(v['all'])} | {pct(v['mel'])} | {v.get('balanced_accuracy', float('nan')):.3f} |"
-              for fam, v in ab["test_rejected_per_shift"].items()]
+              for fam, v in check["test_rejected_per_shift"].items()]
     lines += ["", "| held-out sources, not dermoscopy (never fitted on, never chosen on) | images | "
               "`not_dermoscopy` | `uncertain` | `ok` | AUROC vs test lesions |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {v['images']} | {pct(v.get('not_dermoscopy', v.get('rejected')))} | "
               f"{pct(v.get('uncertain'))} | {pct(v.get('ok'))} | {v['auroc']:.3f} |"
-              for name, v in ab["non_skin_sets"].items()]
-    if "held_out_sources" in ab:
-        h = ab["held_out_sources"]
+              for name, v in check["non_skin_sets"].items()]
+    if "held_out_sources" in check:
+        h = check["held_out_sources"]
         lines.append(f"| all held-out sources | {h['images']} | {pct(h['not_dermoscopy'])} | {pct(h['uncertain'])} | "
-                     f"{pct(h['ok'])} | {ab['test_ood_auroc_all']:.3f} |")
-    if "rejector_comparison" in ab:  # releases from 1.2 on: how the gate was chosen, and its two thresholds
-        lines = [f"Gate: {ab['rejector']}, chosen on the validation sources ({', '.join(ab['gate_sources']['val'])}); "
-                 f"fitted on {', '.join(ab['gate_sources']['fit'])}. Score above {ab['ood_score_above']:.3f}: "
-                 f"`not_dermoscopy`; between {ab['ood_score_clear_below']:.3f} and it: `uncertain`, never `ok` "
-                 f"({ab['test_lesions_gate_uncertain']:.1%} of real test lesions).", "",
-                 render_comparison(ab), "", *lines]
+                     f"{pct(h['ok'])} | {check['test_auroc_all']:.3f} |")
+    if "rejector_comparison" in check:  # releases from 1.2 on: how the check was chosen, and its two thresholds
+        sources = check["sources"]
+        lines = [f"Dermoscopy check: {check['rejector']}, chosen on the validation sources "
+                 f"({', '.join(sources['val'])}); fitted on {', '.join(sources['fit'])}. Score above {check['refuse_above']:.3f}: "
+                 f"`not_dermoscopy`; between {check['clear_below']:.3f} and it: `uncertain`, never `ok` "
+                 f"({check['test_lesions_check_uncertain']:.1%} of real test lesions).", "",
+                 render_comparison(check), "", *lines]
     return "\n".join(lines)
 
 
-def carry_gate(release: Path, variant: Path) -> None:
-    """A variant of the release with the same weights' gate (the int8 folder): the new gate, thresholds and version
-    (the variant's own suffix kept), so the int8 model answers with the gate this run measured."""
+def carry_check(release: Path, variant: Path) -> None:
+    """A variant of the release with the same weights (the int8 folder) gets the new dermoscopy check: statistics,
+    thresholds and version (the variant's own suffix kept), so it answers with the check this run measured."""
     import shutil
 
     meta, var = ReleaseMeta.load(release), ReleaseMeta.load(variant)
     suffix = var.version.split("-", 1)[1] if "-" in var.version else ""
-    var.abstention = meta.abstention
+    var.dermoscopy_check = meta.dermoscopy_check
     var.version = f"{meta.version}-{suffix}" if suffix else meta.version
-    for name in ("ood_stats.pt", "gate_scores.png"):
+    for name in (CHECK_STATS_FILE, SCORES_PNG):
         shutil.copy(release / name, variant / name)
     var.save(variant)
 
@@ -232,19 +237,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--uncertain-share", type=float, default=UNCERTAIN_SHARE,
                    help="share of validation lesions flagged uncertain")
     p.add_argument("--lesion-keep", type=float, default=LESION_KEEP,
-                   help="share of the validation lesions of every class (plain and shifted) the gate must accept")
+                   help="share of the validation lesions of every class (plain and shifted) the check must accept")
     p.add_argument("--version", default=None, help="new version for the release (default: keep meta.json's)")
     p.add_argument("--variant", action="append", default=[], type=Path,
-                   help="a folder of the same release's other weights (release/int8) to carry the new gate to")
+                   help="a folder of the same release's other weights (release/int8) to carry the new check to")
     add_device_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    result = fit_abstention(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share, args.lesion_keep,
-                            version=args.version, device=args.device)
+    result = fit_dermoscopy_check(Path(args.release), D.DataConfig.from_args(args), args.uncertain_share,
+                                  args.lesion_keep, version=args.version, device=args.device)
     for variant in args.variant:
-        carry_gate(Path(args.release), variant)
+        carry_check(Path(args.release), variant)
     return result
 
 

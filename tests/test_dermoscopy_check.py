@@ -1,7 +1,7 @@
-"""What the "is this dermoscopy" gate is fitted and judged on: shifted lesion copies that the service can decode,
+"""What the dermoscopy check is fitted and judged on: shifted lesion copies that the service can decode,
 non-dermoscopy pools that never overlap, a head that separates what it was given, and the table the README and
 the model card print. Fast tier: synthetic lesions stand in for HAM10000 here; the release test re-measures the
-real gate on real test lesions.
+real check on real test lesions.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import ood_score
+from skinmodel.networks import dermoscopy_check_score
 from skinmodel.preprocessing import preprocess_bytes
-from training.dermoscopy.abstention import fit_head, render_comparison, render_table
-from training.dermoscopy import gate_pool
+from training.dermoscopy.check import fit_head, render_comparison, render_table
+from training.dermoscopy import pool
 from training.dermoscopy.shifts import FAMILIES, shifted
 
 pytestmark = pytest.mark.fast
@@ -61,55 +61,55 @@ def test_every_package_feeds_one_part_only_so_held_out_sources_are_never_fitted(
     """Split by source, not by picture: a package whose pictures are held out (val, test) may not give a single
     picture to the fitting pool, nor the validation sources to the test ones."""
     owner = {}
-    for source in gate_pool.SOURCES:
+    for source in pool.SOURCES:
         for package in _packages(source):
             assert owner.setdefault(package, source.part) == source.part, (package, owner[package], source.part)
-    for part in gate_pool.PARTS:
-        kinds = " ".join(s.kind for s in gate_pool.sources(part))
+    for part in pool.PARTS:
+        kinds = " ".join(s.kind for s in pool.sources(part))
         assert "photographs" in kinds, f"{part}: photographs are the pictures that leaked: every part needs some"
-    assert len(gate_pool.sources("val")) >= 3 and len(gate_pool.sources("test")) >= 3
-    assert {s.name for s in gate_pool.sources("test")} >= {"scikit-image photographs", "LFW faces (scikit-image)"}
+    assert len(pool.sources("val")) >= 3 and len(pool.sources("test")) >= 3
+    assert {s.name for s in pool.sources("test")} >= {"scikit-image photographs", "LFW faces (scikit-image)"}
 
 
 def test_a_gimp_pattern_file_reads_as_its_pixels():
     pixels = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(3, 4, 3)
     name = b"tiny\0"
     header = struct.pack(">5I4s", 24 + len(name), 1, 4, 3, 3, b"GPAT") + name
-    img = gate_pool.read_gimp_pattern(header + pixels.tobytes())
+    img = pool.read_gimp_pattern(header + pixels.tobytes())
     assert img.size == (4, 3) and img.mode == "RGB" and (np.asarray(img) == pixels).all()
     with pytest.raises(ValueError):
-        gate_pool.read_gimp_pattern(header.replace(b"GPAT", b"GBRH") + pixels.tobytes())
+        pool.read_gimp_pattern(header.replace(b"GPAT", b"GBRH") + pixels.tobytes())
 
 
 def test_each_file_counts_whole_and_as_crops_of_half_and_a_quarter_of_its_side():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 1024, 3), dtype=np.uint8))
-    views = gate_pool.views(img, np.random.default_rng(1))
+    views = pool.views(img, np.random.default_rng(1))
     assert [v.size for v in views] == [(512, 300), (512, 300), (256, 150)]  # at most 512 px, the model sees 96
-    assert len(gate_pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
+    assert len(pool.views(img.resize((100, 60)), np.random.default_rng(1))) == 2  # no crop under 24 px
 
 
 def test_the_head_separates_what_it_saw_and_stores_fp32_statistics():
-    """What it claims, no more: the fitted head scores through skinmodel.networks.ood_score (the function the
-    handler calls) as the logit of "not dermoscopy", and its statistics are fp32. The handler itself answering
+    """What it claims, no more: the fitted head scores through skinmodel.networks.dermoscopy_check_score (the function
+    the handler calls) as the logit of "not dermoscopy", and its statistics are fp32. The handler itself answering
     with these statistics is tests/test_verdicts.py's."""
     gen = torch.Generator().manual_seed(0)
     lesions = torch.randn(400, 16, generator=gen) + 2.0
     others = torch.randn(400, 16, generator=gen) - 2.0
     stats = fit_head(lesions, others, strength=1.0)
-    s_lesion, s_other = ood_score(lesions, stats), ood_score(others, stats)
+    s_lesion, s_other = dermoscopy_check_score(lesions, stats), dermoscopy_check_score(others, stats)
     assert (s_other > 0).float().mean() > 0.95 and (s_lesion < 0).float().mean() > 0.95  # logit of "not dermoscopy"
     assert all(v.dtype == torch.float32 for v in stats.values())  # saved as scored: the handler reads them as is
 
 
 def test_render_table_shows_every_family_class_and_held_out_source():
-    ab = {"test_lesions_rejected_as_ood": 0.004, "test_rejected_per_class": {"mel": 0.009, "vasc": 0.0},
-          "test_rejected_per_shift": {"unshifted": {"all": 0.004, "mel": 0.009, "balanced_accuracy": 0.6},
-                                      "blur": {"all": 0.02, "mel": 0.031, "balanced_accuracy": 0.5}},
-          "non_skin_sets": {"Pingus data": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01,
-                                            "auroc": 0.9995}},
-          "held_out_sources": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01},
-          "test_ood_auroc_all": 0.9995}
-    table = render_table(ab)
+    check = {"test_lesions_refused": 0.004, "test_rejected_per_class": {"mel": 0.009, "vasc": 0.0},
+             "test_rejected_per_shift": {"unshifted": {"all": 0.004, "mel": 0.009, "balanced_accuracy": 0.6},
+                                         "blur": {"all": 0.02, "mel": 0.031, "balanced_accuracy": 0.5}},
+             "non_skin_sets": {"Pingus data": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01,
+                                               "auroc": 0.9995}},
+             "held_out_sources": {"images": 90, "not_dermoscopy": 0.97, "uncertain": 0.02, "ok": 0.01},
+             "test_auroc_all": 0.9995}
+    table = render_table(check)
     assert "0.4% overall" in table and "mel 0.9%" in table and "vasc 0.0%" in table
     assert "| blur | 2.0% | 3.1% | 0.500 |" in table
     assert "| Pingus data | 90 | 97.0% | 2.0% | 1.0% | 1.000 |" in table
@@ -118,6 +118,6 @@ def test_render_table_shows_every_family_class_and_held_out_source():
 
 def test_render_comparison_marks_the_chosen_rejector():
     row = {"mean_refused": 0.9, "min_refused": 0.8, "mean_ok": 0.01, "worst_family_refused": 0.02}
-    ab = {"rejector": "b", "rejector_comparison": {"a": row, "b": {**row, "mean_refused": 0.95}}}
-    text = render_comparison(ab)
+    check = {"rejector": "b", "rejector_comparison": {"a": row, "b": {**row, "mean_refused": 0.95}}}
+    text = render_comparison(check)
     assert "| a | 90.0% | 80.0% | 1.0% | 2.0% |" in text and "| b (chosen) | 95.0% |" in text

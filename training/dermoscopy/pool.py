@@ -1,15 +1,15 @@
 """Pictures that are not dermoscopy, from the image files that Debian and PyPI packages ship, split by SOURCE.
 
 Every source is one package (or one family of generated drawings) and belongs whole to one part:
-- fit: what the gate's head is fitted on;
+- fit: what the dermoscopy check's head is fitted on;
 - val: sources held out to choose the rejector, its strength and its thresholds;
-- test: sources held out for the reported figure: the gate never saw a file, a crop or a package of them.
+- test: sources held out for the reported figure: the check never saw a file, a crop or a package of them.
 Each file counts whole and as random crops of half and a quarter of its side (`pictures`). The Debian packages
 are installed by `install()` (apt-get, as root) and read where dpkg put them; nothing is copied into the
 repository. `manifest()` records every source with its package version, licence and file count
-(release/gate_pool.json).
+(release/dermoscopy_pool.json).
 
-    python -m training.dermoscopy.gate_pool --install --manifest release/gate_pool.json
+    python -m training.dermoscopy.pool --install --manifest release/dermoscopy_pool.json
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def install(selected: list[Source] | None = None) -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise PermissionError(f"the gate's pictures need these Debian packages; as root: apt-get install {' '.join(missing)}")
+        raise PermissionError("the dermoscopy check's pictures need these Debian packages; as root: "
+                              f"apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run = lambda *cmd: subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)  # noqa: E731
     try:
@@ -219,7 +220,7 @@ def pictures(source: Source, seed: int = 0) -> list[bytes]:
     for path in files(source):
         img = _open(path)
         if img is not None and min(img.size) >= source.min_side:
-            # A view the service refuses before the model (beyond its aspect-ratio limit) is no picture the gate
+            # A view the service refuses before the model (beyond its aspect-ratio limit) is no picture the check
             # ever scores: it is left out, as the handler's 422 leaves it out of every answer.
             out += [encode(v) for v in views(img, rng) if max(v.size) <= MAX_ASPECT_RATIO * min(v.size)]
     return out
@@ -258,7 +259,7 @@ def manifest(counts: dict[str, int] | None = None) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Install the gate's picture sources and write their manifest.")
+    p = argparse.ArgumentParser(description="Install the dermoscopy check's picture sources and write their manifest.")
     p.add_argument("--install", action="store_true", help="apt-get install the missing Debian packages (root)")
     p.add_argument("--manifest", type=Path, help="write the manifest JSON here")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The penultimate features the dermoscopy gate is fitted, chosen and reported on, computed once per release and
+"""The penultimate features the dermoscopy check is fitted, chosen and reported on, computed once per release and
 split and kept in the cache folder: every head (training/dermoscopy/rejectors.py) is then fitted on features, in seconds.
 
 - train: every training lesion, plain and under one random shift family each (what a head is fitted on);
@@ -24,7 +24,7 @@ from training.common import data as D
 from training.common.device import full_fp32
 from training.dermoscopy.shifts import FAMILIES, shifted
 
-CACHE_VERSION = "gate-features-1"
+CACHE_VERSION = "gate-features-1"  # "gate": the check's name formerly; kept (like the files' prefix) for caches
 
 
 @torch.no_grad()
