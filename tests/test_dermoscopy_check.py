@@ -120,4 +120,31 @@ def test_render_comparison_marks_the_chosen_rejector():
     row = {"mean_refused": 0.9, "min_refused": 0.8, "mean_ok": 0.01, "worst_family_refused": 0.02}
     check = {"rejector": "b", "rejector_comparison": {"a": row, "b": {**row, "mean_refused": 0.95}}}
     text = render_comparison(check)
-    assert "| a | 90.0% | 80.0% | 1.0% | 2.0% |" in text and "| b (chosen) | 95.0% |" in text
+    assert "| a | 99.5% | 90.0% | 80.0% | 1.0% | 2.0% |" in text and "| b (chosen) | 99.5% | 95.0% |" in text
+
+
+def _val(shift_offset: float, n: int = 2000):
+    """Validation lesions: scores ~ N(0, 1) plain and under one shift (moved by shift_offset), two classes."""
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(n, generator=g)
+    return {"plain": plain, "shift": {"blur": plain + shift_offset}, "labels": torch.arange(n) % 2}
+
+
+def test_the_lesion_keep_is_the_smallest_whose_validation_refusals_stay_within_the_limits():
+    """The refusal threshold keeps as few lesions as LESION_LIMITS allow on validation. Shifted copies scoring
+    far above the plain lesions fill the refused tail: a smaller keep fits until a shift family passes its limit.
+    Shifted copies like the plain ones: the plain lesions fill it, only the most cautious keep fits. Shifted
+    copies far below: none fits, and the most cautious is used. Pictures far above are refused in every case."""
+    from training.dermoscopy.rejectors import LESION_KEEPS, LESION_LIMITS, Candidate, evaluate, within_limits
+
+    identity = Candidate("identity", lambda x: x, None)
+    pics = {"far": {"feats": torch.full((50,), 10.0), "top": torch.ones(50)}}
+    up = evaluate(identity, _val(3.0), pics, 0.0)
+    assert up["lesion_keep"] == 0.99 and within_limits(up) and up["val_lesions_refused"] == 0.0
+    smaller = evaluate(identity, _val(3.0), pics, 0.0, keeps=(0.985,))
+    assert smaller["worst_family_refused"] > LESION_LIMITS["family"]  # why 0.99 and not 0.985
+    alike = evaluate(identity, _val(0.0), pics, 0.0)
+    assert alike["lesion_keep"] == max(LESION_KEEPS) and within_limits(alike)
+    down = evaluate(identity, _val(-3.0), pics, 0.0)
+    assert down["lesion_keep"] == max(LESION_KEEPS) and not within_limits(down)
+    assert all(r["per_source"]["far"]["not_dermoscopy"] == 1.0 for r in (up, alike, down))

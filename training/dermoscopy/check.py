@@ -8,8 +8,9 @@ validation.
   sources and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
   (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages,
   training/dermoscopy/pool.py), fit, val and test sources disjoint. Two thresholds: above `refuse_above` (keeps
-  --lesion-keep of the validation lesions of every class, pooled with their copies under the ten shift families)
-  the answer is `not_dermoscopy`; between `clear_below` and it, `uncertain`, never `ok`.
+  one of --lesion-keep's shares of the validation lesions of every class, pooled with their copies under the ten
+  shift families: the smallest whose validation lesion refusals stay within rejectors.LESION_LIMITS) the answer
+  is `not_dermoscopy`; between `clear_below` and it, `uncertain`, never `ok`.
 
 Reported on the test split (per class, per shift family) and on the test sources, never fitted on nor chosen on.
 Features are computed once per release and cached (--cache-dir). Writes dermoscopy_check.pt (the statistics),
@@ -41,7 +42,7 @@ from training.common.plots import plot_check_scores
 from training.dermoscopy.shifts import FAMILIES
 
 UNCERTAIN_SHARE = 0.2  # share of validation lesions answered "uncertain"
-LESION_KEEP = R.LESION_KEEP  # share of the validation lesions of every class (plain and shifted, pooled) accepted
+LESION_KEEPS = R.LESION_KEEPS  # shares of the validation lesions of every class (plain + shifted) the check may keep
 SCORES_PNG = "dermoscopy_scores.png"  # where each group's scores fall against the threshold
 POOL_JSON = "dermoscopy_pool.json"  # the pool's sources with their package versions, licences and file counts
 
@@ -116,7 +117,7 @@ def _load_release(release: Path, data: D.DataConfig, device: str):
 
 
 def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
-                         lesion_keep: float = LESION_KEEP, seed: int = 0, version: str | None = None,
+                         lesion_keeps: tuple[float, ...] = LESION_KEEPS, seed: int = 0, version: str | None = None,
                          device: str = "auto") -> dict:
     """Choose, measure and write the dermoscopy check of a release. A new `version` names the result: the same
     weights with another check answer differently, and the audit trail records the version with each answer."""
@@ -139,7 +140,7 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
                          [pics[s.name]["feats"] for s in parts["fit"]], old_stats,
                          model.fc.cpu(), les["train"]["plain"])
     best, table = R.compare(cands, les["val"], {s.name: pics[s.name] for s in parts["val"]},
-                            uncertain_below, lesion_keep)
+                            uncertain_below, tuple(lesion_keeps))
     refuse, clear = table[best.name]["refuse_above"], table[best.name]["clear_below"]
     lesion, fams = _lesion_report(best.score, les["test"], refuse, clear, uncertain_below, meta)
     test_names = [s.name for s in parts["test"]]
@@ -149,8 +150,11 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
         "uncertain_below": uncertain_below, "refuse_above": refuse, "clear_below": clear,
         "method": f"{best.name}: lesions (training split, plain and shifted) vs pictures of the fitting "
                   f"sources; chosen among {len(cands)} rejectors on {len(table[best.name]['per_source'])} "
-                  f"validation sources; refuses above a score that keeps {lesion_keep:.1%} of the validation "
-                  f"lesions of every class (plain and under {len(FAMILIES)} shift families), uncertain above "
+                  f"validation sources; refuses above a score that keeps {table[best.name]['lesion_keep']:.1%} of the "
+                  f"validation lesions of every class (plain and under {len(FAMILIES)} shift families; the "
+                  f"smallest of {', '.join(f'{k:.1%}' for k in lesion_keeps)} whose validation lesions refused stay "
+                  f"within {R.LESION_LIMITS['all']:.2%} in all, {R.LESION_LIMITS['class']:.2%} per class and "
+                  f"{R.LESION_LIMITS['family']:.0%} per shift family), uncertain above "
                   f"the {table[best.name]['clear_keep']:.1%} lesion quantile",
         "rejector": best.name, "rejector_comparison": {n: {k: v for k, v in r.items() if k != "per_source"}
                                                        | {"validation_sources": r["per_source"]}
@@ -175,12 +179,13 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
 
 def render_comparison(check: dict) -> str:
     """The rejectors compared on validation sources (README and model card)."""
-    lines = ["| rejector (validation sources) | refused, mean over sources | worst source | answered ok | "
-             "worst shift family, lesions refused |", "|---|---|---|---|---|"]
+    lines = ["| rejector (validation sources) | lesions kept | refused, mean over sources | worst source | "
+             "answered ok | worst shift family, lesions refused |", "|---|---|---|---|---|---|"]
     for name, r in check["rejector_comparison"].items():
         mark = " (chosen)" if name == check["rejector"] else ""
-        lines.append(f"| {name}{mark} | {r['mean_refused']:.1%} | {r['min_refused']:.1%} | {r['mean_ok']:.1%} | "
-                     f"{r['worst_family_refused']:.1%} |")
+        kept = f"{r['lesion_keep']:.1%}" if "lesion_keep" in r else "99.5%"  # before the choice, always 99.5 %
+        lines.append(f"| {name}{mark} | {kept} | {r['mean_refused']:.1%} | {r['min_refused']:.1%} | "
+                     f"{r['mean_ok']:.1%} | {r['worst_family_refused']:.1%} |")
     return "\n".join(lines)
 
 
@@ -236,8 +241,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     D.add_data_args(p, sizes=False)
     p.add_argument("--uncertain-share", type=float, default=UNCERTAIN_SHARE,
                    help="share of validation lesions flagged uncertain")
-    p.add_argument("--lesion-keep", type=float, default=LESION_KEEP,
-                   help="share of the validation lesions of every class (plain and shifted) the check must accept")
+    p.add_argument("--lesion-keep", type=float, nargs="+", default=list(LESION_KEEPS),
+                   help="shares of the validation lesions of every class (plain and shifted) the check may keep: "
+                        "the smallest whose validation lesion refusals stay within the limits is used")
     p.add_argument("--version", default=None, help="new version for the release (default: keep meta.json's)")
     p.add_argument("--variant", action="append", default=[], type=Path,
                    help="a folder of the same release's other weights (release/int8) to carry the new check to")
