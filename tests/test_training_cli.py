@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -162,3 +163,32 @@ def test_init_weights_from_another_architecture_is_refused(tmp_path):
     torch.save(build_model("resnet50", 7).state_dict(), path)
     with pytest.raises(StudyError, match="does not match"):
         load_init_weights(build_model("resnet18", 7), path)
+
+
+def test_a_saved_study_record_lets_the_recipe_search_skip_its_finished_runs(tmp_path, data_dir, capsys):
+    """What `training/background.sh save` keeps of a study (no weights) outlives the machine: restored into an
+    empty folder elsewhere, the recipe search skips every finished run and chooses the same recipe."""
+    from training.network.train import TrainConfig
+    from training.study.pipeline import StudyConfig, get_args_parser
+    from training.study.recipe_search import search_recipe
+
+    study = StudyConfig.from_args(get_args_parser().parse_args(
+        ["--quick", "--data", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]))
+    base = TrainConfig(out="", data=study.data, arch="resnet18", batch_size=study.batch_size, seed=study.seed,
+                       device=study.device, precision=study.precision, recipe=study.recipe)
+    search = {"ema": [{"ema": 0.0}, {"ema": 0.9}]}
+    first = tmp_path / "machine-a" / "study-x"
+    chosen = search_recipe(study.data, first / "recipe", base, 1, search)
+    (first / "background.json").write_text('{"commit": "0000000", "flags": []}')
+    (first / "study.json").write_text("{}")
+    env = {**os.environ, "SKIN_STUDY_RECORDS": str(tmp_path / "records")}
+    script = str(REPO / "training" / "background.sh")
+    for cmd, out in (("save", first), ("restore", tmp_path / "machine-b" / "study-x")):
+        r = subprocess.run([script, cmd, "--out", str(out)], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+    second = tmp_path / "machine-b" / "study-x"
+    assert not list(second.rglob("*.pt")), "the record holds weights"
+    capsys.readouterr()
+    assert search_recipe(study.data, second / "recipe", base, 1, search) == chosen
+    printed = capsys.readouterr().out
+    assert printed.count("[skip]") == 2 and "[run]" not in printed, printed

@@ -6,6 +6,13 @@
 #   training/background.sh status --out runs/study-2.0     # python -m training status
 #   training/background.sh stop   --out runs/study-2.0     # SIGINT: the epoch in progress is lost, nothing else
 #   training/background.sh log    --out runs/study-2.0     # the last lines of OUT/study.log
+#   training/background.sh save   --out runs/study-2.0     # what outlives this machine, into studies/study-2.0
+#   training/background.sh restore --out runs/study-2.0    # that record back (resume does it when OUT has none)
+#
+# A machine may be replaced between sessions, runs/ with it. `save` copies the study's small record into the
+# repository (studies/<name>: the commit and flags, study.json, and every finished recipe-search run's scores and
+# curves, no weights); `resume` with no OUT/background.json restores it first, so finished recipe-search runs
+# are skipped (their weights are not needed again) and the rest of the study starts over at the same commit.
 #
 # `start` checks out the current commit as a git worktree under runs/worktrees/<commit> (ignored by git) and runs
 # `python -m training all` from there under `nice -n 19`, so later edits of this checkout do not change the code a
@@ -13,7 +20,7 @@
 # `resume` reads them back. The study itself checks on --resume that its settings did not change (study.json).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 [[ $# -ge 1 ]] || { usage; exit 2; }
 cmd="$1"; shift
 case "$cmd" in -h|--help|help) usage; exit 0 ;; esac
@@ -30,6 +37,7 @@ done
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 py="$here/.venv/bin/python"
+records="${SKIN_STUDY_RECORDS:-$here/studies}"  # where `save` keeps what outlives this machine
 [[ -x "$py" ]] || { echo "background.sh: no $here/.venv: run ./skin test --fast (or ./skin up) once first" >&2; exit 1; }
 
 alive() { [[ -f "$out/study.pid" ]] && kill -0 "$(cat "$out/study.pid")" 2>/dev/null; }
@@ -53,6 +61,14 @@ launch() {  # launch COMMIT FLAGS...
   echo "  status: training/background.sh status --out $out"
 }
 
+restore() {  # the saved record of this study (see `save`) into OUT, where OUT has none of its own
+  local record="$records/$(basename "$out")"
+  [[ -f "$record/background.json" ]] || return 0
+  [[ ! -f "$out/background.json" ]] || { echo "background.sh: $out already holds a study" >&2; exit 1; }
+  cp -r "$record/." "$out/"
+  echo "restored the saved record of $(basename "$out") from $record (finished recipe-search runs are skipped)"
+}
+
 case "$cmd" in
   start)
     if alive; then echo "background.sh: a study already runs in $out (pid $(cat "$out/study.pid"))" >&2; exit 1; fi
@@ -68,6 +84,7 @@ PY
     launch "$commit" "${rest[@]}" ;;
   resume)
     if alive; then echo "background.sh: the study in $out still runs (pid $(cat "$out/study.pid"))" >&2; exit 1; fi
+    [[ -f "$out/background.json" ]] || restore
     [[ -f "$out/background.json" ]] || { echo "background.sh: $out/background.json missing: start the study first" >&2; exit 1; }
     mapfile -t saved < <("$py" -c 'import json, sys; b = json.load(open(sys.argv[1])); print(b["commit"]); [print(f) for f in b["flags"]]' "$out/background.json")
     flags=("${saved[@]:1}")
@@ -76,6 +93,20 @@ PY
   status) cd "$here" && exec "$py" -m training status --out "$out" "${rest[@]}" ;;
   stop)
     if alive; then kill -INT "$(cat "$out/study.pid")"; echo "sent SIGINT to $(cat "$out/study.pid")"; else echo "no study runs in $out"; fi ;;
+  save)
+    record="$records/$(basename "$out")"
+    [[ -f "$out/background.json" ]] || { echo "background.sh: $out/background.json missing: nothing to save" >&2; exit 1; }
+    mkdir -p "$record"
+    cp "$out/background.json" "$out/study.json" "$record/"
+    n=0
+    for run in "$out"/recipe/*/; do
+      [[ -f "$run/best.json" && -f "$run/score.json" ]] || continue
+      mkdir -p "$record/recipe/$(basename "$run")"
+      cp "$run"/{args.json,best.json,score.json,history.csv} "$record/recipe/$(basename "$run")/"
+      n=$((n + 1))
+    done
+    echo "saved the study's record to $record: $n finished recipe-search runs (commit it)" ;;
+  restore) restore ;;
   log) tail -c 200000 "$out/study.log" | tr '\r' '\n' | grep -v '%|' | tail -n "${rest[0]:-30}" ;;
   *) usage; exit 2 ;;
 esac
