@@ -8,6 +8,12 @@ that has been silent for SILENT_GRACE_S is closed and the newcomer stays. Only w
 newcomer refused (a 503 written straight to the socket). So holding connections open without speaking
 reserves nothing, while a client's connection that is just about to send its request (a few ms after
 connecting) is never taken for an idle one.
+
+aiohttp's public API has no hook on a connection before its first request is parsed, so this is the one place the
+gate goes below it: GateServer subclasses the low-level `web.Server` (public) and builds its protocol, a subclass
+of `aiohttp.web_protocol.RequestHandler` (importable, not part of `aiohttp.web`), from Server's `_loop` and
+`_kwargs`. aiohttp is pinned in requirements.txt; tests/test_gate_fairness.py exercises every path that uses them.
+Everything else (stack/gate.py) uses the documented request API.
 """
 from __future__ import annotations
 

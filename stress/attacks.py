@@ -36,6 +36,7 @@ import requests
 from stack.settings import MODEL_NAME, current, sample_images
 from stack.torchserve_api import RETRY_POLICY
 from stress import bombs, fair_attacks
+from stress.fair_attacks import raw_exchange
 from stress.local_stack import LocalStack
 
 API = f"/predictions/{MODEL_NAME}"
@@ -95,21 +96,6 @@ def _timed_post(session, url, out: Outcome, stop: threading.Event, **kw) -> None
         status = type(exc).__name__
     if not stop.is_set() or status != "ConnectionError":
         out.record(status, (time.perf_counter() - t0) * 1000)
-
-
-def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
-    s = socket.create_connection(("127.0.0.1", port), source_address=(ATTACKER, 0))
-    s.settimeout(wait)
-    out = b""
-    try:
-        s.sendall(data)
-        while chunk := s.recv(65536):
-            out += chunk
-    except OSError:
-        pass
-    finally:
-        s.close()
-    return out
 
 
 # ---- the attacks: each one runs until `stop` is set and records what the attacker got ---------------------

@@ -27,22 +27,28 @@ def json_key_bomb(size: int = bombs.MAX_BODY) -> bytes:
     return ("{" + ",".join(parts) + "}").encode()
 
 
-def _post(port: int, source: str, body: bytes, headers: str = "", wait: float = 30.0) -> tuple[object, float]:
-    t0 = time.perf_counter()
+def raw_exchange(port: int, data: bytes, wait: float = 10.0, source: str = "127.0.0.1") -> bytes:
+    """Send raw bytes from `source` and read until the server closes (or `wait` passes without a byte)."""
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0), timeout=wait)
+    out = b""
     try:
-        s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0), timeout=wait)
-    except OSError as exc:
-        return type(exc).__name__, 0.0
-    answer = b""
-    try:
-        s.sendall(f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}"
-                  f"Connection: close\r\n\r\n".encode() + body)
+        s.sendall(data)
         while chunk := s.recv(65536):
-            answer += chunk
+            out += chunk
     except OSError:
         pass
     finally:
         s.close()
+    return out
+
+
+def _post(port: int, source: str, body: bytes, headers: str = "", wait: float = 30.0) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    try:
+        answer = raw_exchange(port, f"POST {API} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}"
+                                    f"Connection: close\r\n\r\n".encode() + body, wait, source)
+    except OSError as exc:
+        return type(exc).__name__, 0.0
     status = int(answer[9:12]) if answer.startswith(b"HTTP/1.") else "no answer"
     return status, (time.perf_counter() - t0) * 1000
 

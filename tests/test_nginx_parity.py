@@ -68,6 +68,19 @@ def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
     return work / "nginx.conf"
 
 
+def serve(conf: Path, work: Path, port: int) -> subprocess.Popen:
+    """nginx with this configuration, once it accepts connections on `port` (15 s at most)."""
+    proc = subprocess.Popen([nginx_binary(), "-c", str(conf), "-p", str(work)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def entries(tiny_mar, tiny_release, tmp_path_factory):
     work = tmp_path_factory.mktemp("nginx")
@@ -85,14 +98,7 @@ def entries(tiny_mar, tiny_release, tmp_path_factory):
         binary = nginx_binary()
         check = subprocess.run([binary, "-t", "-c", str(conf), "-p", str(work)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        proc = serve(conf, work, port)
         yield {"gate": (direct.url, direct.gate.port), "nginx": (f"http://127.0.0.1:{port}", port)}
     finally:
         if proc:
@@ -279,16 +285,8 @@ def test_k8s_page_takes_the_client_address_only_from_the_ingress_controller(tmp_
         + "events { worker_connections 64; }\nhttp {\naccess_log off;\n"
         + "".join(f"{kind}_temp_path {tmp_path / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         + f"server {{ listen 127.0.0.1:{port};\n{server}\nlocation / {{ return 200 $remote_addr; }} }}\n}}\n")
-    proc = subprocess.Popen([nginx_binary(), "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                            stderr=subprocess.PIPE)
+    proc = serve(tmp_path / "nginx.conf", tmp_path, port)
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         seen = lambda xff: requests.get(f"http://127.0.0.1:{port}/", headers={"X-Forwarded-For": xff},  # noqa: E731
                                         timeout=10).text
         assert seen("198.51.100.7") == "198.51.100.7"  # the controller's entry
