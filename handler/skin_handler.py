@@ -23,7 +23,7 @@ from skinmodel.networks import build_model, dermoscopy_check_score, features_and
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
 from skinmodel.release import ReleaseMeta
-from skinmodel.review_store import REVIEWED_VERDICTS, ReviewStore
+from skinmodel.review_store import CLIENT_HEADER, REVIEWED_VERDICTS, ReviewStore
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class SkinLesionHandler(BaseHandler):
                 else:
                     rows = getattr(self, "_rows", None)  # set by handle(): absent when called in-process
                     if answer["verdict"] in REVIEWED_VERDICTS and self.review.enabled and rows is not None:
-                        self.review.keep(image["sha256"], extract_image_bytes(rows[idx], self.instances), image.get("format"))
+                        self.review.keep(image["sha256"], extract_image_bytes(rows[idx], self.instances),
+                                         image.get("format"), self._request_header(idx, CLIENT_HEADER))
                     answers.append(answer)
                     events.append(make_event(request_id, self.meta, self.weights_sha256, image, self._latency_ms(),
                                              probs, answer=answer, kind=kind))
@@ -153,7 +154,12 @@ class SkinLesionHandler(BaseHandler):
         return self.postprocess(self.inference(data_preprocess))
 
     def _explanation_requested(self, idx: int) -> bool:
-        return bool(self.context) and self.context.get_request_header(idx, "explain") == "True"
+        return self._request_header(idx, "explain") == "True"
+
+    def _request_header(self, idx: int, name: str) -> str | None:
+        """A header of request idx, whatever case the frontend kept its name in."""
+        headers = (self.context.get_all_request_header(idx) if self.context else None) or {}
+        return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
 
     def _latency_ms(self) -> float:  # up to this answer, its heat map included
         return (time.perf_counter() - getattr(self, "_started", time.perf_counter())) * 1000

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import math
 import mimetypes
+import os
 import signal
 import sys
 import threading
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
 
+from skinmodel.review_store import CLIENT_HEADER
 from stack import gate_policy as policy
 from stack.fairness import RateLimit, Shares, client_of
 from stack.gate_server import SECURITY_HEADERS, GateServer, refuse
@@ -115,6 +118,7 @@ class Gate:
         self.per_client: dict[str, int] = {}
         self.session: ClientSession | None = None
         self._drain_free_at = 0.0  # when the drain's shared rate has room for the next chunk
+        self._name_key = os.urandom(16)  # clients' names upstream: keyed hashes, new with every start
 
     @staticmethod
     def _load_static(dist: Path) -> dict[str, tuple[bytes, str]]:
@@ -128,6 +132,10 @@ class Gate:
         if "/index.html" in files:
             files["/"] = files["/index.html"]
         return files
+
+    def _client_name(self, client: str) -> str:
+        """What TorchServe's handler is told about a client: an opaque name, stable while this gate runs."""
+        return hashlib.blake2b(client.encode(), key=self._name_key, digest_size=8).hexdigest()
 
     def _client(self, request: web.BaseRequest) -> tuple[str, str]:
         address = (request.headers.get(self.client_ip_header) if self.client_ip_header else None) or request.remote
@@ -231,8 +239,8 @@ class Gate:
                     return self._busy(limit)
                 held += extra
                 path, payload = to_kserve_v1(request.path, forwarded, decision.content_type)
-                return await self._forward("POST", path, payload, "application/json", unwrap=True)
-            return await self._forward(request.method, request.path, forwarded, decision.content_type)
+                return await self._forward("POST", path, payload, "application/json", unwrap=True, client=client)
+            return await self._forward(request.method, request.path, forwarded, decision.content_type, client=client)
         finally:
             self.bodies.give(client, group, held)
 
@@ -265,8 +273,10 @@ class Gate:
                       close=True)
 
     async def _forward(self, method: str, path: str, body: bytes | bytearray, content_type: str | None,
-                       retry_auth: bool = True, unwrap: bool = False) -> web.StreamResponse:
+                       retry_auth: bool = True, unwrap: bool = False, client: str | None = None) -> web.StreamResponse:
         headers = {"Content-Type": content_type} if content_type else {}
+        if client is not None:  # the handler's per-client share of the review folder (skinmodel/review_store.py)
+            headers[CLIENT_HEADER] = self._client_name(client)
         if self.tokens is not None:
             headers.update(self.tokens.header("inference"))
         try:
@@ -280,7 +290,8 @@ class Gate:
                           self.limits.restart_retry_after_s)
         if status == 400 and b"InvalidKeyException" in data and self.tokens is not None and retry_auth:
             self.tokens.reload()  # the stack renewed the keys between our read and this request
-            return await self._forward(method, path, body, content_type, retry_auth=False, unwrap=unwrap)
+            return await self._forward(method, path, body, content_type, retry_auth=False, unwrap=unwrap,
+                                       client=client)
         if unwrap:
             status, data = from_kserve_v1(status, data)
             kind = "application/json"

@@ -466,6 +466,30 @@ def test_review_keeps_a_bounded_reencoding_within_a_quota(tmp_path):
     assert store.keep("f" * 64, b"not an image", "JPEG") is None
 
 
+def test_one_client_cannot_fill_the_review_folder_for_everyone(tmp_path):
+    """Each client named by the gate keeps its uploads in its own subfolder, at most its share of the quota (here
+    25 % of 8 files: 2); another client is still kept, as are the owner's direct ones; every kept file is found,
+    pruned by age and purged, wherever it sits; a name that is not the gate's kind lands at the top, never a path."""
+    import os
+    import time
+
+    from skinmodel.review_store import ReviewStore
+
+    store = ReviewStore(tmp_path / "review", keep_days=1, max_bytes=10**9, max_files=8, client_share=0.25)
+    hog, other = "a1" * 8, "b2" * 8
+    kept = [store.keep(f"{i:064x}", _image("JPEG"), "JPEG", client=hog) for i in range(5)]
+    assert [k is not None for k in kept] == [True, True, False, False, False] and store.full == 3
+    assert store.keep("e" * 64, _image("JPEG"), "JPEG", client=other).parent.name == other
+    assert store.keep("f" * 64, _image("JPEG"), "JPEG").parent == store.directory  # the owner's: the whole quota
+    assert store.keep("9" * 64, _image("JPEG"), "JPEG", client="../../etc").parent == store.directory
+    assert store.find(f"{0:064x}") == kept[0] and store.find("e" * 64).parent.name == other
+    assert store.usage() == (sum(p.stat().st_size for p in store.directory.rglob("*.jpg")), 5)
+    old = time.time() - 2 * 86400
+    os.utime(kept[0], (old, old))
+    assert store.prune() == 1 and store.find(f"{0:064x}") is None
+    assert store.purge() == 4 and not list(store.directory.rglob("*.jpg"))
+
+
 def test_two_replicas_sidecars_share_one_database_without_collisions(pg_url, tmp_path):
     """Scale-out (deploy/kserve): each predictor pod has its own spool and sidecar, all write one PostgreSQL.
     Rows are keyed by TorchServe's request id (unique per request); the read positions by spool file name, which

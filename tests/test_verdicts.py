@@ -3,6 +3,7 @@ verdicts; /predictions and /explanations agree on each, a refusal gets no heat m
 three as they should read."""
 from __future__ import annotations
 
+import re
 import shutil
 import types
 
@@ -64,11 +65,14 @@ def served(verdict_release, tmp_path_factory):
     config = work / "model-config.yaml"
     config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 300\nresponseTimeout: 60\n")
     _, mar = build_mar(release, work / "store", model_config=config)
-    ts = TorchServe(mar.parent, {NAME: mar.name}, work / "ts", free_port(), free_port(), free_port()).start()
+    # Review retention on: the per-client share test reads work/review.
+    ts = TorchServe(mar.parent, {NAME: mar.name}, work / "ts", free_port(), free_port(), free_port(),
+                    env={"SKIN_REVIEW_DIR": str(work / "review"), "SKIN_REVIEW_KEEP_DAYS": "1"}).start()
     gate = None
     try:
         ts.wait_ready()
         gate = GateThread(render_page(release, work / "dist"), ts.inference_url, ts.tokens).start()
+        gate.review = work / "review"
         yield gate, photos, ts
     finally:
         if gate:
@@ -173,6 +177,29 @@ def test_only_uncertain_and_refused_uploads_are_kept_and_only_when_asked(verdict
         with Image.open(kept[name]) as img, Image.open(source) as original:
             assert img.format == "JPEG" and max(img.size) == min(KEEP_SIDE, max(original.size))
         assert kept[name].stat().st_mode & 0o777 == 0o600
+
+
+def test_kept_uploads_are_filed_by_the_gates_opaque_name_for_each_client(served):
+    """Through the gate, TorchServe's handler learns each client only as the gate's keyed hash of its address
+    (X-Skin-Client) and keeps its refused uploads in that client's subfolder, which has its share of the quota;
+    the owner's direct request (with the key) is kept at the top. No address appears in the folder."""
+    import hashlib
+
+    from stress.attacks import session_from
+
+    gate, photos, ts = served
+    data = photos["not_dermoscopy"].read_bytes()
+    name = hashlib.sha256(data).hexdigest() + ".jpg"
+    for source in ("127.0.0.31", "127.0.0.32"):
+        r = session_from(source).post(gate.url + "/predictions/" + NAME, data=data, timeout=60)
+        assert r.status_code == 200 and r.json()["verdict"] == "not_dermoscopy", r.text
+    r = requests.post(ts.inference_url + "/predictions/" + NAME, data=data, headers=ts.tokens.header("inference"),
+                      timeout=60)
+    assert r.status_code == 200
+    subfolders = sorted(p for p in gate.review.iterdir() if p.is_dir())
+    assert len(subfolders) == 2 and all(re.fullmatch(r"[0-9a-f]{16}", p.name) for p in subfolders), subfolders
+    assert all((p / name).exists() for p in subfolders) and (gate.review / name).exists()
+    assert not any("127.0.0" in str(p) for p in gate.review.rglob("*"))
 
 
 def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
