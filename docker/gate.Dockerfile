@@ -15,7 +15,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY stack/ stack/
 COPY config.properties .
-COPY skinmodel/__init__.py skinmodel/audit.py skinmodel/formats.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/labels.py skinmodel/release.py skinmodel/
+COPY skinmodel/__init__.py skinmodel/audit.py skinmodel/formats.py skinmodel/dataset.py skinmodel/inputs.py skinmodel/labels.py skinmodel/release.py skinmodel/review_store.py skinmodel/
 USER skin
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8000
