@@ -135,16 +135,16 @@ def test_the_lesion_keep_is_the_smallest_whose_validation_refusals_stay_within_t
     far above the plain lesions fill the refused tail: a smaller keep fits until a shift family passes its limit.
     Shifted copies like the plain ones: the plain lesions fill it, only the most cautious keep fits. Shifted
     copies far below: none fits, and the most cautious is used. Pictures far above are refused in every case."""
-    from training.dermoscopy.rejectors import LESION_KEEPS, LESION_LIMITS, Candidate, evaluate, within_limits
+    from training.dermoscopy.rejectors import LESION_LIMITS, SEARCHED_KEEPS, Candidate, evaluate, within_limits
 
     identity = Candidate("identity", lambda x: x, None)
     pics = {"far": {"feats": torch.full((50,), 10.0), "top": torch.ones(50)}}
-    up = evaluate(identity, _val(3.0), pics, 0.0)
+    up = evaluate(identity, _val(3.0), pics, 0.0, SEARCHED_KEEPS)
     assert up["lesion_keep"] == 0.99 and within_limits(up) and up["val_lesions_refused"] == 0.0
     smaller = evaluate(identity, _val(3.0), pics, 0.0, keeps=(0.985,))
     assert smaller["worst_family_refused"] > LESION_LIMITS["family"]  # why 0.99 and not 0.985
-    alike = evaluate(identity, _val(0.0), pics, 0.0)
-    assert alike["lesion_keep"] == max(LESION_KEEPS) and within_limits(alike)
-    down = evaluate(identity, _val(-3.0), pics, 0.0)
-    assert down["lesion_keep"] == max(LESION_KEEPS) and not within_limits(down)
+    alike = evaluate(identity, _val(0.0), pics, 0.0, SEARCHED_KEEPS)
+    assert alike["lesion_keep"] == max(SEARCHED_KEEPS) and within_limits(alike)
+    down = evaluate(identity, _val(-3.0), pics, 0.0, SEARCHED_KEEPS)
+    assert down["lesion_keep"] == max(SEARCHED_KEEPS) and not within_limits(down)
     assert all(r["per_source"]["far"]["not_dermoscopy"] == 1.0 for r in (up, alike, down))
