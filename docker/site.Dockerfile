@@ -16,7 +16,10 @@ RUN /opt/venv/bin/python -m stack.page --meta release/meta.json --api-base "" --
 
 FROM ${SKIN_NGINX_IMAGE}
 COPY --from=build /dist /usr/share/nginx/html
-COPY docker/nginx-main.conf /etc/nginx/nginx.conf
 COPY docker/nginx.conf /etc/nginx/conf.d/default.conf
+COPY docker/nginx-listen.conf /etc/nginx/skin-listen.conf
+# compose starts nginx with the TCP front instead (docker-compose.yml: command)
+COPY docker/nginx-front.conf /etc/nginx/front/nginx.conf
+COPY docker/nginx-listen-front.conf /etc/nginx/front/skin-listen.conf
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1

@@ -27,8 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "skin-lesion"
 API = f"/predictions/{NAME}"
 CONF = (REPO / "docker" / "nginx.conf").read_text()
-MAIN = (REPO / "docker" / "nginx-main.conf").read_text()
+MAIN = (REPO / "docker" / "nginx-front.conf").read_text()
+LISTEN = {"front": (REPO / "docker" / "nginx-listen-front.conf").read_text(),
+          "plain": (REPO / "docker" / "nginx-listen.conf").read_text()}
 VENV_NGINX = REPO / ".venv" / "nginx"
+TEMPS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def nginx_binary() -> str:
@@ -45,14 +48,19 @@ def _replace(text: str, pairs) -> str:
     return text
 
 
-def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
-    """The compose site's two files with their deployment facts (ports, gate address, document root, the paths of
-    the container's nginx) made local; nothing else changes."""
-    inner = free_port()
-    conf = _replace(CONF, (("listen 127.0.0.1:8081 proxy_protocol;", f"listen 127.0.0.1:{inner} proxy_protocol;"),
-                           ("server gate:8000;", f"server 127.0.0.1:{gate_port};"),
-                           ("root /usr/share/nginx/html;", f"root {dist};")))
+def _site(work: Path, gate_port: int, dist: Path) -> None:
+    """docker/nginx.conf with the gate's address and the document root made local."""
+    conf = _replace(CONF, (("server gate:8000;", f"server 127.0.0.1:{gate_port};"), ("root /usr/share/nginx/html;", f"root {dist};")))
     (work / "default.conf").write_text(conf)
+
+
+def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
+    """Compose's site: the TCP front (docker/nginx-front.conf) and docker/nginx.conf behind it, with their
+    deployment facts (ports, gate address, document root, the paths of the container's nginx) made local."""
+    inner = free_port()
+    _site(work, gate_port, dist)
+    (work / "skin-listen.conf").write_text(_replace(LISTEN["front"], (("listen 127.0.0.1:8081 proxy_protocol;",
+                                                                       f"listen 127.0.0.1:{inner} proxy_protocol;"),)))
     main = _replace(MAIN, (
         ("include /etc/nginx/modules-enabled/*.conf;",
          f"load_module {VENV_NGINX / 'usr/lib/nginx/modules/ngx_stream_module.so'};\ndaemon off;"
@@ -62,9 +70,21 @@ def local_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
         ("listen 8080;", f"listen 127.0.0.1:{port};"),
         ("proxy_pass 127.0.0.1:8081;", f"proxy_pass 127.0.0.1:{inner};"),
         ("include /etc/nginx/conf.d/*.conf;", f"include {work / 'default.conf'};"),
-        *((f"_temp_path /tmp/nginx_{kind};", f"_temp_path {work / kind};")
-          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))))
+        *((f"_temp_path /tmp/nginx_{kind};", f"_temp_path {work / kind};") for kind in TEMPS)))
     (work / "nginx.conf").write_text(main)
+    return work / "nginx.conf"
+
+
+def plain_conf(work: Path, port: int, gate_port: int, dist: Path) -> Path:
+    """The image's default main configuration (Kubernetes): docker/nginx.conf alone, listening as
+    docker/nginx-listen.conf says, no stream module."""
+    _site(work, gate_port, dist)
+    (work / "skin-listen.conf").write_text(_replace(LISTEN["plain"], (("listen 8080;", f"listen 127.0.0.1:{port};"),)))
+    (work / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {work / 'nginx.pid'};\nerror_log {work / 'error.log'} warn;\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")
+        + "events { worker_connections 256; }\nhttp {\naccess_log off;\n"
+        + "".join(f"{kind}_temp_path {work / kind};\n" for kind in TEMPS) + f"include {work / 'default.conf'};\n}}\n")
     return work / "nginx.conf"
 
 
@@ -269,6 +289,26 @@ def test_unfinished_heads_from_one_address_shut_nobody_out(entries, sample_image
                 s.close()
 
 
+def test_the_images_default_configuration_serves_without_the_front(tiny_release, tmp_path):
+    """Kubernetes runs the site image with its default main configuration (read-only root, no stream module):
+    docker/nginx.conf then listens on the port docker/nginx-listen.conf gives and serves the page by itself."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "stack.page", "--meta", str(tiny_release / "meta.json"), "--out", str(dist)],
+                   cwd=REPO, check=True, capture_output=True)
+    port = free_port()
+    conf = plain_conf(tmp_path, port, free_port(), dist)
+    check = subprocess.run([nginx_binary(), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = serve(conf, tmp_path, port)
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert r.status_code == 200 and "<html" in r.text.lower() and r.headers["X-Frame-Options"] == "DENY"
+        assert requests.delete(f"http://127.0.0.1:{port}/", timeout=10).status_code == 405
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 def test_k8s_page_takes_the_client_address_only_from_the_ingress_controller(tmp_path):
     """deploy/k8s/page.yaml's real-IP settings in a real nginx, this test's loopback added as the controller: a
     client cannot choose its address (and so a fresh per-client bucket) by writing X-Forwarded-For entries of
@@ -283,7 +323,7 @@ def test_k8s_page_takes_the_client_address_only_from_the_ingress_controller(tmp_
         f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'} warn;\n"
         + ("user root;\n" if os.geteuid() == 0 else "")
         + "events { worker_connections 64; }\nhttp {\naccess_log off;\n"
-        + "".join(f"{kind}_temp_path {tmp_path / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + "".join(f"{kind}_temp_path {tmp_path / kind};\n" for kind in TEMPS)
         + f"server {{ listen 127.0.0.1:{port};\n{server}\nlocation / {{ return 200 $remote_addr; }} }}\n}}\n")
     proc = serve(tmp_path / "nginx.conf", tmp_path, port)
     try:
