@@ -66,13 +66,15 @@ class GateLimits:
     stall_s: float = 5.0                # ... with never more than this between two pieces of it ...
     min_rate: int = 32 * 1024           # ... and at least this many bytes/s on average after the first second
     upstream_s: float = 60.0
-    drain_rate: int = 8 * 2**20         # bytes/s of refused uploads read and dropped, all refusals together
+    drain_rate: int = 8 * 2**20         # bytes/s of refused uploads read and dropped, all refusals together,
+    drain_s: float = 10.0               # for at most this long per refusal
     retry_after_s: int = 2              # what a busy answer tells clients to wait
     restart_retry_after_s: int = 5      # ... and while TorchServe restarts or renews its keys
     versions: bool = False              # /predictions/<model>/<version>: the owner's (direct, with the key)
 
 
 PROTOCOLS = ("torchserve", "kserve-v1")
+DRAIN_CHUNK = 2**16  # bytes read at a time from a refused upload
 
 
 def to_kserve_v1(path: str, body: bytes | bytearray, content_type: str | None) -> tuple[str, bytes]:
@@ -144,29 +146,39 @@ class Gate:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         resp = await self._answer(request)
         if resp.status >= 400 and request.body_exists and not request.content.at_eof():
-            await resp.prepare(request)  # the answer goes out first: a client waiting for it need not send more
-            await resp.write_eof()
-            await self._drain(request)
+            resp.force_close()  # what is left of the body is drained at a bounded rate, or cut off with the connection
+            try:
+                await resp.prepare(request)  # the answer goes out first: a client waiting for it need not send more
+                await resp.write_eof()
+                # Not for a client cut off for sending too slowly, nor one that asked before sending (Expect)
+                # and was refused instead of invited: it sends nothing more.
+                if resp.status != 408 and request.headers.get("Expect", "").lower() != "100-continue":
+                    await self._drain(request)
+            except (ConnectionError, OSError):
+                pass  # the client is gone: nothing to drain
         return resp
 
     async def _drain(self, request: web.BaseRequest) -> None:
-        """Read and drop what a refused client is still sending, at GateLimits.drain_rate shared by every refusal,
-        within body_s and never stalled for stall_s; whatever is left then is cut off with the connection (the
-        server's lingering close is off: it would read every refused byte at full speed on this event loop)."""
+        """Read and drop what a refused client is still sending, at GateLimits.drain_rate shared by every refusal
+        and for at most drain_s, never stalled for stall_s; whatever is left then is cut off with the connection
+        (the server's lingering close is off: it would read every refused byte at full speed on this event loop).
+        Each chunk's slot in the shared rate is reserved before it is read, never beyond drain_s from now, so a
+        flood of refusals cannot book the rate ahead of everyone else's."""
         loop, lim = asyncio.get_running_loop(), self.limits
-        deadline = loop.time() + lim.body_s
+        deadline = loop.time() + lim.drain_s
         while not request.content.at_eof():
-            try:
-                async with asyncio.timeout(min(lim.stall_s, max(0.0, deadline - loop.time()))):
-                    chunk = await request.content.readany()
-            except TimeoutError:
-                return
             now = loop.time()
             start = max(now, self._drain_free_at)
-            self._drain_free_at = start + len(chunk) / lim.drain_rate
             if start >= deadline:
                 return
+            self._drain_free_at = start + DRAIN_CHUNK / lim.drain_rate
             await asyncio.sleep(start - now)
+            try:
+                async with asyncio.timeout(max(0.0, min(lim.stall_s, deadline - loop.time()))):
+                    if not await request.content.read(DRAIN_CHUNK):
+                        return
+            except TimeoutError:
+                return
 
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         where = policy.route(request.method, request.path, self.limits.versions)

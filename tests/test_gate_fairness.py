@@ -4,6 +4,7 @@ once the body has room, model versions kept for the owner. Over real sockets, in
 each client is its own loopback address (all of 127/8 is loopback), networks are their /24s."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
@@ -199,7 +200,11 @@ def test_model_versions_only_at_the_owners_entry(ts, dist, sample_images):
         owner.stop()
 
 
-@pytest.mark.parametrize("gate", [GateLimits(drain_rate=2**20, body_s=20)], indirect=True)
+async def _booked_ahead(gate) -> float:
+    return gate._drain_free_at - asyncio.get_running_loop().time()
+
+
+@pytest.mark.parametrize("gate", [GateLimits(drain_rate=2**20, drain_s=20)], indirect=True)
 def test_refused_uploads_are_drained_at_a_bounded_rate(gate):
     """A refusal is answered at the headers, then what the client still sends is read at GateLimits.drain_rate
     (shared by every refusal), not as fast as loopback carries it: after 3 s one refused 400 MiB upload has got
@@ -219,6 +224,26 @@ def test_refused_uploads_are_drained_at_a_bounded_rate(gate):
             time.sleep(0.01)
     other = exchange(port, POST + b"Content-Length: 20000000\r\n\r\n", source="127.0.61.1", first_only=True)
     assert assert_one_json_refusal(other, 413)["error"] == "too_large"
+    ahead = asyncio.run_coroutine_threadsafe(_booked_ahead(gate.gate), gate.loop).result(5)
+    assert ahead <= gate.gate.limits.drain_s + 1, f"the shared drain rate is booked {ahead:.0f} s ahead"
     s.close()
     # 3 s at 1 MiB/s, plus what the kernel buffers on both sides of one loopback connection (a few MiB)
     assert sent < 16 * 2**20, f"{sent / 2**20:.0f} MiB of a refused upload read in 3 s"
+
+
+@pytest.mark.parametrize("gate", [GateLimits(drain_rate=2**20, drain_s=5)], indirect=True)
+def test_a_churn_of_refusals_cannot_book_the_drain_rate_ahead(gate):
+    """200 refused uploads in a row, each sending 256 KiB and leaving: the shared drain rate (1 MiB/s here) is
+    never booked more than drain_s ahead (each refusal reserves before it reads and gives up past drain_s), so
+    a refusal a minute later is drained like any other, not cut off behind a backlog."""
+    port = gate.gate.port
+    for i in range(200):
+        s = connect(port, f"127.0.7{i % 5}.1", POST + f"Content-Length: {400 * 2**20}\r\n\r\n".encode())
+        try:
+            s.sendall(b"\0" * 2**18)
+        except OSError:
+            pass
+        s.close()
+    time.sleep(0.5)
+    ahead = asyncio.run_coroutine_threadsafe(_booked_ahead(gate.gate), gate.loop).result(5)
+    assert ahead <= gate.gate.limits.drain_s + 0.5, f"the shared drain rate is booked {ahead:.0f} s ahead"
