@@ -85,9 +85,10 @@ class ReviewStore:
         folder = self.directory / client if client else self.directory
         path = folder / f"{sha256}.jpg"
         try:
-            for d in dict.fromkeys((self.directory, folder)):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(d, 0o700)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+            if folder.is_symlink():  # not one keep() made: never followed
+                raise OSError(f"{folder.name} is a symbolic link")
             if path.exists():
                 os.utime(path)  # seen again: its retention starts over
                 return path
@@ -96,12 +97,13 @@ class ReviewStore:
                 self.full += 1
                 log.warning("review folder at its quota (%d MiB, %d files): an upload is not kept", used >> 20, files)
                 return None
-            if client:
+            if client and folder.is_dir():
                 mine, my_files = _count(folder)
                 if mine >= self.max_bytes * self.client_share or my_files >= self.max_files * self.client_share:
                     self.full += 1
                     log.warning("a client's share of the review folder is full: an upload is not kept")
                     return None
+            folder.mkdir(mode=0o700, exist_ok=True)  # only once the upload fits
             small = reencode(data)
             if small is None:
                 return None
@@ -146,6 +148,7 @@ class ReviewStore:
                     removed += 1
             except OSError as err:  # removed meanwhile by another process, or not ours to remove
                 log.warning("review folder: %s: %s", f.name, err)
+        _remove_empty_client_folders(self.directory)
         return removed
 
     def find(self, sha256: str | None) -> Path | None:
@@ -165,6 +168,7 @@ class ReviewStore:
         for f in _kept_files(self.folder):
             f.unlink(missing_ok=True)
             removed += 1
+        _remove_empty_client_folders(self.folder)
         return removed
 
 
@@ -175,6 +179,15 @@ def _kept_files(directory: Path):
             yield f
         elif _CLIENT.fullmatch(f.name) and f.is_dir() and not f.is_symlink():
             yield from (g for g in f.iterdir() if _NAME.fullmatch(g.name) or _PARTIAL.fullmatch(g.name))
+
+
+def _remove_empty_client_folders(directory: Path) -> None:
+    for f in directory.iterdir():
+        if _CLIENT.fullmatch(f.name) and f.is_dir() and not f.is_symlink():
+            try:
+                f.rmdir()
+            except OSError:
+                pass  # not empty
 
 
 def _count(directory: Path, subfolders: bool = False) -> tuple[int, int]:

@@ -382,23 +382,33 @@ def run_attack(stack: LocalStack, name: str, images: list[bytes], seconds: float
     before, cpu_before = _pids(stack), _cpu_seconds(stack)
     ctx = multiprocessing.get_context("fork")
     stop_attack, (results, sender) = ctx.Event(), ctx.Pipe(duplex=False)
-    attacker = ctx.Process(target=_attacker_process, args=(name, stack, stop_attack, sender))
+    attacker = ctx.Process(target=_attacker_process, args=(name, stack, stop_attack, sender), daemon=True)
     attacker.start()  # forked before this run's own threads start
+    sender.close()  # the child's end: a child that dies unheard shows as EOF here, not a silent wait
     helpers = [threading.Thread(target=_sample_memory, args=(stack, peak, stop), daemon=True),
                threading.Thread(target=_normal_user, args=(stack, images, out, stop, period), daemon=True)]
-    for t in helpers:
-        t.start()
-    time.sleep(seconds)
-    stop_attack.set()
-    stop.set()
-    if results.poll(150):
-        statuses, ms, out.note, attacker_cpu = results.recv()
-        out.cpu_s = {"attacker": attacker_cpu, **_cpu_used(cpu_before, _cpu_seconds(stack))}
-        out.attacker.update(statuses)
-        out.attacker_ms.extend(ms)
-    attacker.join(timeout=10)
-    if attacker.is_alive():
-        attacker.kill()
+    try:
+        for t in helpers:
+            t.start()
+        time.sleep(seconds)
+    finally:
+        stop_attack.set()
+        stop.set()
+        try:
+            if results.poll(150):
+                statuses, ms, out.note, attacker_cpu = results.recv()
+                out.cpu_s = {"attacker": attacker_cpu, **_cpu_used(cpu_before, _cpu_seconds(stack))}
+                out.attacker.update(statuses)
+                out.attacker_ms.extend(ms)
+            else:
+                out.note = "the attacker's process sent no results within 150 s"
+        except EOFError:
+            out.note = "the attacker's process ended without its results"
+        attacker.join(timeout=10)
+        if attacker.is_alive():
+            attacker.kill()
+        if out.note.startswith("the attacker's process"):
+            out.note += f" (exit code {attacker.exitcode})"
     for t in helpers:
         t.join(timeout=70)
     out.peak_mb = peak

@@ -488,6 +488,13 @@ def test_one_client_cannot_fill_the_review_folder_for_everyone(tmp_path):
     os.utime(kept[0], (old, old))
     assert store.prune() == 1 and store.find(f"{0:064x}") is None
     assert store.purge() == 4 and not list(store.directory.rglob("*.jpg"))
+    assert not [p for p in store.directory.iterdir() if p.is_dir()], "empty client folders are left behind"
+    full = ReviewStore(tmp_path / "full", keep_days=1, max_bytes=10**9, max_files=1, client_share=1.0)
+    full.keep("1" * 64, _image("JPEG"), "JPEG")
+    assert full.keep("2" * 64, _image("JPEG"), "JPEG", client="c3" * 8) is None
+    assert not (full.directory / ("c3" * 8)).exists(), "a folder made for an upload the quota refused"
+    (store.directory / ("d4" * 8)).symlink_to(tmp_path)
+    assert store.keep("3" * 64, _image("JPEG"), "JPEG", client="d4" * 8) is None and not list(tmp_path.glob("*.jpg"))
 
 
 def test_two_replicas_sidecars_share_one_database_without_collisions(pg_url, tmp_path):

@@ -208,7 +208,7 @@ def evaluate(cand: Candidate, val: dict, val_pics: dict[str, dict], uncertain_be
     labels = val["labels"].numpy()
     tried = [(k, refusal_threshold(val_scores, labels, k)) for k in keeps]
     fits = [(k, t) for k, t in tried if within_limits(_lesion_refusals(val_scores, labels, t))]
-    keep, refuse = min(fits) if fits else tried[0]
+    keep, refuse = min(fits) if fits else max(tried)  # none fits: the most cautious
     scored = {n: (cand.score(p["feats"]), p["top"]) for n, p in val_pics.items()}
     clear_keep, clear = choose_clear(val_scores, refuse, scored, uncertain_below)
     per_source = {n: verdict_shares(s, t, refuse, clear, uncertain_below) for n, (s, t) in scored.items()}

@@ -99,8 +99,8 @@ on this data; look at balanced accuracy and per-class recall.
 """
 
 
-def _card_trust(meta: dict, cal: dict, ab: dict, table: str, names: list[str], cm, subgroups: str) -> str:
-    """Calibration, the dermoscopy check (ab: meta.json's dermoscopy_check), failure modes, subgroups, ethics."""
+def _card_answers(meta: dict, cal: dict, check: dict, table: str, names: list[str], cm, subgroups: str) -> str:
+    """Calibration, the dermoscopy check (check: meta.json's dermoscopy_check), failure modes, subgroups, ethics."""
     return f"""## Calibration
 Temperature scaling fitted on validation: test ECE {cal.get('test_ece_before', float('nan')):.3f} ->
 {cal.get('test_ece_after', float('nan')):.3f} (15 bins), test NLL {cal.get('test_nll_before', float('nan')):.3f} ->
@@ -108,12 +108,12 @@ Temperature scaling fitted on validation: test ECE {cal.get('test_ece_before', f
 push probability towards rare classes, so probabilities are not prevalence-calibrated per class.
 
 ## Uncertain and non-dermoscopy inputs (the dermoscopy check)
-- `uncertain` when the calibrated top probability is below {ab.get('uncertain_below', float('nan')):.3f}
-  ({ab.get('test_uncertain_share', float('nan')):.0%} of test lesions; accuracy {ab.get('test_accuracy_confident') or float('nan'):.2f}
-  on the rest vs {ab.get('test_accuracy_uncertain') or float('nan'):.2f} on the flagged ones).
-- `not_dermoscopy` when the dermoscopy check's score exceeds {ab.get('refuse_above', float('nan')):.2f}
-  ({ab.get('method', '')}): {ab.get('test_lesions_refused', float('nan')):.1%} of real test lesions are
-  wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {ab.get('test_auroc_all', float('nan')):.3f}.
+- `uncertain` when the calibrated top probability is below {check.get('uncertain_below', float('nan')):.3f}
+  ({check.get('test_uncertain_share', float('nan')):.0%} of test lesions; accuracy {check.get('test_accuracy_confident') or float('nan'):.2f}
+  on the rest vs {check.get('test_accuracy_uncertain') or float('nan'):.2f} on the flagged ones).
+- `not_dermoscopy` when the dermoscopy check's score exceeds {check.get('refuse_above', float('nan')):.2f}
+  ({check.get('method', '')}): {check.get('test_lesions_refused', float('nan')):.1%} of real test lesions are
+  wrongly refused; AUROC lesions vs all pictures that are not dermoscopy {check.get('test_auroc_all', float('nan')):.3f}.
   Shifted test copies (other cameras, light, focus, compression, framing) and pictures the check never saw
   (`python -m training dermoscopy-check --release release` prints this table; `{SCORES_PNG}` shows where the
   scores of each group fall against the threshold):
@@ -142,14 +142,14 @@ def render(meta: dict, results: dict, key: str, served_test: dict | None = None)
     m = results["models"][key]
     names, cm = meta["class_names"], m["confusion_matrix"]
     rows = _recall_rows(meta, cm)
-    cal, ab = meta.get("calibration") or {}, meta.get("dermoscopy_check") or {}
+    cal, check = meta.get("calibration") or {}, meta.get("dermoscopy_check") or {}
     baseline = results["models"].get("majority class (always nv)", {})
     others = "\n".join(f"| {name} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
                        for name, r in results["models"].items())
-    table, subgroups = _check_table(ab), _subgroups(served_test)
+    table, subgroups = _check_table(check), _subgroups(served_test)
     t = meta.get("training", {}).get("args", {})
     return (_card_head(meta, t, names) + "\n" + _card_data_and_metrics(meta, results, others, rows, baseline)
-            + "\n" + _card_trust(meta, cal, ab, table, names, cm, subgroups))
+            + "\n" + _card_answers(meta, cal, check, table, names, cm, subgroups))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
