@@ -192,3 +192,9 @@ def test_a_saved_study_record_lets_the_recipe_search_skip_its_finished_runs(tmp_
     assert search_recipe(study.data, second / "recipe", base, 1, search) == chosen
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 2 and "[run]" not in printed, printed
+    # never mixed with another study: not restored over one, not saved over another's record
+    r = subprocess.run([script, "restore", "--out", str(second)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "already holds a study" in r.stderr
+    (first / "background.json").write_text('{"commit": "1111111", "flags": []}')
+    r = subprocess.run([script, "save", "--out", str(first)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "holds another study" in r.stderr

@@ -61,10 +61,15 @@ launch() {  # launch COMMIT FLAGS...
   echo "  status: training/background.sh status --out $out"
 }
 
-restore() {  # the saved record of this study (see `save`) into OUT, where OUT has none of its own
+restore() {  # restore [--required]: the saved record of this study (see `save`) into an OUT that holds no study
   local record="$records/$(basename "$out")"
-  [[ -f "$record/background.json" ]] || return 0
-  [[ ! -f "$out/background.json" ]] || { echo "background.sh: $out already holds a study" >&2; exit 1; }
+  if [[ ! -f "$record/background.json" ]]; then
+    [[ "${1:-}" != --required ]] || { echo "background.sh: no saved record in $record" >&2; exit 1; }
+    return 0
+  fi
+  if [[ -e "$out/background.json" || -e "$out/study.json" || -e "$out/recipe" ]]; then
+    echo "background.sh: $out already holds a study: not restoring $record over it" >&2; exit 1
+  fi
   cp -r "$record/." "$out/"
   echo "restored the saved record of $(basename "$out") from $record (finished recipe-search runs are skipped)"
 }
@@ -96,17 +101,24 @@ PY
   save)
     record="$records/$(basename "$out")"
     [[ -f "$out/background.json" ]] || { echo "background.sh: $out/background.json missing: nothing to save" >&2; exit 1; }
-    mkdir -p "$record"
-    cp "$out/background.json" "$out/study.json" "$record/"
+    if [[ -f "$record/background.json" ]] && ! cmp -s "$record/background.json" "$out/background.json"; then
+      echo "background.sh: $record holds another study (its commit or flags differ): not saving over it" >&2; exit 1
+    fi
+    mkdir -p "$records"
+    fresh="$(mktemp -d "$records/.save.XXXXXX")"  # written whole, then put in place: no runs of an older save
+    cp "$out/background.json" "$out/study.json" "$fresh/"
     n=0
     for run in "$out"/recipe/*/; do
       [[ -f "$run/best.json" && -f "$run/score.json" ]] || continue
-      mkdir -p "$record/recipe/$(basename "$run")"
-      cp "$run"/{args.json,best.json,score.json,history.csv} "$record/recipe/$(basename "$run")/"
+      mkdir -p "$fresh/recipe/$(basename "$run")"
+      for f in args.json best.json score.json history.csv; do
+        [[ ! -f "$run/$f" ]] || cp "$run/$f" "$fresh/recipe/$(basename "$run")/"
+      done
       n=$((n + 1))
     done
+    rm -rf "$record" && mv "$fresh" "$record"
     echo "saved the study's record to $record: $n finished recipe-search runs (commit it)" ;;
-  restore) restore ;;
+  restore) restore --required ;;
   log) tail -c 200000 "$out/study.log" | tr '\r' '\n' | grep -v '%|' | tail -n "${rest[0]:-30}" ;;
   *) usage; exit 2 ;;
 esac
