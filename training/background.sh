@@ -71,6 +71,7 @@ restore() {  # restore [--required]: the saved record of this study (see `save`)
     echo "background.sh: $out already holds a study: not restoring $record over it" >&2; exit 1
   fi
   cp -r "$record/." "$out/"
+  find "$out" -type f -exec sed -i "s|@CHECKOUT@/|$here/|g" {} +
   echo "restored the saved record of $(basename "$out") from $record (finished recipe-search runs are skipped)"
 }
 
@@ -116,6 +117,8 @@ PY
       done
       n=$((n + 1))
     done
+    # this checkout's path is a placeholder in the record (restore puts the restoring checkout's back)
+    find "$fresh" -type f -exec sed -i "s|$here/|@CHECKOUT@/|g" {} +
     rm -rf "$record" && mv "$fresh" "$record"
     echo "saved the study's record to $record: $n finished recipe-search runs (commit it)" ;;
   restore) restore --required ;;
