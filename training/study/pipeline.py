@@ -88,7 +88,7 @@ class StudyConfig:
         """A smoke run: 12 images per class, 32 px, one epoch per run, a 2 x 2 grid."""
         return dataclasses.replace(
             self, data=dataclasses.replace(self.data, limit_per_class=self.data.limit_per_class or 12, img_size=32),
-            epochs_resnet18=1, epochs_resnet50=1, epochs_kd=1, grid_epochs=1, batch_size=8, recipe_variants=2,
+            epochs_resnet18=1, epochs_resnet50=min(1, self.epochs_resnet50), epochs_kd=1, grid_epochs=1, batch_size=8, recipe_variants=2,
             recipe_epochs=1, recipe_sizes=[32, 40],
             grid_alphas=self.grid_alphas[:2], grid_temps=self.grid_temps[:2])
 
@@ -262,31 +262,36 @@ def _teacher(study: StudyConfig, out: Path, data: D.DataConfig, runs: dict) -> d
     chosen = out / "teacher.json"
     if chosen.exists():
         return json.loads(chosen.read_text())
-    r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
-    name, spec, scores = choose_teacher(
-        data, {"resnet18": [r18], "resnet50": [r50], "resnet18+resnet50": [r18, r50]}, study.device, study.teacher_tta,
-        study.max_teacher_cost)
+    trained = [key for key in ("resnet18", "resnet50") if key in runs]
+    candidates = {key: [str(runs[key] / "best.pt")] for key in trained}
+    if len(trained) == 2:
+        candidates["resnet18+resnet50"] = candidates["resnet18"] + candidates["resnet50"]
+    name, spec, scores = choose_teacher(data, candidates, study.device, study.teacher_tta, study.max_teacher_cost)
     record = {"chosen": name, "spec": spec, "checkpoints": spec.removeprefix(TTA_PREFIX).split("+"),
               "tta": spec.startswith(TTA_PREFIX), "candidates": scores}
     chosen.write_text(json.dumps(record, indent=2))
     return record
 
 
+def study_runs(study: StudyConfig, out: Path) -> dict[str, Path]:
+    """Each network's run folder; a study with --epochs-resnet50 0 trains no ResNet50 (a session-sized CPU study)."""
+    runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
+    return {k: v for k, v in runs.items() if k != "resnet50" or study.epochs_resnet50}
+
+
 def train_networks(study: StudyConfig, out: Path) -> tuple[D.DataConfig, dict, dict]:
     """Recipe, baselines, teacher, grid, student: every network of the study (each resumable)."""
-    steps = {"resnet18", "resnet50", "kd"} | ({"grid"} if study.grid else set()) | (
-        {"recipe"} if study.recipe_search else set())
+    steps = {"resnet18", "kd"} | ({"resnet50"} if study.epochs_resnet50 else set()) | (
+        {"grid"} if study.grid else set()) | ({"recipe"} if study.recipe_search else set())
     budget = Budget(study.time_budget, steps)
     data, recipe = _recipe(study, out)
     common = dict(data=data, batch_size=study.batch_size, seed=study.seed, device=study.device,
                   precision=study.precision, recipe=recipe)
-    runs = {"resnet18": out / "resnet18", "resnet50": out / "resnet50", "kd": out / "resnet18_kd"}
-    run_or_resume(TrainConfig(out=str(runs["resnet18"]), arch="resnet18",
-                              epochs=_epochs(study, study.epochs_resnet18, data), time_budget=budget("resnet18"),
-                              **common))
-    run_or_resume(TrainConfig(out=str(runs["resnet50"]), arch="resnet50",
-                              epochs=_epochs(study, study.epochs_resnet50, data), time_budget=budget("resnet50"),
-                              **common))
+    runs = study_runs(study, out)
+    for key in ("resnet18", "resnet50"):  # the baselines without a teacher (--epochs-resnet50 0: no ResNet50)
+        if key in runs:
+            run_or_resume(TrainConfig(out=str(runs[key]), arch=key, time_budget=budget(key), **common,
+                                      epochs=_epochs(study, getattr(study, f"epochs_{key}"), data)))
     teacher = _teacher(study, out, data, runs)
     kd = dict(common, teacher=teacher["checkpoints"], teacher_tta=teacher["tta"], arch="resnet18",
               alpha=study.alpha, temperature=study.temperature)
@@ -329,11 +334,10 @@ def run_study(study: StudyConfig, after_training=None, resume: bool = True) -> R
 def make_release(study: StudyConfig, out: Path, data: D.DataConfig, teacher: dict, runs: dict) -> ReleaseMeta:
     """Test table, export, calibration, the dermoscopy check, the served report and the model card (each once)."""
     report_dir, student = out / "report", str(runs["kd"] / "best.pt")
-    r18, r50 = str(runs["resnet18"] / "best.pt"), str(runs["resnet50"] / "best.pt")
     release = Path(study.release_dir) if study.release_dir else out / "release"
-    _done(out, "evaluate", lambda: evaluate(
-        data, {"resnet18 (scratch)": r18, "resnet50 (scratch)": r50, f"teacher: {teacher['chosen']}": teacher["spec"],
-               "resnet18 distilled": student}, report_dir, command=study.command, device=study.device))
+    compared = {f"{key} (scratch)": str(runs[key] / "best.pt") for key in ("resnet18", "resnet50") if key in runs}
+    compared.update({f"teacher: {teacher['chosen']}": teacher["spec"], "resnet18 distilled": student})
+    _done(out, "evaluate", lambda: evaluate(data, compared, report_dir, command=study.command, device=study.device))
     _done(out, "export", lambda: export(student, release, study.name, study.version,
                                         str(report_dir / "results.json"), "resnet18 distilled",
                                         command=study.command))

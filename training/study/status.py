@@ -74,8 +74,8 @@ def expected(study: dict, out: Path) -> tuple[list[dict], int]:
         runs = sum(len(v) for v in STAGES.values()) - (len(STAGES) - 1)
         planned += [{"name": f"recipe run {i + 1}", "folder": "recipe", "arch": "resnet18", "teacher": False,
                      "epochs": s["recipe_epochs"], "size": s["recipe_sizes"][0]} for i in range(runs)]
-    planned += [{"name": "resnet18", "arch": "resnet18", "teacher": False, "epochs": epochs(s["epochs_resnet18"])},
-                {"name": "resnet50", "arch": "resnet50", "teacher": False, "epochs": epochs(s["epochs_resnet50"])}]
+    planned += [{"name": arch, "arch": arch, "teacher": False, "epochs": epochs(s[f"epochs_{arch}"])}
+                for arch in ("resnet18", "resnet50") if s[f"epochs_{arch}"]]  # --epochs-resnet50 0: none
     if s.get("grid"):
         planned += [{"name": f"grid cell {i + 1}", "folder": "grid", "arch": "resnet18", "teacher": True,
                      "epochs": epochs(s["grid_epochs"]) * share}
