@@ -20,7 +20,7 @@ from stack.gate import GateLimits, GateThread
 from stack.tokens import TokenFile
 from stack.torchserve import TorchServe, free_port
 from stress import bombs
-from stress.attacks import session_from
+from stress.request_attacks import session_from
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "skin-lesion"

@@ -14,7 +14,7 @@ import requests
 from stack.fairness import RateLimit, Shares, client_of
 from stack.gate import GateLimits, GateThread
 from stack.gate_server import SILENT_GRACE_S
-from stress.attacks import session_from
+from stress.request_attacks import session_from
 from tests.test_gate import API, POST, assert_one_json_refusal, dist, exchange, gate, responses, ts  # noqa: F401
 
 GET_CLOSE = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

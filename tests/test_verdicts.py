@@ -185,7 +185,7 @@ def test_kept_uploads_are_filed_by_the_gates_opaque_name_for_each_client(served)
     the owner's direct request (with the key) is kept at the top. No address appears in the folder."""
     import hashlib
 
-    from stress.attacks import session_from
+    from stress.request_attacks import session_from
 
     gate, photos, ts = served
     data = photos["not_dermoscopy"].read_bytes()
