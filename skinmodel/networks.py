@@ -112,11 +112,15 @@ def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: to
 def dermoscopy_check_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
     """The dermoscopy check's score: how unlike a dermoscopy image the features are; the verdict compares it with
     meta.json's dermoscopy_check thresholds. With an "is this dermoscopy" head in the statistics (weight, bias,
-    mean, scale): its logit of "not dermoscopy" (training/dermoscopy/check.py). Without (release 1.0's first
-    statistics): the smallest class-conditional Mahalanobis distance. With the classifier's own head (fc_weight,
-    fc_bias): the energy score, -logsumexp of the logits."""
+    mean, scale): its logit of "not dermoscopy" (training/dermoscopy/check.py); with hidden_weight and hidden_bias
+    too, the same logit through one hidden layer of ReLU units. Without (release 1.0's first statistics): the
+    smallest class-conditional Mahalanobis distance. With the classifier's own head (fc_weight, fc_bias): the
+    energy score, -logsumexp of the logits."""
     if "fc_weight" in stats:
         return -torch.logsumexp(feats @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
+    if "hidden_weight" in stats:
+        hidden = torch.relu(((feats - stats["mean"]) / stats["scale"]) @ stats["hidden_weight"].T + stats["hidden_bias"])
+        return hidden @ stats["weight"] + stats["bias"]
     if "weight" in stats:
         return ((feats - stats["mean"]) / stats["scale"]) @ stats["weight"] + stats["bias"]
     return mahalanobis_distance(feats, stats["means"], stats["precision"])

@@ -205,6 +205,10 @@ def test_the_dermoscopy_check_score_reads_either_kind_of_statistics():
     assert near == 0 and far > 30  # release 1.0's first statistics: the distance to the nearest class mean
     head = {"mean": torch.zeros(8), "scale": torch.full((8,), 2.0), "weight": torch.ones(8), "bias": torch.tensor(-1.0)}
     assert torch.allclose(dermoscopy_check_score(torch.full((1, 8), 4.0), head), torch.tensor([15.0]))  # 8 * 4/2 - 1: a logit
+    # one hidden layer: unit 0 sees 8 * 4/2 = 16, unit 1 sees -16 and is cut by the ReLU; 2 * 16 - 1
+    mlp = {**head, "hidden_weight": torch.stack([torch.ones(8), -torch.ones(8)]), "hidden_bias": torch.zeros(2),
+           "weight": torch.tensor([2.0, 5.0])}
+    assert torch.allclose(dermoscopy_check_score(torch.full((1, 8), 4.0), mlp), torch.tensor([31.0]))
 
 
 def test_grad_cam_explains_the_requested_class():

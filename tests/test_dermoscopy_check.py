@@ -101,6 +101,24 @@ def test_the_head_separates_what_it_saw_and_stores_fp32_statistics():
     assert all(v.dtype == torch.float32 for v in stats.values())  # saved as scored: the handler reads them as is
 
 
+def test_the_mlp_head_separates_what_a_line_cannot_and_scores_through_the_served_function():
+    """Pictures on both sides of the lesions (a ring no single line separates): the one-hidden-layer head refuses
+    them through dermoscopy_check_score, as the handler scores; its statistics are fp32 and seeded."""
+    from training.dermoscopy.rejectors import fit_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    lesions = torch.randn(600, 8, generator=gen) * 0.5
+    sides = [torch.randn(300, 8, generator=gen) * 0.5 + 4.0, torch.randn(300, 8, generator=gen) * 0.5 - 4.0]
+    stats = fit_mlp(lesions, sides, hidden=16, epochs=20, seed=0)
+    assert (dermoscopy_check_score(lesions, stats) < 0).float().mean() > 0.95
+    assert all((dermoscopy_check_score(side, stats) > 0).float().mean() > 0.95 for side in sides)
+    line = fit_head(lesions, torch.cat(sides), strength=1.0)
+    assert min((dermoscopy_check_score(side, line) > 0).float().mean() for side in sides) < 0.9  # why a hidden layer
+    assert all(v.dtype == torch.float32 for v in stats.values())
+    again = fit_mlp(lesions, sides, hidden=16, epochs=20, seed=0)
+    assert all(torch.equal(stats[k], again[k]) for k in stats)
+
+
 def test_render_table_shows_every_family_class_and_held_out_source():
     check = {"test_lesions_refused": 0.004, "test_rejected_per_class": {"mel": 0.009, "vasc": 0.0},
              "test_rejected_per_shift": {"unshifted": {"all": 0.004, "mel": 0.009, "balanced_accuracy": 0.6},

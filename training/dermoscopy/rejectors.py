@@ -4,6 +4,8 @@ Every rejector maps penultimate features to a score, higher = less like dermosco
 - "shipped head": the release's statistics before this run (for release 1.2: 1.1's head, fitted on the old, small pool);
 - "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/pool.py),
   each source weighted alike or every picture alike, at three strengths;
+- "MLP": one hidden layer of MLP_HIDDEN ReLU units on the same standardised features, fitted on the same pool, one
+  per seed of MLP_SEEDS (its fits vary with the seed: validation chooses, as it chooses among the others);
 - "energy": -logsumexp of the logits (Liu et al. 2020), no fitting;
 - "kNN": minus the cosine similarity to the k-th nearest training lesion (Sun et al. 2022), no fitting.
 (Outlier exposure, which changes the network, is measured apart: training/dermoscopy/outlier_exposure.py.)
@@ -42,6 +44,7 @@ CLEAR_KEEP = (0.99, 0.985, 0.98, 0.97, 0.96, 0.95)  # lesion shares that may be 
 OK_BUDGET = 0.01  # at most this share of validation-source pictures answered ok (the target is 2 % on test)
 STRENGTHS = (0.01, 0.1, 1.0)
 KNN_K = 10
+MLP_HIDDEN, MLP_EPOCHS, MLP_WEIGHT_DECAY, MLP_SEEDS = 64, 60, 1e-2, (0, 1, 2)
 
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -93,6 +96,35 @@ def fit_logistic(lesions: torch.Tensor, others: list[torch.Tensor], strength: fl
     clf = LogisticRegression(C=strength, max_iter=3000).fit(((x - mean) / scale).numpy(), y, sample_weight=w)
     return {"mean": mean.float(), "scale": scale.float(), "weight": torch.from_numpy(clf.coef_[0]).float(),
             "bias": torch.tensor(float(clf.intercept_[0]))}
+
+
+def fit_mlp(lesions: torch.Tensor, others: list[torch.Tensor], hidden: int = MLP_HIDDEN, epochs: int = MLP_EPOCHS,
+            weight_decay: float = MLP_WEIGHT_DECAY, seed: int = 0) -> dict:
+    """A "not dermoscopy" head with one hidden layer of ReLU units on standardised features (AdamW, binary
+    cross-entropy): each batch pairs lesions with as many pictures drawn with every fitting source alike. Returns
+    the statistics dermoscopy_check_score reads (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pics = torch.cat(others)
+    x = torch.cat([lesions, pics]).float()
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    les_n, pics_n = (lesions.float() - mean) / scale, (pics.float() - mean) / scale
+    source_w = torch.cat([torch.full((len(o),), 1.0 / len(o)) for o in others])
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=weight_decay)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(les_n), generator=gen).split(256):
+            drawn = torch.multinomial(source_w, len(idx), replacement=True, generator=gen)
+            logit = net(torch.cat([les_n[idx], pics_n[drawn]])).squeeze(1)
+            target = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    first, last = net[0], net[2]
+    return {"mean": mean, "scale": scale, "hidden_weight": first.weight.detach().clone(),
+            "hidden_bias": first.bias.detach().clone(), "weight": last.weight.detach()[0].clone(),
+            "bias": last.bias.detach()[0].clone()}
 
 
 def energy_stats(fc) -> dict:
@@ -149,6 +181,10 @@ def candidates(lesion_fit: torch.Tensor, labels: torch.Tensor, fit_pool: list[to
             stats = fit_logistic(lesion_fit, fit_pool, c, per_source)
             out.append(Candidate(f"logistic, source pool, C={c:g}{', sources alike' if per_source else ''}",
                                  lambda f, s=stats: dermoscopy_check_score(f, s), stats))
+    for seed in MLP_SEEDS:
+        stats = fit_mlp(lesion_fit, fit_pool, seed=seed)
+        out.append(Candidate(f"MLP ({MLP_HIDDEN} hidden units), source pool, seed {seed}",
+                             lambda f, s=stats: dermoscopy_check_score(f, s), stats))
     e = energy_stats(fc)
     out.append(Candidate("energy", lambda f, s=e: dermoscopy_check_score(f, s), e))
     for w in (0.5, 2.0):
