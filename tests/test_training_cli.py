@@ -87,6 +87,13 @@ def test_quick_study_end_to_end(tmp_path, data_dir):
     assert len(rows) == 4 and {"alpha", "temperature", "val_macro_f1"} <= set(rows[0])
     history = list(csv.DictReader(open(study / "resnet18_kd" / "history.csv")))
     assert history and float(history[0]["train_kd"]) > 0, "distillation term was zero: KD is a no-op"
+    # the release scored on validation as the default is chosen: plain and both shifts, their mean
+    r = run_training("compare-releases", "--release", str(release), "--limit-per-class", "12", "--data", str(data_dir),
+                     "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "scores.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    score = json.loads((tmp_path / "scores.json").read_text())[str(release)]
+    parts = [score[k] for k in ("plain", "colour temperature", "brightness")]
+    assert abs(score["score"] - sum(parts) / 3) < 1e-9 and score["version"] == meta["version"]
     # the exported fp16 weights load into the architecture named in meta.json
     model = build_model(meta["arch"], meta["num_classes"])
     model.load_state_dict({k: v.float() for k, v in torch.load(release / "model.pt").items()})

@@ -18,6 +18,8 @@ COMMANDS = {
     "calibrate": ("training.release.calibrate", "fit the softmax temperature on validation, report test ECE"),
     "dermoscopy-check": ("training.dermoscopy.check",
                          "fit the dermoscopy check ('uncertain' / 'not_dermoscopy'); refusals per class and shift"),
+    "compare-releases": ("training.evaluation.compare_releases",
+                         "releases scored on validation (plain + shifted): which one serves by default"),
     "model-card": ("training.release.model_card", "render model_card.md from meta.json + results.json"),
     "quantize": ("training.release.quantize", "int8 ResNet18 + fp32 vs int8 size/speed/metrics comparison"),
     "all": ("training.study.pipeline", "the whole study end to end (resumable: --resume)"),
