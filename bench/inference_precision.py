@@ -27,6 +27,7 @@ from skinmodel.networks import (build_model, dermoscopy_check_score, features_an
                                 load_state_dict_file)
 from skinmodel.preprocessing import normalize  # noqa: E402
 from skinmodel.release import ReleaseMeta  # noqa: E402
+from stack.settings import current  # noqa: E402
 from training.common import data as D  # noqa: E402
 from training.common.device import cpu_flags, native_bf16  # noqa: E402
 from training.common.metrics import classification_metrics  # noqa: E402
@@ -34,7 +35,7 @@ from training.common.metrics import classification_metrics  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--release", default=str(REPO / "release"), help="release folder (meta.json + weights)")
+    p.add_argument("--release", default=str(current().release_dir), help="release folder (SKIN_RELEASE_DIR)")
     p.add_argument("--int8", default=None, help="its int8 variant (default: RELEASE/int8 when it exists)")
     p.add_argument("--data", help="HAM10000 folder (default: $HAM10000_DIR, else ../shared/data/ham10000)")
     p.add_argument("--cache-dir", default="runs/cache", help="decoded-image cache")
