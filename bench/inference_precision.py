@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ from stack.settings import current  # noqa: E402
 from training.common import data as D  # noqa: E402
 from training.common.device import cpu_flags, native_bf16  # noqa: E402
 from training.common.metrics import classification_metrics  # noqa: E402
+from training.release.quantize import throughput  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,18 +63,6 @@ def variants(release: Path, int8: Path | None) -> dict:
     if int8 is not None and (int8 / "meta.json").exists():
         out["int8 (release/int8)"] = (load(int8)[0], torch.contiguous_format, contextlib.nullcontext)
     return out
-
-
-def images_per_s(net, fmt, ctx, crop: int, batch: int, seconds: float) -> float:
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=fmt)
-    with torch.inference_mode(), ctx():
-        for _ in range(3):
-            net(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            net(x)
-            n += batch
-    return n / (time.perf_counter() - t0)
 
 
 def scored(net, fmt, ctx, x_uint8: torch.Tensor, meta: ReleaseMeta, stats: dict | None):
@@ -112,8 +100,8 @@ def main(args: argparse.Namespace) -> dict:
         reference = probs if reference is None else reference
         m = classification_metrics(y, probs.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {
-            "batch 1": images_per_s(net, fmt, ctx, cfg.crop_size, 1, args.seconds),
-            "batch 8": images_per_s(net, fmt, ctx, cfg.crop_size, 8, args.seconds),
+            "batch 1": throughput(net, cfg.crop_size, 1, args.seconds, fmt, ctx),
+            "batch 8": throughput(net, cfg.crop_size, 8, args.seconds, fmt, ctx),
             "balanced_accuracy": m["balanced_accuracy"],
             "top1_differs": float((probs.argmax(1) != reference.argmax(1)).float().mean()),
             "max_prob_diff": float((probs - reference).abs().max()),

@@ -9,6 +9,7 @@ throughput, test metrics) is measured side by side in one run and written to int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,9 +39,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def throughput(model, crop: int, batch: int = 8, seconds: float = 4.0) -> float:
-    x = torch.randn(batch, 3, crop, crop)
-    with torch.inference_mode():
+def throughput(model, crop: int, batch: int = 8, seconds: float = 4.0, memory_format=torch.contiguous_format,
+               context=contextlib.nullcontext) -> float:
+    """Images/s of forward passes on random inputs (memory_format and context, e.g. an autocast, as served)."""
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=memory_format)
+    with torch.inference_mode(), context():
         for _ in range(3):
             model(x)
         n, t0 = 0, time.perf_counter()
