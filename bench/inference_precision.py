@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from skinmodel.networks import (build_model, dermoscopy_check_score, features_and_logits,  # noqa: E402
+from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,  # noqa: E402
                                 load_state_dict_file)
 from skinmodel.preprocessing import normalize  # noqa: E402
 from skinmodel.release import ReleaseMeta  # noqa: E402
@@ -65,8 +65,9 @@ def variants(release: Path, int8: Path | None) -> dict:
     return out
 
 
-def scored(net, fmt, ctx, x_uint8: torch.Tensor, meta: ReleaseMeta, stats: dict | None):
-    """Calibrated probabilities and check scores of the test images (fp32 out of every precision)."""
+def scored(net, fmt, ctx, x_uint8: torch.Tensor, colour: torch.Tensor, meta: ReleaseMeta, stats: dict | None):
+    """Calibrated probabilities and check scores of the test images (colour: their colour statistics; fp32 out of
+    every precision)."""
     cfg, probs, scores = meta.preprocessing, [], []
     with torch.inference_mode(), ctx():
         for i in range(0, len(x_uint8), 128):
@@ -74,7 +75,7 @@ def scored(net, fmt, ctx, x_uint8: torch.Tensor, meta: ReleaseMeta, stats: dict 
             f, logits = (t.float() for t in features_and_logits(net, x))
             probs.append((logits / meta.temperature).softmax(1))
             if stats is not None:
-                scores.append(dermoscopy_check_score(f, stats))
+                scores.append(dermoscopy_check_score(check_inputs(f, colour[i:i + 128]), stats))
     return torch.cat(probs), (torch.cat(scores) if scores else None)
 
 
@@ -88,6 +89,7 @@ def main(args: argparse.Namespace) -> dict:
     test = D.load_split(data).part("test")
     x = D.build_cache(test, "eval", cfg, data.cache, "decode test")
     y = np.array([r.label for r in test])
+    colour = D.colour_statistics_of(test, cfg)
     check = meta.dermoscopy_check or {}
     path = meta.check_stats_path(release)
     stats = {k: v.float() for k, v in torch.load(path, weights_only=True).items()} if path else None
@@ -96,7 +98,7 @@ def main(args: argparse.Namespace) -> dict:
           f"({', '.join(sorted(cpu_flags() & {'amx_bf16', 'avx512_bf16'})) or 'no AMX / AVX512-BF16'})", flush=True)
     rows, reference = {}, None
     for name, (net, fmt, ctx) in variants(release, int8).items():
-        probs, scores = scored(net, fmt, ctx, x, meta, stats)
+        probs, scores = scored(net, fmt, ctx, x, colour, meta, stats)
         reference = probs if reference is None else reference
         m = classification_metrics(y, probs.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {

@@ -19,9 +19,10 @@ from skinmodel.answers import format_error, format_prediction
 from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
 from skinmodel.inputs import DECODE_CPU_BUDGET_S, cpu_budget
-from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file
+from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
+                               load_state_dict_file)
 from skinmodel.payload import extract_image_bytes
-from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes
+from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes_and_colour
 from skinmodel.release import ReleaseMeta
 from skinmodel.review_store import CLIENT_HEADER, REVIEWED_VERDICTS, ReviewStore
 
@@ -63,35 +64,38 @@ class SkinLesionHandler(BaseHandler):
         return super().handle(data, context)
 
     def preprocess(self, data):
-        """-> (stacked tensor of the valid images, per request: (row in the tensor or InputError, image facts))."""
-        tensors, slots = [], []
+        """-> ((stacked tensor of the valid images, their colour statistics) or None, per request: (row in the
+        tensor or InputError, image facts))."""
+        tensors, colours, slots = [], [], []
         for row in data:
             image = {}
             try:
                 payload = extract_image_bytes(row, self.instances)
                 image.update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
                 with cpu_budget(self.decode_budget_s):
-                    tensor = preprocess_bytes(payload, self.cfg, image)
+                    tensor, colour = preprocess_bytes_and_colour(payload, self.cfg, image)
                 tensors.append(tensor)
+                colours.append(colour)
                 slots.append((len(tensors) - 1, image))
             except InputError as err:
                 slots.append((err, image))
             except Exception:  # noqa: BLE001 - an unforeseen decoder failure must not fail the whole batch
                 logger.exception("unexpected error while preprocessing one request")
                 slots.append((InputError(422, "unprocessable_image", "the image could not be processed"), image))
-        return (torch.stack(tensors) if tensors else None), slots
+        return ((torch.stack(tensors), torch.stack(colours)) if tensors else None), slots
 
     def inference(self, batch, *args, **kwargs):
         """The one decision, for predictions and explanations alike: calibrated probabilities and the dermoscopy
         check's score the verdict is made of."""
-        tensor, slots = batch
-        self._tensor = tensor  # Grad-CAM reruns an explained image with gradients
-        if tensor is None:
+        inputs, slots = batch
+        if inputs is None:
             return None, slots
+        tensor, colour = inputs
+        self._tensor = tensor  # Grad-CAM reruns an explained image with gradients
         with torch.inference_mode():
             feats, logits = features_and_logits(self.model, tensor)
             probabilities = torch.softmax(logits / self.temperature, dim=1)
-            scores = (dermoscopy_check_score(feats, self.check_stats).tolist()
+            scores = (dermoscopy_check_score(check_inputs(feats, colour), self.check_stats).tolist()
                       if self.check_stats is not None and feats is not None else [None] * len(tensor))
         return (probabilities, scores), slots
 

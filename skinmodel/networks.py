@@ -109,18 +109,30 @@ def mahalanobis_distance(feats: torch.Tensor, means: torch.Tensor, precision: to
     return d2.clamp_min(0).min(dim=1).values.sqrt()
 
 
-def dermoscopy_check_score(feats: torch.Tensor, stats: dict) -> torch.Tensor:
-    """The dermoscopy check's score: how unlike a dermoscopy image the features are; the verdict compares it with
-    meta.json's dermoscopy_check thresholds. With an "is this dermoscopy" head in the statistics (weight, bias,
-    mean, scale): its logit of "not dermoscopy" (training/dermoscopy/check.py); with hidden_weight and hidden_bias
-    too, the same logit through one hidden layer of ReLU units. Without (release 1.0's first statistics): the
-    smallest class-conditional Mahalanobis distance. With the classifier's own head (fc_weight, fc_bias): the
-    energy score, -logsumexp of the logits."""
+def check_inputs(feats: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """What the dermoscopy check scores, one row per image: the penultimate features, then the picture's colour
+    statistics before the colour constancy (skinmodel.preprocessing.colour_statistics)."""
+    return torch.cat([feats.float(), colour.float().to(feats.device)], dim=1)
+
+
+def dermoscopy_check_score(inputs: torch.Tensor, stats: dict) -> torch.Tensor:
+    """The dermoscopy check's score: how unlike a dermoscopy image a picture is; the verdict compares it with
+    meta.json's dermoscopy_check thresholds. `inputs`: check_inputs' rows; each kind of statistics reads the columns
+    it was fitted on, from the first (the features alone up to release 1.3, the features and the colours since 2.1),
+    and fails on fewer. With an "is this dermoscopy" head (weight, bias, mean, scale): its logit of "not dermoscopy"
+    (training/dermoscopy/check.py); with hidden_weight and hidden_bias too, the same logit through one hidden layer
+    of ReLU units. Without (release 1.0's first statistics): the smallest class-conditional Mahalanobis distance.
+    With the classifier's own head (fc_weight, fc_bias): the energy score, -logsumexp of the logits."""
+    def columns(n: int) -> torch.Tensor:
+        if inputs.shape[1] < n:
+            raise ValueError(f"the dermoscopy check reads {n} columns, the inputs have {inputs.shape[1]}")
+        return inputs[:, :n]
+
     if "fc_weight" in stats:
-        return -torch.logsumexp(feats @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
-    if "hidden_weight" in stats:
-        hidden = torch.relu(((feats - stats["mean"]) / stats["scale"]) @ stats["hidden_weight"].T + stats["hidden_bias"])
-        return hidden @ stats["weight"] + stats["bias"]
+        return -torch.logsumexp(columns(stats["fc_weight"].shape[1]) @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
     if "weight" in stats:
-        return ((feats - stats["mean"]) / stats["scale"]) @ stats["weight"] + stats["bias"]
-    return mahalanobis_distance(feats, stats["means"], stats["precision"])
+        x = (columns(len(stats["mean"])) - stats["mean"]) / stats["scale"]
+        if "hidden_weight" in stats:
+            x = torch.relu(x @ stats["hidden_weight"].T + stats["hidden_bias"])
+        return x @ stats["weight"] + stats["bias"]
+    return mahalanobis_distance(columns(stats["means"].shape[1]), stats["means"], stats["precision"])

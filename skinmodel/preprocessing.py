@@ -4,7 +4,8 @@ Training's evaluation, the TorchServe handler and the benchmarks all import this
 tensor a served image turns into is, bit for bit, the tensor the test metrics were computed on.
 The chain is: bytes -> decode (container layout, format, size, aspect ratio, metadata size and JPEG scans
 checked from the header first) -> EXIF orientation (tag 0x0112 alone) -> RGB -> resize shorter side -> colour
-constancy (when the release has one) -> centre crop -> uint8 CHW -> float, normalised.
+constancy (when the release has one) -> centre crop -> uint8 CHW -> float, normalised. Beside it, for the
+dermoscopy check: the colour statistics of the resized picture before the colour constancy.
 
 Decoding has a budget that no accepted file can exceed, so its cost is bounded by the decoded image, not by
 how the file is built: the five formats the page lists; a pixel count, a decoded-bytes count and an aspect
@@ -29,8 +30,9 @@ from skinmodel.formats import (ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS,
                                MAX_METADATA_BYTES, jpeg_layout, layout_problem)
 from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
-__all__ = ["DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "decode_image", "eval_uint8", "normalize",
-           "preprocess_bytes", "resize_center_crop", "shades_of_gray"]
+__all__ = ["COLOUR_STATISTICS", "DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "colour_statistics",
+           "decode_image", "eval_uint8", "normalize", "preprocess_bytes", "preprocess_bytes_and_colour",
+           "resize_center_crop", "shades_of_gray"]
 
 # What one decoded image may weigh, counted as bands x bytes per band: 40 MP of 8-bit RGB. Modes with more
 # bytes per pixel (RGBA, CMYK, 32-bit integer or float) get proportionally fewer pixels.
@@ -57,6 +59,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}
 _EXIF_INTEGER = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}  # TIFF field types of one integer
 _XMP_ORIENTATION = re.compile(r'tiff:Orientation(="|>)([0-9])')
+# The dermoscopy check reads the picture's colours before the colour constancy: 9 channel statistics and the
+# shares of a COLOUR_BINS^3 RGB grid (colour_statistics).
+COLOUR_BINS = 4
+COLOUR_STATISTICS = 9 + COLOUR_BINS ** 3
 Image.init()  # every plugin imported now, never half-way under a decoding budget's timer
 
 
@@ -230,23 +236,46 @@ def shades_of_gray(pixels: np.ndarray, p: int = 6) -> np.ndarray:
     return np.clip(x * gain * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: int | None = None,
-                       colour_constancy: str = "none") -> torch.Tensor:
-    """Resize the shorter side to resize_size (bilinear, antialiased), apply the colour constancy to the whole
-    resized image, centre-crop; uint8 CHW tensor."""
-    crop_w = crop_h if crop_w is None else crop_w
+def colour_statistics(pixels: np.ndarray) -> np.ndarray:
+    """The colours of a uint8 HxWx3 picture as the dermoscopy check reads them, taken before the colour constancy
+    (which removes them from what the network sees): the logs of its Shades of Gray illuminant estimate (p = 6) and
+    of its channel means, its channel standard deviations, and the square root of its share of pixels in each cell
+    of a COLOUR_BINS^3 RGB grid. COLOUR_STATISTICS float32 numbers."""
+    x = pixels.reshape(-1, 3).astype(np.float32) / 255.0
+    illuminant = np.power(np.mean(np.power(x, 6), axis=0), 1.0 / 6)
+    cells = np.minimum((x * COLOUR_BINS).astype(np.int64), COLOUR_BINS - 1)
+    index = (cells[:, 0] * COLOUR_BINS + cells[:, 1]) * COLOUR_BINS + cells[:, 2]
+    shares = np.bincount(index, minlength=COLOUR_BINS ** 3) / max(len(x), 1)
+    return np.concatenate([np.log(illuminant + 1e-3), np.log(x.mean(0) + 1e-3), x.std(0),
+                           np.sqrt(shares)]).astype(np.float32)
+
+
+def _resized(img: Image.Image, resize_size: int, crop_h: int, crop_w: int) -> np.ndarray:
+    """The shorter side resized to resize_size (bilinear, antialiased), never below the crop: uint8 HxWx3."""
     w, h = img.size
     scale = resize_size / min(w, h)
     new_w, new_h = max(crop_w, round(w * scale)), max(crop_h, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BILINEAR)
+    return np.array(img.resize((new_w, new_h), Image.BILINEAR), dtype=np.uint8)
+
+
+def _constant_crop(pixels: np.ndarray, crop_h: int, crop_w: int, colour_constancy: str) -> torch.Tensor:
+    """The colour constancy on the whole resized picture, then the centre crop: uint8 CHW tensor."""
+    new_h, new_w = pixels.shape[:2]
     left, top = (new_w - crop_w) // 2, (new_h - crop_h) // 2
-    pixels = np.array(img, dtype=np.uint8)
     if colour_constancy == "shades_of_gray_p6":
         pixels = shades_of_gray(pixels, 6)
     elif colour_constancy != "none":
         raise ValueError(f"unknown colour constancy {colour_constancy!r}")
     pixels = np.ascontiguousarray(pixels[top:top + crop_h, left:left + crop_w])
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def resize_center_crop(img: Image.Image, resize_size: int, crop_h: int, crop_w: int | None = None,
+                       colour_constancy: str = "none") -> torch.Tensor:
+    """Resize the shorter side to resize_size (bilinear, antialiased), apply the colour constancy to the whole
+    resized image, centre-crop; uint8 CHW tensor."""
+    crop_w = crop_h if crop_w is None else crop_w
+    return _constant_crop(_resized(img, resize_size, crop_h, crop_w), crop_h, crop_w, colour_constancy)
 
 
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -264,3 +293,13 @@ def eval_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig, info: dict | None = None) -> torch.Tensor:
     """The whole chain for one image file: bytes -> normalised float CHW tensor (raises InputError)."""
     return normalize(eval_uint8(decode_image(data, cfg.max_pixels, info, cfg.resize_size), cfg), cfg.mean, cfg.std)
+
+
+def preprocess_bytes_and_colour(data: bytes, cfg: PreprocessConfig,
+                                info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """preprocess_bytes' tensor and, from the same decoding, the picture's colour_statistics before the colour
+    constancy: what the handler gives the network and the dermoscopy check."""
+    pixels = _resized(decode_image(data, cfg.max_pixels, info, cfg.resize_size), cfg.resize_size, cfg.crop_size,
+                      cfg.crop_size)
+    tensor = _constant_crop(pixels, cfg.crop_size, cfg.crop_size, cfg.colour_constancy)
+    return normalize(tensor, cfg.mean, cfg.std), torch.from_numpy(colour_statistics(pixels))

@@ -16,7 +16,7 @@ from PIL import Image
 from skinmodel.audit import EVENT_COLUMNS, make_event
 from skinmodel.gradcam import grad_cam
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits
+from skinmodel.networks import build_model, check_inputs, dermoscopy_check_score, features_and_logits
 from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
 from stack.settings import Settings
 
@@ -209,6 +209,24 @@ def test_the_dermoscopy_check_score_reads_either_kind_of_statistics():
     mlp = {**head, "hidden_weight": torch.stack([torch.ones(8), -torch.ones(8)]), "hidden_bias": torch.zeros(2),
            "weight": torch.tensor([2.0, 5.0])}
     assert torch.allclose(dermoscopy_check_score(torch.full((1, 8), 4.0), mlp), torch.tensor([31.0]))
+
+
+def test_the_check_reads_the_columns_its_statistics_were_fitted_on():
+    """Statistics fitted on the features alone (releases up to 1.3) score the features of check_inputs' rows as
+    before; statistics fitted on features and colours read the colours too, and refuse rows without them."""
+    torch.manual_seed(0)
+    feats, colour = torch.randn(5, 8), torch.randn(5, 3)
+    inputs = check_inputs(feats, colour)
+    features_only = {"mean": torch.randn(8), "scale": torch.rand(8) + 0.5, "weight": torch.randn(8),
+                     "bias": torch.tensor(0.3)}
+    assert torch.equal(dermoscopy_check_score(inputs, features_only), dermoscopy_check_score(feats, features_only))
+    energy = {"fc_weight": torch.randn(7, 8), "fc_bias": torch.randn(7)}
+    assert torch.equal(dermoscopy_check_score(inputs, energy), dermoscopy_check_score(feats, energy))
+    with_colour = {"mean": torch.zeros(11), "scale": torch.ones(11), "weight": torch.tensor([0.0] * 8 + [1.0, 2.0, 3.0]),
+                   "bias": torch.tensor(0.0)}
+    assert torch.allclose(dermoscopy_check_score(inputs, with_colour), colour @ torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="reads 11 columns"):
+        dermoscopy_check_score(feats, with_colour)
 
 
 def test_grad_cam_explains_the_requested_class():

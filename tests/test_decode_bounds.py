@@ -218,10 +218,10 @@ def test_the_worker_answers_an_overrun_with_422_and_keeps_decoding():
     handler.cfg = CFG
     preprocess_bytes(small.getvalue(), CFG)  # first-call costs out of the way
     handler.decode_budget_s = 0.005
-    tensor, slots = handler.preprocess([{"body": noisy.getvalue()}, {"body": small.getvalue()}])
+    (tensor, _), slots = handler.preprocess([{"body": noisy.getvalue()}, {"body": small.getvalue()}])
     assert isinstance(slots[0][0], InputError) and (slots[0][0].status, slots[0][0].code) == (422, "decode_budget")
     assert slots[1][0] == 0 and tensor.shape == (1, 3, 96, 96)
     handler.decode_budget_s = 60.0
-    tensor, slots = handler.preprocess([{"body": noisy.getvalue()}])
+    (tensor, _), slots = handler.preprocess([{"body": noisy.getvalue()}])
     assert slots[0][0] == 0 and tensor.shape == (1, 3, 96, 96)
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)

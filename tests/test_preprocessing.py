@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from skinmodel.preprocessing import InputError, PreprocessConfig, decode_image, normalize, preprocess_bytes
+from skinmodel.preprocessing import (COLOUR_BINS, COLOUR_STATISTICS, InputError, PreprocessConfig, colour_statistics,
+                                    decode_image, normalize, preprocess_bytes, preprocess_bytes_and_colour)
 from training.common import data as D
 
 CFG = PreprocessConfig(96, 96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -37,9 +38,38 @@ def test_the_handler_builds_the_tensors_training_evaluated(data_dir, sample_imag
     cached = normalize(D.build_cache(records, "eval", CFG, None), CFG.mean, CFG.std)
     handler = SkinLesionHandler()
     handler.cfg = CFG
-    tensor, slots = handler.preprocess([{"body": open(r.path, "rb").read()} for r in records])
+    (tensor, _), slots = handler.preprocess([{"body": open(r.path, "rb").read()} for r in records])
     assert [slot for slot, _ in slots] == list(range(len(records)))
     assert torch.equal(tensor, cached)
+
+
+def test_the_colour_statistics_keep_what_the_colour_constancy_takes_away(sample_images):
+    """A lesion and the same lesion under a strong colour cast: after Shades of Gray the network's inputs are
+    nearly the same, the colour statistics are not; the tensor beside them is preprocess_bytes' own."""
+    cfg = PreprocessConfig(96, 96, CFG.mean, CFG.std, colour_constancy="shades_of_gray_p6")
+    img = Image.open(sample_images[0]).convert("RGB")
+    cast = Image.fromarray((np.asarray(img, dtype=np.float32) * [0.55, 0.8, 1.0]).round().astype(np.uint8))
+    (x, c), (x_cast, c_cast) = (preprocess_bytes_and_colour(_encode(i), cfg) for i in (img, cast))
+    assert torch.equal(x, preprocess_bytes(_encode(img), cfg)) and c.shape == (COLOUR_STATISTICS,)
+    m, sd = torch.tensor(CFG.mean).view(3, 1, 1), torch.tensor(CFG.std).view(3, 1, 1)
+    v, v_cast = x * sd + m, x_cast * sd + m  # back to [0, 1]: Shades of Gray keeps each picture's own level
+    level = float((v * v_cast).sum() / (v * v).sum())
+    assert (v_cast - level * v).abs().mean() < 2 / 255  # the same picture to two grey levels of rounding
+    illuminant_shift = (c_cast[:3] - c[:3]).numpy()  # log illuminant: red moves by log 0.55, blue not at all
+    assert illuminant_shift[0] == pytest.approx(np.log(0.55), abs=0.05) and abs(illuminant_shift[2]) < 0.02
+
+
+@pytest.mark.fast
+def test_colour_statistics_of_a_flat_picture():
+    """(255, 128, 0) everywhere: illuminant and means are the colour, no spread, every pixel in one grid cell."""
+    s = colour_statistics(np.full((30, 40, 3), (255, 128, 0), dtype=np.uint8))
+    level = np.log(np.array([255, 128, 0]) / 255 + 1e-3)
+    assert s[:3] == pytest.approx(level, abs=1e-5) and s[3:6] == pytest.approx(level, abs=1e-5)
+    assert s[6:9] == pytest.approx([0, 0, 0], abs=1e-5)
+    cell = (3 * COLOUR_BINS + 2) * COLOUR_BINS + 0  # red in the top bin, green (128/255) in bin 2, blue in bin 0
+    expected = np.zeros(COLOUR_BINS ** 3)
+    expected[cell] = 1.0
+    assert s[9:] == pytest.approx(expected)
 
 
 @pytest.mark.fast

@@ -32,7 +32,7 @@ def verdict_release(tiny_release, sample_images, tmp_path_factory):
     handler = SkinLesionHandler()
     handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(out)}, manifest={"model": {}}))
     images = [p.read_bytes() for p in sample_images]
-    tensor, _ = handler.preprocess([{"body": b} for b in images])
+    (tensor, _), _ = handler.preprocess([{"body": b} for b in images])
     with torch.inference_mode():
         feats, logits = features_and_logits(handler.model, tensor)
     centre = feats.mean(0)
@@ -266,3 +266,42 @@ def test_a_check_score_between_clearly_dermoscopy_and_refusal_is_uncertain_never
     assert answers[2.5]["verdict"] == "not_dermoscopy" and answers[2.5]["top"] is None
     unsure = format_prediction([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1], meta, check_score=-1.0)
     assert unsure["verdict"] == "uncertain" and unsure["verdict_reason"] == VERDICT_REASONS["uncertain"]
+
+
+def test_the_served_check_reads_each_upload_colours_before_the_colour_constancy(tiny_release, tmp_path):
+    """A check whose head reads only the colour columns (the log illuminant, red minus blue): the handler's score
+    of a flat-coloured upload is that difference, known without the project's code, and a colour cast that the
+    colour constancy takes out of the network's input still moves it."""
+    import dataclasses
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from skinmodel.preprocessing import COLOUR_STATISTICS
+
+    out = tmp_path / "release"
+    shutil.copytree(tiny_release, out)
+    meta = ReleaseMeta.load(out)
+    meta.preprocessing = dataclasses.replace(meta.preprocessing, colour_constancy="shades_of_gray_p6")
+    width = 512 + COLOUR_STATISTICS  # ResNet18's features, then the colours
+    weight = torch.zeros(width)
+    weight[512], weight[514] = 1.0, -1.0
+    torch.save({"mean": torch.zeros(width), "scale": torch.ones(width), "weight": weight, "bias": torch.tensor(0.0)},
+               out / CHECK_STATS_FILE)
+    meta.dermoscopy_check = {"uncertain_below": 0.0, "refuse_above": 1.0, "stats_file": CHECK_STATS_FILE}
+    meta.save(out)
+    handler = SkinLesionHandler()
+    handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(out)}, manifest={"model": {}}))
+    colours = [(200, 100, 50), (50, 100, 200)]
+    rows = []
+    for rgb in colours:
+        buf = io.BytesIO()
+        Image.new("RGB", (120, 90), rgb).save(buf, "PNG")
+        rows.append({"body": buf.getvalue()})
+    batch = handler.preprocess(rows)
+    (tensor, _), _ = batch
+    assert torch.allclose(tensor[0], tensor[1])  # the network sees the same grey picture
+    (_, scores), _ = handler.inference(batch)
+    expected = [np.log(r / 255 + 1e-3) - np.log(b / 255 + 1e-3) for r, _, b in colours]
+    assert scores == pytest.approx(expected, abs=1e-4)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from skinmodel.inputs import COLOUR_CONSTANCIES
 from skinmodel.labels import CLASS_DESCRIPTIONS, CLASS_FULL_NAMES, CLASS_NAMES  # noqa: F401 - re-exported
-from skinmodel.preprocessing import PreprocessConfig, decode_image, eval_uint8, resize_center_crop
+from skinmodel.preprocessing import (PreprocessConfig, decode_image, eval_uint8, preprocess_bytes_and_colour,
+                                    resize_center_crop)
 from skinmodel.dataset import ham10000_dir
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -238,6 +239,12 @@ def _read(path: str, min_side: int) -> Image.Image:
     """Decoded as the handler decodes (min_side: the same reduced-scale JPEG decoding for small inputs)."""
     with open(path, "rb") as f:
         return decode_image(f.read(), min_side=min_side)
+
+
+def colour_statistics_of(records: list[Record], cfg: PreprocessConfig) -> torch.Tensor:
+    """The dermoscopy check's colour statistics of each record's file, read as the handler reads an upload."""
+    return torch.stack(list(thread_map(lambda r: preprocess_bytes_and_colour(Path(r.path).read_bytes(), cfg)[1],
+                                       records)))
 
 
 def build_cache(records: list[Record], kind: str, cfg: PreprocessConfig, cache_dir: Path | None,

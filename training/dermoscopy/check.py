@@ -100,6 +100,13 @@ def _source_report(score, pics: dict, names: list[str], lesion_scores: np.ndarra
     return per, scores
 
 
+def _columns_read(stats: dict, features: int) -> str:
+    """What the chosen rejector reads of the check's inputs (skinmodel.networks.check_inputs)."""
+    width = len(stats["mean"]) if "mean" in stats else features
+    return (f"the {features} penultimate features and the picture's {width - features} colour statistics before the "
+            "colour constancy" if width > features else f"the {features} penultimate features")
+
+
 def _pooled(per: dict) -> dict:
     n = sum(v["images"] for v in per.values())
     return {k: sum(v[k] * v["images"] for v in per.values()) / n for k in ("not_dermoscopy", "uncertain", "ok")} | {
@@ -148,7 +155,8 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
                                         uncertain_below)
     result = {
         "uncertain_below": uncertain_below, "refuse_above": refuse, "clear_below": clear,
-        "method": f"{best.name}: lesions (training split, plain and shifted) vs pictures of the fitting "
+        "method": f"{best.name} on {_columns_read(best.stats, model.fc.in_features)}: lesions (training split, "
+                  f"plain and shifted) vs pictures of the fitting "
                   f"sources; chosen among {len(cands)} rejectors on {len(table[best.name]['per_source'])} "
                   f"validation sources; refuses above a score that keeps {table[best.name]['lesion_keep']:.1%} of the "
                   f"validation lesions of every class (plain and under {len(FAMILIES)} shift families; the "

@@ -1,11 +1,13 @@
-"""The penultimate features the dermoscopy check is fitted, chosen and reported on, computed once per release and
-split and kept in the cache folder: every head (training/dermoscopy/rejectors.py) is then fitted on features, in seconds.
+"""What the dermoscopy check is fitted, chosen and reported on: per image, the penultimate features and the
+picture's colour statistics before the colour constancy (skinmodel.networks.check_inputs), computed once per release
+and split and kept in the cache folder: every head (training/dermoscopy/rejectors.py) is then fitted on them, in
+seconds.
 
 - train: every training lesion, plain and under one random shift family each (what a head is fitted on);
 - val / test: every lesion, plain and under each of the ten shift families (a threshold is chosen on val, the
   false refusals are reported on test).
 
-Computed as the handler computes them (skinmodel.preprocessing.preprocess_bytes on the image file, fp32).
+Computed as the handler computes them (skinmodel.preprocessing.preprocess_bytes_and_colour on the image file, fp32).
 """
 from __future__ import annotations
 
@@ -17,26 +19,28 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from skinmodel.networks import features_and_logits
-from skinmodel.preprocessing import preprocess_bytes
+from skinmodel.networks import check_inputs, features_and_logits
+from skinmodel.preprocessing import preprocess_bytes_and_colour
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
 from training.common.device import full_fp32
 from training.dermoscopy.shifts import FAMILIES, shifted
 
-CACHE_VERSION = "gate-features-1"  # "gate": the check's name formerly; kept (like the files' prefix) for caches
+CACHE_VERSION = "gate-features-2"  # 2: with the colour statistics. "gate": the check's name formerly (files' prefix)
 
 
 @torch.no_grad()
 def features(model, meta: ReleaseMeta, blobs: list[bytes], desc: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Penultimate features, calibrated top probabilities and predicted classes of image files, computed as the
-    handler computes them."""
+    """The check's inputs (penultimate features, then colour statistics), calibrated top probabilities and
+    predicted classes of image files, computed as the handler computes them."""
     feats, tops, preds = [], [], []
     device = next(model.parameters()).device  # features come from the fp32 network, never the int8 one
     with full_fp32():  # decoding dominates on a GPU machine: in threads
         for i in tqdm(range(0, len(blobs), 128), desc=desc, unit="batch", leave=False):
-            x = torch.stack(list(D.thread_map(lambda b: preprocess_bytes(b, meta.preprocessing), blobs[i:i + 128])))
+            x, colour = map(torch.stack, zip(*D.thread_map(lambda b: preprocess_bytes_and_colour(b, meta.preprocessing),
+                                                          blobs[i:i + 128])))
             f, logits = (t.float().cpu() for t in features_and_logits(model, x.to(device)))
+            f = check_inputs(f, colour)
             probs = (logits / meta.temperature).softmax(1)
             feats.append(f)
             tops.append(probs.max(1).values)

@@ -1,10 +1,11 @@
 """Rejectors for the dermoscopy check, compared on VALIDATION sources only, and the two thresholds of the chosen one.
 
-Every rejector maps penultimate features to a score, higher = less like dermoscopy:
+Every rejector maps the check's inputs (penultimate features, then the picture's colour statistics before the
+colour constancy: skinmodel.networks.check_inputs) to a score, higher = less like dermoscopy:
 - "shipped head": the release's statistics before this run (for release 1.2: 1.1's head, fitted on the old, small pool);
 - "logistic, source pool": the same kind of head fitted on the packages' fitting sources (training/dermoscopy/pool.py),
   each source weighted alike or every picture alike, at three strengths;
-- "MLP": one hidden layer of MLP_HIDDEN ReLU units on the same standardised features, fitted on the same pool, one
+- "MLP": one hidden layer of MLP_HIDDEN ReLU units on the same standardised inputs, fitted on the same pool, one
   per seed of MLP_SEEDS (its fits vary with the seed: validation chooses, as it chooses among the others);
 - "energy": -logsumexp of the logits (Liu et al. 2020), no fitting;
 - "kNN": minus the cosine similarity to the k-th nearest training lesion (Sun et al. 2022), no fitting.
@@ -29,7 +30,7 @@ import torch
 
 from skinmodel.networks import dermoscopy_check_score
 from training.dermoscopy import pool
-from training.dermoscopy.features import features
+from training.dermoscopy.features import CACHE_VERSION, features
 
 # Lesion shares the refusal threshold may keep (--lesion-keep), most cautious first. Only 99.5 % by default: the
 # choice among 99.5/99/98.5/98 % (SEARCHED_KEEPS), run on release 1.2, kept 98.5 % and refused 94.8 % of the
@@ -48,11 +49,11 @@ MLP_HIDDEN, MLP_EPOCHS, MLP_WEIGHT_DECAY, MLP_SEEDS = 64, 60, 1e-2, (0, 1, 2)
 
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Features (and calibrated top probabilities) of every source's pictures, cached per weights and sources;
+    """The check's inputs (and calibrated top probabilities) of every source's pictures, cached per weights and sources;
     held-out pictures identical to a fitting one left out (pool.drop_fitted)."""
     rows = [{k: v for k, v in r.items() if k != "pictures"} for r in pool.manifest()]
     key = hashlib.sha256((hashlib.sha256(weights.read_bytes()).hexdigest() + json.dumps(rows, sort_keys=True)
-                          + f"|{seed}|{pool.MAX_FILES}|{pool.CROP_SCALES}|{meta.preprocessing}")
+                          + f"|{seed}|{pool.MAX_FILES}|{pool.CROP_SCALES}|{meta.preprocessing}|{CACHE_VERSION}")
                          .encode()).hexdigest()[:16]
     path = cache / f"gate-pool-{key}.pt" if cache else None  # "gate": the check's name formerly, kept for caches
     out = torch.load(path, weights_only=True) if path and path.exists() else _compute_pool(model, meta, seed)
@@ -140,7 +141,8 @@ def outlier_exposure_head(fc, lesions: torch.Tensor, labels: torch.Tensor, other
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(fc.in_features, fc.out_features)
     head.load_state_dict({k: v.detach().float().clone() for k, v in fc.state_dict().items()})
-    pics = torch.cat(others)
+    n = fc.in_features  # the features' columns of the check's inputs: the classifier never sees the colours
+    lesions, pics = lesions[:, :n], torch.cat(others)[:, :n]
     pic_w = torch.cat([torch.full((len(o),), 1.0 / len(o)) for o in others])  # each source alike
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     for _ in range(epochs):
@@ -191,7 +193,8 @@ def candidates(lesion_fit: torch.Tensor, labels: torch.Tensor, fit_pool: list[to
         oe = outlier_exposure_head(fc, lesion_fit, labels, fit_pool, weight=w)
         out.append(Candidate(f"outlier exposure (last layer, weight {w:g}), energy",
                              lambda f, s=oe: dermoscopy_check_score(f, s), oe))
-    out.append(Candidate(f"kNN (k={KNN_K}, cosine)", lambda f: knn_scores(bank, f), None))
+    n = fc.in_features  # on the features alone, as published (colour statistics are on other scales)
+    out.append(Candidate(f"kNN (k={KNN_K}, cosine)", lambda f: knn_scores(bank[:, :n], f[:, :n]), None))
     return out
 
 

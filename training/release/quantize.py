@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from skinmodel.networks import (build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file,
-                                quantizable_resnet18)
+from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
+                                load_state_dict_file, quantizable_resnet18)
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
@@ -84,6 +84,7 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
     data.use_threads()
     x_test = D.build_cache(test, "eval", cfg, cache, "decode test")
     y = [r.label for r in test]
+    colour = D.colour_statistics_of(test, cfg)
     rows = {}
     for name, net, path in (("fp32", fp32, release / meta.weights_file), ("int8", reloaded, out / "model.pt")):
         with torch.inference_mode():
@@ -91,7 +92,7 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
         m = classification_metrics(y, logits.argmax(1).numpy(), D.CLASS_NAMES)
         rows[name] = {"file_mb": path.stat().st_size / 2**20, "images_per_s": throughput(net, cfg.crop_size),
                       "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "accuracy": m["accuracy"],
-                      "not_dermoscopy": check_refusals(net, x_test, release, meta)}
+                      "not_dermoscopy": check_refusals(net, x_test, colour, release, meta)}
     drop = rows["fp32"]["balanced_accuracy"] - rows["int8"]["balanced_accuracy"]
     speed = rows["int8"]["images_per_s"] / rows["fp32"]["images_per_s"]
     meets = rows["int8"]["file_mb"] <= 12 and speed >= 2 and drop <= 0.01
@@ -129,9 +130,10 @@ def write_comparison(rows: dict, comparison: dict, out: Path) -> str:
     return text
 
 
-def check_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
-    """Share of test lesions the dermoscopy check refuses with this network's features: the check was fitted on
-    fp32 features, and int8 features must not push real lesions over its threshold."""
+def check_refusals(net, x_uint8: torch.Tensor, colour: torch.Tensor, release: Path, meta: ReleaseMeta) -> float | None:
+    """Share of test lesions the dermoscopy check refuses with this network's features (colour: the images' colour
+    statistics): the check was fitted on fp32 features, and int8 features must not push real lesions over its
+    threshold."""
     check = meta.dermoscopy_check or {}
     if not check.get("stats_file") or "refuse_above" not in check:
         return None
@@ -140,7 +142,7 @@ def check_refusals(net, x_uint8: torch.Tensor, release: Path, meta: ReleaseMeta)
     with torch.inference_mode():
         for i in range(0, len(x_uint8), 128):
             feats, _ = features_and_logits(net, normalize(x_uint8[i:i + 128], cfg.mean, cfg.std))
-            refused.append(dermoscopy_check_score(feats, stats) > check["refuse_above"])
+            refused.append(dermoscopy_check_score(check_inputs(feats, colour[i:i + 128]), stats) > check["refuse_above"])
     return float(torch.cat(refused).float().mean())
 
 
