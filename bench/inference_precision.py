@@ -75,7 +75,8 @@ def scored(net, fmt, ctx, x_uint8: torch.Tensor, colour: torch.Tensor, meta: Rel
             f, logits = (t.float() for t in features_and_logits(net, x))
             probs.append((logits / meta.temperature).softmax(1))
             if stats is not None:
-                scores.append(dermoscopy_check_score(check_inputs(f, colour[i:i + 128]), stats))
+                with torch.autocast("cpu", enabled=False):  # the check scores in fp32 whatever the network ran in
+                    scores.append(dermoscopy_check_score(check_inputs(f, colour[i:i + 128]), stats))
     return torch.cat(probs), (torch.cat(scores) if scores else None)
 
 

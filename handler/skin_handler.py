@@ -20,7 +20,7 @@ from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
 from skinmodel.inputs import DECODE_CPU_BUDGET_S, cpu_budget
 from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
-                               load_state_dict_file)
+                               load_state_dict_file, validate_check_statistics)
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes_and_colour
 from skinmodel.release import ReleaseMeta
@@ -50,6 +50,7 @@ class SkinLesionHandler(BaseHandler):
         stats_path = self.meta.check_stats_path(model_dir)
         if stats_path is not None:
             self.check_stats = {k: v.float() for k, v in torch.load(stats_path, weights_only=True).items()}
+            validate_check_statistics(self.check_stats, self.model.fc.in_features)  # at load, not per batch
         self.spool = EventSpool.from_env()
         self.review = ReviewStore.from_env()  # off unless SKIN_REVIEW_KEEP_DAYS > 0
         # Under KServe's TorchServe runtime the rows are v1 instances ({"data": "<base64>"}): the runtime sets
@@ -88,10 +89,10 @@ class SkinLesionHandler(BaseHandler):
         """The one decision, for predictions and explanations alike: calibrated probabilities and the dermoscopy
         check's score the verdict is made of."""
         inputs, slots = batch
-        if inputs is None:
-            return None, slots
-        tensor, colour = inputs
+        tensor, colour = inputs if inputs is not None else (None, None)
         self._tensor = tensor  # Grad-CAM reruns an explained image with gradients
+        if tensor is None:
+            return None, slots
         with torch.inference_mode():
             feats, logits = features_and_logits(self.model, tensor)
             probabilities = torch.softmax(logits / self.temperature, dim=1)

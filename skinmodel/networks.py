@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from skinmodel.preprocessing import COLOUR_STATISTICS
+
 # Only networks with the whole release path (dermoscopy check on their `fc` features, Grad-CAM on `layer4`, tested):
 # convnext_tiny was offered once without either and is gone.
 ARCHITECTURES = ("resnet18", "resnet50")
@@ -115,6 +117,22 @@ def check_inputs(feats: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
     return torch.cat([feats.float(), colour.float().to(feats.device)], dim=1)
 
 
+def check_statistics_width(stats: dict) -> int:
+    """How many of check_inputs' columns the dermoscopy check's statistics read, from the first."""
+    if "fc_weight" in stats:
+        return stats["fc_weight"].shape[1]
+    return len(stats["mean"]) if "mean" in stats else stats["means"].shape[1]
+
+
+def validate_check_statistics(stats: dict, features: int) -> None:
+    """Statistics must read the network's features alone or the features and every colour statistic: anything else
+    was fitted on another network or another colour layout, and is refused when the release loads."""
+    width = check_statistics_width(stats)
+    if width not in (features, features + COLOUR_STATISTICS):
+        raise ValueError(f"the dermoscopy check's statistics read {width} columns; this network gives {features} "
+                         f"features and each picture {COLOUR_STATISTICS} colour statistics")
+
+
 def dermoscopy_check_score(inputs: torch.Tensor, stats: dict) -> torch.Tensor:
     """The dermoscopy check's score: how unlike a dermoscopy image a picture is; the verdict compares it with
     meta.json's dermoscopy_check thresholds. `inputs`: check_inputs' rows; each kind of statistics reads the columns
@@ -123,16 +141,15 @@ def dermoscopy_check_score(inputs: torch.Tensor, stats: dict) -> torch.Tensor:
     (training/dermoscopy/check.py); with hidden_weight and hidden_bias too, the same logit through one hidden layer
     of ReLU units. Without (release 1.0's first statistics): the smallest class-conditional Mahalanobis distance.
     With the classifier's own head (fc_weight, fc_bias): the energy score, -logsumexp of the logits."""
-    def columns(n: int) -> torch.Tensor:
-        if inputs.shape[1] < n:
-            raise ValueError(f"the dermoscopy check reads {n} columns, the inputs have {inputs.shape[1]}")
-        return inputs[:, :n]
-
+    n = check_statistics_width(stats)
+    if inputs.shape[1] < n:
+        raise ValueError(f"the dermoscopy check reads {n} columns, the inputs have {inputs.shape[1]}")
+    inputs = inputs[:, :n]
     if "fc_weight" in stats:
-        return -torch.logsumexp(columns(stats["fc_weight"].shape[1]) @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
+        return -torch.logsumexp(inputs @ stats["fc_weight"].T + stats["fc_bias"], dim=1)
     if "weight" in stats:
-        x = (columns(len(stats["mean"])) - stats["mean"]) / stats["scale"]
+        x = (inputs - stats["mean"]) / stats["scale"]
         if "hidden_weight" in stats:
             x = torch.relu(x @ stats["hidden_weight"].T + stats["hidden_bias"])
         return x @ stats["weight"] + stats["bias"]
-    return mahalanobis_distance(columns(stats["means"].shape[1]), stats["means"], stats["precision"])
+    return mahalanobis_distance(inputs, stats["means"], stats["precision"])

@@ -16,7 +16,9 @@ from PIL import Image
 from skinmodel.audit import EVENT_COLUMNS, make_event
 from skinmodel.gradcam import grad_cam
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.networks import build_model, check_inputs, dermoscopy_check_score, features_and_logits
+from skinmodel.preprocessing import COLOUR_STATISTICS
+from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
+                                validate_check_statistics)
 from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
 from stack.settings import Settings
 
@@ -227,6 +229,17 @@ def test_the_check_reads_the_columns_its_statistics_were_fitted_on():
     assert torch.allclose(dermoscopy_check_score(inputs, with_colour), colour @ torch.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="reads 11 columns"):
         dermoscopy_check_score(feats, with_colour)
+
+
+@pytest.mark.parametrize("width, ok", [(512, True), (512 + COLOUR_STATISTICS, True), (520, False), (256, False)])
+def test_check_statistics_of_another_width_are_refused_when_the_release_loads(width, ok):
+    """Features alone or features and every colour statistic: any other width was fitted elsewhere."""
+    stats = {"mean": torch.zeros(width), "scale": torch.ones(width), "weight": torch.zeros(width), "bias": torch.tensor(0.0)}
+    if ok:
+        validate_check_statistics(stats, 512)
+    else:
+        with pytest.raises(ValueError, match=f"read {width} columns"):
+            validate_check_statistics(stats, 512)
 
 
 def test_grad_cam_explains_the_requested_class():

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from skinmodel.inputs import InputError, cpu_budget
-from skinmodel.preprocessing import MAX_ASPECT_RATIO, PreprocessConfig, decode_image, preprocess_bytes
+from skinmodel.preprocessing import (MAX_ASPECT_RATIO, PreprocessConfig, decode_image, preprocess_bytes,
+                                    preprocess_bytes_and_colour)
 from stress import bombs
 
 pytestmark = pytest.mark.fast
@@ -216,7 +217,7 @@ def test_the_worker_answers_an_overrun_with_422_and_keeps_decoding():
     _photo(64, 64).save(small, "PNG")
     handler = SkinLesionHandler()
     handler.cfg = CFG
-    preprocess_bytes(small.getvalue(), CFG)  # first-call costs out of the way
+    preprocess_bytes_and_colour(small.getvalue(), CFG)  # first-call costs out of the way (the handler's own path)
     handler.decode_budget_s = 0.005
     (tensor, _), slots = handler.preprocess([{"body": noisy.getvalue()}, {"body": small.getvalue()}])
     assert isinstance(slots[0][0], InputError) and (slots[0][0].status, slots[0][0].code) == (422, "decode_budget")

@@ -38,9 +38,10 @@ def test_the_handler_builds_the_tensors_training_evaluated(data_dir, sample_imag
     cached = normalize(D.build_cache(records, "eval", CFG, None), CFG.mean, CFG.std)
     handler = SkinLesionHandler()
     handler.cfg = CFG
-    (tensor, _), slots = handler.preprocess([{"body": open(r.path, "rb").read()} for r in records])
+    (tensor, colour), slots = handler.preprocess([{"body": open(r.path, "rb").read()} for r in records])
     assert [slot for slot, _ in slots] == list(range(len(records)))
     assert torch.equal(tensor, cached)
+    assert torch.equal(colour, D.colour_statistics_of(records, CFG))  # the colours the check was fitted on
 
 
 def test_the_colour_statistics_keep_what_the_colour_constancy_takes_away(sample_images):

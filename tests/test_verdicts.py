@@ -305,3 +305,9 @@ def test_the_served_check_reads_each_upload_colours_before_the_colour_constancy(
     (_, scores), _ = handler.inference(batch)
     expected = [np.log(r / 255 + 1e-3) - np.log(b / 255 + 1e-3) for r, _, b in colours]
     assert scores == pytest.approx(expected, abs=1e-4)
+    # statistics of another width (another network or colour layout) stop the release at load, not each batch
+    torch.save({"mean": torch.zeros(width - 1), "scale": torch.ones(width - 1), "weight": weight[:-1],
+                "bias": torch.tensor(0.0)}, out / CHECK_STATS_FILE)
+    with pytest.raises(ValueError, match="columns"):
+        SkinLesionHandler().initialize(types.SimpleNamespace(system_properties={"model_dir": str(out)},
+                                                             manifest={"model": {}}))

@@ -3,7 +3,8 @@ validation.
 
 - uncertain (confidence): the calibrated top probability below the value that flags --uncertain-share of
   validation lesions.
-- the dermoscopy check's score on the penultimate features (training/dermoscopy/rejectors.py compares a logistic
+- the dermoscopy check's score on the penultimate features and the picture's colour statistics before the colour
+  constancy (skinmodel.networks.check_inputs; training/dermoscopy/rejectors.py compares a logistic
   head on the old pool and on the packages' pool, the energy score and a nearest-neighbour score on VALIDATION
   sources and keeps the best servable one). Lesions: the training lesions, plain and each under one random shift
   (training/dermoscopy/shifts.py); pictures that are not dermoscopy: whole sources (packages,

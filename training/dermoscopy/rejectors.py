@@ -83,7 +83,8 @@ def _compute_pool(model, meta, seed: int) -> dict:
 
 
 def fit_logistic(lesions: torch.Tensor, others: list[torch.Tensor], strength: float, per_source: bool) -> dict:
-    """Logistic "not dermoscopy" head on standardised features, in the statistics dermoscopy_check_score reads. Lesions and
+    """Logistic "not dermoscopy" head on the standardised check inputs, in the statistics dermoscopy_check_score
+    reads. Lesions and
     pictures weigh alike in total; per_source: each source of pictures weighs alike too."""
     from sklearn.linear_model import LogisticRegression
 
@@ -101,7 +102,7 @@ def fit_logistic(lesions: torch.Tensor, others: list[torch.Tensor], strength: fl
 
 def fit_mlp(lesions: torch.Tensor, others: list[torch.Tensor], hidden: int = MLP_HIDDEN, epochs: int = MLP_EPOCHS,
             weight_decay: float = MLP_WEIGHT_DECAY, seed: int = 0) -> dict:
-    """A "not dermoscopy" head with one hidden layer of ReLU units on standardised features (AdamW, binary
+    """A "not dermoscopy" head with one hidden layer of ReLU units on the standardised check inputs (AdamW, binary
     cross-entropy): each batch pairs lesions with as many pictures drawn with every fitting source alike. Returns
     the statistics dermoscopy_check_score reads (fp32)."""
     gen = torch.Generator().manual_seed(seed)
