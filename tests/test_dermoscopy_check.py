@@ -101,6 +101,22 @@ def test_the_head_separates_what_it_saw_and_stores_fp32_statistics():
     assert all(v.dtype == torch.float32 for v in stats.values())  # saved as scored: the handler reads them as is
 
 
+def test_a_column_that_never_varied_cannot_decide_the_score():
+    """A colour cell empty in every fitted picture and lesion: an upload that fills it moves the score by a bounded
+    amount (the scale floor), not by a z-score of a million."""
+    from training.dermoscopy.rejectors import SCALE_FLOOR, fit_logistic, fit_mlp
+
+    gen = torch.Generator().manual_seed(0)
+    lesions = torch.cat([torch.randn(300, 8, generator=gen) + 2.0, torch.zeros(300, 1)], 1)
+    others = torch.cat([torch.randn(300, 8, generator=gen) - 2.0, torch.zeros(300, 1)], 1)
+    hostile = lesions[:50].clone()
+    hostile[:, 8] = 1.0  # the never-seen column at its largest value (a histogram share of 1)
+    for stats in (fit_logistic(lesions, [others], 1.0, per_source=False), fit_mlp(lesions, [others], epochs=5)):
+        assert float(stats["scale"][8]) == pytest.approx(SCALE_FLOOR)
+        moved = (dermoscopy_check_score(hostile, stats) - dermoscopy_check_score(lesions[:50], stats)).abs().max()
+        assert float(moved) < 100
+
+
 def test_the_mlp_head_separates_what_a_line_cannot_and_scores_through_the_served_function():
     """Pictures on both sides of the lesions (a ring no single line separates): the one-hidden-layer head refuses
     them through dermoscopy_check_score, as the handler scores; its statistics are fp32 and seeded."""

@@ -46,6 +46,10 @@ OK_BUDGET = 0.01  # at most this share of validation-source pictures answered ok
 STRENGTHS = (0.01, 0.1, 1.0)
 KNN_K = 10
 MLP_HIDDEN, MLP_EPOCHS, MLP_WEIGHT_DECAY, MLP_SEEDS = 64, 60, 1e-2, (0, 1, 2)
+# Smallest scale a column is standardised by: a column (a histogram cell, a dead feature) that barely varies over
+# the lesions and pictures fitted on must not turn an upload that does vary there into a z-score of a million and
+# an arbitrary verdict. (Release 2.1's smallest fitted scale is 0.015: the floor changes nothing there.)
+SCALE_FLOOR = 1e-2
 
 
 def pool_features(model, meta, weights: Path, cache: Path | None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,7 +94,7 @@ def fit_logistic(lesions: torch.Tensor, others: list[torch.Tensor], strength: fl
 
     pics = torch.cat(others)
     x = torch.cat([lesions, pics]).double()
-    mean, scale = x.mean(0), x.std(0) + 1e-6
+    mean, scale = x.mean(0), x.std(0).clamp_min(SCALE_FLOOR)
     y = np.r_[np.zeros(len(lesions)), np.ones(len(pics))]
     w_pic = (np.concatenate([np.full(len(o), 1 / (len(others) * len(o))) for o in others]) if per_source
              else np.full(len(pics), 1 / len(pics)))
@@ -109,7 +113,7 @@ def fit_mlp(lesions: torch.Tensor, others: list[torch.Tensor], hidden: int = MLP
     torch.manual_seed(seed)
     pics = torch.cat(others)
     x = torch.cat([lesions, pics]).float()
-    mean, scale = x.mean(0), x.std(0) + 1e-6
+    mean, scale = x.mean(0), x.std(0).clamp_min(SCALE_FLOOR)
     les_n, pics_n = (lesions.float() - mean) / scale, (pics.float() - mean) / scale
     source_w = torch.cat([torch.full((len(o),), 1.0 / len(o)) for o in others])
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
