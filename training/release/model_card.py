@@ -46,13 +46,21 @@ def _subgroups(served_test: dict | None) -> str:
             + "\nThe test split is small per group: read the intervals, and the groups marked too small not at all.")
 
 
+def _continued(args: dict, meta: dict) -> str:
+    """Where a run that started from earlier weights (--init-weights) started: a release of this project, so no
+    outside data (the file as it was at the recorded commit)."""
+    init = args.get("init_weights")
+    return (f" in its last run, which continued from `{init}` as committed at git "
+            f"{meta.get('training', {}).get('git_sha', '')[:10]}" if init else "")
+
+
 def _card_head(meta: dict, t: dict, names: list[str]) -> str:
     """Model details, intended and out-of-scope use."""
     return f"""# Model card: {meta['name']} {meta['version']}
 
 ## Model details
 - {meta['arch']} trained from scratch on HAM10000 at {meta['input_size']} px, {'distilled from a teacher' if
-  meta.get('training', {}).get('distilled') else 'no teacher'}; weights stored as {meta.get('weights_dtype')}
+  meta.get('training', {}).get('distilled') else 'no teacher'}{_continued(t, meta)}; weights stored as {meta.get('weights_dtype')}
   (sha256 `{meta.get('weights_sha256', '')[:16]}...`). Trained with `{meta.get('training', {}).get('command', '')}`
   (git {meta.get('training', {}).get('git_sha', '')[:10]}), {t.get('epochs', '?')} epochs, best epoch
   {meta.get('training', {}).get('best_epoch', '?')} chosen on validation macro-F1.
