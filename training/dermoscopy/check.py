@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
 
-from skinmodel.networks import build_model, load_state_dict_file
+from skinmodel.networks import build_model, check_statistics_width, load_state_dict_file
 from skinmodel.release import CHECK_STATS_FILE, ReleaseMeta
 from training.common import data as D
 from training.dermoscopy import pool
@@ -103,7 +103,7 @@ def _source_report(score, pics: dict, names: list[str], lesion_scores: np.ndarra
 
 def _columns_read(stats: dict, features: int) -> str:
     """What the chosen rejector reads of the check's inputs (skinmodel.networks.check_inputs)."""
-    width = len(stats["mean"]) if "mean" in stats else features
+    width = check_statistics_width(stats)
     return (f"the {features} penultimate features and the picture's {width - features} colour statistics before the "
             "colour constancy" if width > features else f"the {features} penultimate features")
 
