@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,  # noqa: E402
-                                load_state_dict_file)
+                                load_check_statistics, load_state_dict_file)
 from skinmodel.preprocessing import normalize  # noqa: E402
 from skinmodel.release import ReleaseMeta  # noqa: E402
 from stack.settings import current  # noqa: E402
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
     colour = D.colour_statistics_of(test, cfg)
     check = meta.dermoscopy_check or {}
     path = meta.check_stats_path(release)
-    stats = {k: v.float() for k, v in torch.load(path, weights_only=True).items()} if path else None
+    stats = load_check_statistics(path) if path else None
     print(f"{meta.name} {meta.version}, {meta.arch}, {cfg.crop_size} px, {len(test)} test images, "
           f"{args.threads} thread(s); native bf16 here: {native_bf16(torch.device('cpu'))} "
           f"({', '.join(sorted(cpu_flags() & {'amx_bf16', 'avx512_bf16'})) or 'no AMX / AVX512-BF16'})", flush=True)

@@ -20,7 +20,7 @@ from skinmodel.audit import EventSpool, make_event
 from skinmodel.gradcam import MAX_SIDE, grad_cam, overlay_png
 from skinmodel.inputs import DECODE_CPU_BUDGET_S, cpu_budget
 from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
-                               load_state_dict_file, validate_check_statistics)
+                               load_check_statistics, load_state_dict_file, validate_check_statistics)
 from skinmodel.payload import extract_image_bytes
 from skinmodel.preprocessing import InputError, decode_image, preprocess_bytes_and_colour
 from skinmodel.release import ReleaseMeta
@@ -49,7 +49,7 @@ class SkinLesionHandler(BaseHandler):
         self.check_stats = None  # the dermoscopy check's statistics (in older folders formerly ood_stats.pt)
         stats_path = self.meta.check_stats_path(model_dir)
         if stats_path is not None:
-            self.check_stats = {k: v.float() for k, v in torch.load(stats_path, weights_only=True).items()}
+            self.check_stats = load_check_statistics(stats_path)
             validate_check_statistics(self.check_stats, self.model.fc.in_features)  # at load, not per batch
         self.spool = EventSpool.from_env()
         self.review = ReviewStore.from_env()  # off unless SKIN_REVIEW_KEEP_DAYS > 0

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skinmodel.preprocessing import COLOUR_STATISTICS
+from skinmodel.preprocessing import COLOUR_LAYOUT, COLOUR_STATISTICS
 
 # Only networks with the whole release path (dermoscopy check on their `fc` features, Grad-CAM on `layer4`, tested):
 # convnext_tiny was offered once without either and is gone.
 ARCHITECTURES = ("resnet18", "resnet50")
+# The colour layout of statistics saved before they carried its name (releases 2.1 and 2.2): never to change.
+UNNAMED_COLOUR_LAYOUT = "log-sog6-illuminant-3,log-mean-3,std-3,sqrt-rgb-grid-4^3"
 INT8_ENGINE = "x86"
 
 
@@ -124,13 +126,31 @@ def check_statistics_width(stats: dict) -> int:
     return len(stats["mean"]) if "mean" in stats else stats["means"].shape[1]
 
 
+def load_check_statistics(path) -> dict:
+    """The dermoscopy check's statistics file: its tensors as float32, and the name of its colour layout if any."""
+    stats = torch.load(path, weights_only=True)
+    return {k: v if isinstance(v, str) else v.float() for k, v in stats.items()}
+
+
+def name_colour_layout(stats: dict, features: int) -> dict:
+    """The statistics to save, with the name of the colour layout they were fitted on where they read colours."""
+    if check_statistics_width(stats) > features:
+        return {**stats, "colour_layout": COLOUR_LAYOUT}
+    return stats
+
+
 def validate_check_statistics(stats: dict, features: int) -> None:
-    """Statistics must read the network's features alone or the features and every colour statistic: anything else
-    was fitted on another network or another colour layout, and is refused when the release loads."""
+    """Statistics must read the network's features alone or the features and every colour statistic, in the layout
+    this code computes: anything else was fitted on another network or on other colours, and is refused when the
+    release loads."""
     width = check_statistics_width(stats)
     if width not in (features, features + COLOUR_STATISTICS):
         raise ValueError(f"the dermoscopy check's statistics read {width} columns; this network gives {features} "
                          f"features and each picture {COLOUR_STATISTICS} colour statistics")
+    layout = stats.get("colour_layout", UNNAMED_COLOUR_LAYOUT)
+    if width > features and layout != COLOUR_LAYOUT:
+        raise ValueError(f"the dermoscopy check's statistics were fitted on the colour layout {layout!r}; this code "
+                         f"computes {COLOUR_LAYOUT!r}")
 
 
 def dermoscopy_check_score(inputs: torch.Tensor, stats: dict) -> torch.Tensor:

@@ -30,7 +30,7 @@ from skinmodel.formats import (ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS,
                                MAX_METADATA_BYTES, jpeg_layout, layout_problem)
 from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
-__all__ = ["COLOUR_STATISTICS", "DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "colour_statistics",
+__all__ = ["COLOUR_LAYOUT", "COLOUR_STATISTICS", "DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig", "colour_statistics",
            "decode_image", "eval_uint8", "normalize", "preprocess_bytes", "preprocess_bytes_and_colour",
            "resize_center_crop", "shades_of_gray"]
 
@@ -63,6 +63,9 @@ _XMP_ORIENTATION = re.compile(r'tiff:Orientation(="|>)([0-9])')
 # shares of a COLOUR_BINS^3 RGB grid (colour_statistics).
 COLOUR_BINS = 4
 COLOUR_STATISTICS = 9 + COLOUR_BINS ** 3
+# The name of colour_statistics' layout: a check fitted on one layout is refused by a handler computing another
+# (skinmodel.networks.validate_check_statistics). Change it whenever colour_statistics changes what a column means.
+COLOUR_LAYOUT = f"log-sog6-illuminant-3,log-mean-3,std-3,sqrt-rgb-grid-{COLOUR_BINS}^3"
 Image.init()  # every plugin imported now, never half-way under a decoding budget's timer
 
 

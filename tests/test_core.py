@@ -16,9 +16,9 @@ from PIL import Image
 from skinmodel.audit import EVENT_COLUMNS, make_event
 from skinmodel.gradcam import grad_cam
 from skinmodel.inputs import PreprocessConfig
-from skinmodel.preprocessing import COLOUR_STATISTICS
+from skinmodel.preprocessing import COLOUR_LAYOUT, COLOUR_STATISTICS
 from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
-                                validate_check_statistics)
+                                load_check_statistics, name_colour_layout, validate_check_statistics)
 from skinmodel.release import SCHEMA, ReleaseError, ReleaseMeta
 from stack.settings import Settings
 
@@ -240,6 +240,34 @@ def test_check_statistics_of_another_width_are_refused_when_the_release_loads(wi
     else:
         with pytest.raises(ValueError, match=f"read {width} columns"):
             validate_check_statistics(stats, 512)
+
+
+def test_check_statistics_fitted_on_another_colour_layout_are_refused_when_the_release_loads(tmp_path):
+    """Statistics that read colours carry the name of their layout through the file; a handler computing another
+    layout refuses them, and files saved before the name existed (2.1, 2.2) count as the first layout."""
+    width = 512 + COLOUR_STATISTICS
+    stats = {"mean": torch.zeros(width), "scale": torch.ones(width), "weight": torch.zeros(width),
+             "bias": torch.tensor(0.0, dtype=torch.float64)}
+    named = name_colour_layout(stats, 512)
+    assert named["colour_layout"] == COLOUR_LAYOUT and "colour_layout" not in name_colour_layout(
+        {k: v[:512] if v.dim() else v for k, v in stats.items()}, 512)  # features alone: no colours, no name
+    torch.save(named, tmp_path / "check.pt")
+    loaded = load_check_statistics(tmp_path / "check.pt")
+    assert loaded["colour_layout"] == COLOUR_LAYOUT and loaded["bias"].dtype == torch.float32
+    validate_check_statistics(loaded, 512)
+    validate_check_statistics(stats, 512)  # unnamed: the first layout, today's
+    with pytest.raises(ValueError, match="colour layout 'rgb-grid-8'"):
+        validate_check_statistics({**loaded, "colour_layout": "rgb-grid-8"}, 512)
+
+
+@pytest.mark.parametrize("folder", ["release", "release/2.1", "release/1.3"])
+def test_the_committed_checks_read_what_this_code_computes(folder):
+    """Every committed release's check loads as the handler loads it: its width and colour layout (2.1 and 2.2 were
+    saved before the layout had a name) are the ones this code computes, or they would be served on other colours."""
+    release = Path(__file__).resolve().parents[1] / folder
+    meta = ReleaseMeta.load(release)
+    stats = load_check_statistics(meta.check_stats_path(release))
+    validate_check_statistics(stats, build_model(meta.arch, meta.num_classes).fc.in_features)
 
 
 def test_grad_cam_explains_the_requested_class():

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
 
-from skinmodel.networks import build_model, check_statistics_width, load_state_dict_file
+from skinmodel.networks import (build_model, check_statistics_width, load_check_statistics, load_state_dict_file,
+                                name_colour_layout)
 from skinmodel.release import CHECK_STATS_FILE, ReleaseMeta
 from training.common import data as D
 from training.dermoscopy import pool
@@ -142,7 +143,7 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
     parts = {p: [s for s in pool.sources(p) if s.name in pics] for p in pool.PARTS}
     uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
     old = meta.check_stats_path(release)  # the shipped check, a candidate like the others
-    old_stats = torch.load(old, weights_only=True) if old else None
+    old_stats = load_check_statistics(old) if old else None
     train_labels = torch.tensor([r.label for r in split.part("train")])
     cands = R.candidates(torch.cat([les["train"]["plain"], les["train"]["shifted"]]), train_labels.repeat(2),
                          [pics[s.name]["feats"] for s in parts["fit"]], old_stats,
@@ -175,7 +176,8 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
     plot_check_scores({"test lesions": fams["unshifted"][0],
                        f"test lesions, {len(FAMILIES)} shifts": np.concatenate([fams[f][0] for f in FAMILIES]),
                        **scores}, refuse, release / SCORES_PNG)
-    atomic_save(best.stats, release / CHECK_STATS_FILE)  # float32: the handler scores exactly as measured here
+    # float32: the handler scores exactly as measured here
+    atomic_save(name_colour_layout(best.stats, model.fc.in_features), release / CHECK_STATS_FILE)
     meta.dermoscopy_check = {**result, "stats_file": CHECK_STATS_FILE}
     meta.version = version or meta.version
     meta.save(release)

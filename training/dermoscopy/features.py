@@ -20,14 +20,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from skinmodel.networks import check_inputs, features_and_logits
-from skinmodel.preprocessing import COLOUR_STATISTICS, preprocess_bytes_and_colour
+from skinmodel.preprocessing import COLOUR_LAYOUT, preprocess_bytes_and_colour
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
 from training.common.device import full_fp32
 from training.dermoscopy.shifts import FAMILIES, shifted
 
 # 2: with the colour statistics (their count in the key too). "gate": the check's name formerly (files' prefix)
-CACHE_VERSION = f"gate-features-2-colour-{COLOUR_STATISTICS}"
+CACHE_VERSION = f"gate-features-2-colour-{COLOUR_LAYOUT}"
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinmodel.networks import build_model, dermoscopy_check_score, features_and_logits, load_state_dict_file
+from skinmodel.networks import (build_model, dermoscopy_check_score, features_and_logits, load_check_statistics,
+                                load_state_dict_file)
 from skinmodel.preprocessing import preprocess_bytes
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
@@ -86,7 +87,7 @@ def run(release: Path, steps: int, weight: float, keep: float, cache: Path, seed
     val_x = _tensors(meta, [Path(r.path).read_bytes() for r in val])
     val_y = np.array([r.label for r in val])
     val_pics = {s.name: pool.pictures(s, seed) for s in pool.sources("val")}
-    stats = torch.load(meta.check_stats_path(release), weights_only=True)
+    stats = load_check_statistics(meta.check_stats_path(release))
     rows = {}
     lesion_scores = {f"OE fine-tune ({steps} steps, weight {weight:g}), {k}": v
                      for k, v in scores(tuned, val_x, meta.temperature).items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_score, features_and_logits,
-                                load_state_dict_file, quantizable_resnet18)
+                                load_check_statistics, load_state_dict_file, quantizable_resnet18)
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
 from training.common import data as D
@@ -137,7 +137,7 @@ def check_refusals(net, x_uint8: torch.Tensor, colour: torch.Tensor, release: Pa
     check = meta.dermoscopy_check or {}
     if not check.get("stats_file") or "refuse_above" not in check:
         return None
-    stats = {k: v.float() for k, v in torch.load(meta.check_stats_path(release), weights_only=True).items()}
+    stats = load_check_statistics(meta.check_stats_path(release))
     cfg, refused = meta.preprocessing, []
     with torch.inference_mode():
         for i in range(0, len(x_uint8), 128):
