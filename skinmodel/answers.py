@@ -37,14 +37,34 @@ def decide(top_probability: float, score: float | None, check: dict | None) -> t
     return "ok", VERDICT_REASONS["ok"]
 
 
+# Releases without a threshold chosen on validation (meta.json's "concern", from release 2.2 on): the page's rule
+# until then, a concerning class among the two most likely or any at 25 % or more.
+LEGACY_CONCERN_RANKS, LEGACY_CONCERN_PROBABILITY = 2, 0.25
+
+
+def concern(predictions: list[dict], meta: ReleaseMeta) -> dict:
+    """Whether the answer urges an examination: the probability of the concerning (possibly malignant) classes
+    together, flagged at meta.json's concern threshold (chosen on validation for a share of the malignant lesions
+    flagged; training/release/calibrate.py) or, without one, by the legacy rule. `predictions`: ranked."""
+    worrying = [p for p in predictions if p["code"] in meta.concerning]
+    share = round(min(sum(p["probability"] for p in worrying), 1.0), 6)  # the number answered is the one compared
+    threshold = (meta.concern or {}).get("threshold")
+    if threshold is not None:
+        flagged = share >= threshold
+    else:
+        flagged = (any(p["code"] in meta.concerning for p in predictions[:LEGACY_CONCERN_RANKS])
+                   or any(p["probability"] >= LEGACY_CONCERN_PROBABILITY for p in worrying))
+    return {"flagged": bool(flagged), "probability": share, "classes": list(meta.concerning)}
+
+
 def verdict(top_probability: float, score: float | None, check: dict | None) -> str:
     return decide(top_probability, score, check)[0]
 
 
 def format_prediction(probabilities, meta: ReleaseMeta, request_id: str | None = None,
                       check_score: float | None = None) -> dict:
-    """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, the model
-    identity and the notice. check_score: the dermoscopy check's score of the image (None: no check)."""
+    """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, whether it
+    urges an examination (concern; none for a non-dermoscopy image), the model identity and the notice. check_score: the dermoscopy check's score of the image (None: no check)."""
     codes, names = meta.class_names, meta.class_full_names
     ranked = sorted(zip(codes, names, (float(p) for p in probabilities)), key=lambda t: -t[2])
     predictions = [{"code": c, "name": n, "probability": round(p, 6)} for c, n, p in ranked]
@@ -54,6 +74,7 @@ def format_prediction(probabilities, meta: ReleaseMeta, request_id: str | None =
         "verdict": v,
         "verdict_reason": reason,
         "predictions": predictions,
+        "concern": None if v == "not_dermoscopy" else concern(predictions, meta),
         "model": {"name": meta.name, "version": meta.version},
         "request_id": request_id,
         "notice": NOTICE,

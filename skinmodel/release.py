@@ -58,6 +58,7 @@ class ReleaseMeta:
     calibration: dict | None = None
     dermoscopy_check: dict | None = None  # thresholds, statistics file and figures of the "is it dermoscopy" check
     quantization: dict | None = None
+    concern: dict | None = None  # when the answer says "have this examined": threshold and figures (answers.concern)
     schema: int = SCHEMA
     extra: dict = field(default_factory=dict)  # keys this code does not know (a newer writer's): kept, written back
 

@@ -38,7 +38,7 @@ def render(meta: ReleaseMeta, api_base: str, out: Path, card: Path | None = None
     classes = [{"code": c, "name": n, "description": d, "concerning": c in meta.concerning}
                for c, n, d in zip(meta.class_names, meta.class_full_names, meta.class_descriptions)]
     config = {"apiBase": api_base.rstrip("/"), "model": meta.name, "version": meta.version,
-              "classes": classes, "concerning": [c for c in meta.concerning if c in meta.class_names]}
+              "classes": classes}
     metrics = (meta.metrics or {}).get("test") or {}
     html = env.get_template("index.html.j2").render(meta=meta, classes=classes, config_json=json.dumps(config).replace("</", "<\\/"),
                                                     metrics=metrics, has_card=card is not None,

@@ -117,6 +117,10 @@ def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_
     assert len(codes) == 7 and len(browser.find_elements(By.CSS_SELECTOR, "#bars li.top")) == 3
     assert api["top"]["name"] in browser.find_element(By.ID, "status").text
     assert api["model"]["version"] in browser.find_element(By.ID, "answered-by").text
+    banner = browser.find_element(By.ID, "concern")  # the service's flag, worded with its share
+    assert banner.is_displayed() == api["concern"]["flagged"]
+    if api["concern"]["flagged"]:
+        assert f"{100 * api['concern']['probability']:.1f}%" in banner.text
     out = REPO / "tests" / "output"
     out.mkdir(exist_ok=True)
     browser.find_element(By.ID, "explain").click()
@@ -130,6 +134,7 @@ def test_browser_upload_shows_the_same_answer_as_the_api(stack, browser, sample_
     status = _wait(browser, lambda: "rejected" in (t := browser.find_element(By.ID, "status").text) and t)
     assert "not an image" in status
     assert not browser.find_elements(By.CSS_SELECTOR, "#bars li")
+    assert not browser.find_element(By.ID, "concern").is_displayed()
     browser.save_screenshot(str(out / "site_rejected.png"))
 
 

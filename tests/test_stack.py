@@ -63,7 +63,7 @@ def test_the_readme_commands_and_fields_are_true(stack, sample_images, tmp_path)
     example = example[:example.index("```", 7)]
     documented = set(re.findall(r'"([a-z_]+)":', example))
     prediction = next(a for a in answers if "explanation" not in a)
-    top_level = {"top", "verdict", "verdict_reason", "predictions", "model", "request_id", "notice"}
+    top_level = {"top", "verdict", "verdict_reason", "predictions", "concern", "model", "request_id", "notice"}
     assert set(prediction) == top_level <= documented
     committed = json.loads((REPO / "release" / "meta.json").read_text())["version"]  # this stack serves a tiny model
     assert f'"version": "{committed}"' in example, "the example names another version than the committed release"

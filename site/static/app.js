@@ -58,9 +58,11 @@
       li.setAttribute("aria-label", `${p.name}: ${pct} percent`);
       bars.appendChild(li);
     });
-    const worrying = body.predictions.slice(0, 2).some((p) => config.concerning.includes(p.code)) ||
-      body.predictions.some((p) => config.concerning.includes(p.code) && p.probability >= 0.25);
-    concern.hidden = !worrying;
+    // The service decides (skinmodel/answers.py: a threshold chosen on validation); the page only words it.
+    if (body.concern && body.concern.flagged) {
+      $("concern-share").textContent = `${(100 * body.concern.probability).toFixed(1)}%`;
+      concern.hidden = false;
+    }
     explainButton.hidden = false;
     const unsure = body.verdict === "uncertain" ? ` ${sentence(body.verdict_reason)}.` : "";
     setStatus(`Most similar to: ${body.top.name} (${(100 * body.top.probability).toFixed(1)}%).${unsure}`,

@@ -1,7 +1,8 @@
 """Temperature scaling (Guo et al., 2017): one scalar T fitted on the validation split, stored in meta.json.
 
 The handler divides logits by meta.json's temperature before the softmax, so served probabilities are the
-calibrated ones. ECE and reliability diagrams are reported on the test split, before and after.
+calibrated ones. ECE and reliability diagrams are reported on the test split, before and after. Then the concern
+threshold is chosen on the calibrated probabilities (training/release/concern.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from training.common import data as D
 from training.common.checkpoint import StudyError, checkpoint_preprocessing, model_from_checkpoint
 from training.common.device import add_device_args, resolve_device
 from training.common.metrics import predict_logits
+from training.release.concern import fit_concern
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -110,6 +112,7 @@ def calibrate(checkpoint: str, release: Path, data: D.DataConfig, device: str = 
     meta_path = meta.save(release)
     print(f"T = {t:.3f}: test ECE {ece_before:.4f} -> {ece_after:.4f}, test NLL {result['test_nll_before']:.3f} -> "
           f"{result['test_nll_after']:.3f}; wrote {meta_path} and {release / 'reliability.png'}")
+    fit_concern(release, data)  # the threshold on calibrated probabilities, so after T
     return result
 
 

@@ -107,6 +107,22 @@ on this data; look at balanced accuracy and per-class recall.
 """
 
 
+def _concern(concern: dict | None) -> str:
+    """When the page urges an examination (meta.json's concern, training/release/concern.py)."""
+    if not concern or "test" not in concern:
+        return ("## When the answer urges an examination\nWhen a concerning class is among the two most likely or any "
+                "reaches 25 % (no threshold chosen for this release).\n")
+    t, old, v = concern["test"], concern["test_legacy_rule"], concern["val"]
+    return f"""## When the answer urges an examination
+Every answer carries `concern`: the calibrated probability of the possibly malignant classes together, flagged at
+{concern['threshold']:.3f} or more ({concern['method']}; validation: {v['sensitivity']:.1%}). The page then asks for a
+dermatologist's examination. On the test split, images of concerning lesions flagged: **{t['sensitivity']:.1%}**
+({t['concerning_images']} images); benign lesions flagged: **{t['benign_flagged']:.1%}**. The rule used before
+(a concerning class among the two most likely, or any at 25 % or more): {old['sensitivity']:.1%} and
+{old['benign_flagged']:.1%}. (`python -m training concern --release release`.)
+"""
+
+
 def _card_answers(meta: dict, cal: dict, check: dict, table: str, names: list[str], cm, subgroups: str) -> str:
     """Calibration, the dermoscopy check (check: meta.json's dermoscopy_check), failure modes, subgroups, ethics."""
     return f"""## Calibration
@@ -128,6 +144,7 @@ push probability towards rare classes, so probabilities are not prevalence-calib
 
 {table}
 
+{_concern(meta.get('concern'))}
 ## Known failure modes
 {chr(10).join('- ' + line for line in confusions(cm, names))}
 - Trained from scratch on a CPU budget at low resolution: far below published ImageNet-pretrained results.
@@ -139,7 +156,7 @@ push probability towards rare classes, so probabilities are not prevalence-calib
 
 ## Ethical considerations
 A wrong "benign" answer can delay care; the page therefore always shows all classes, a persistent
-"not a diagnosis" notice and stronger wording when a malignant class ranks high. It stores no image unless its
+"not a diagnosis" notice and asks for an examination when the possibly malignant classes reach the threshold above. It stores no image unless its
 operator switches on review retention (SKIN_REVIEW_KEEP_DAYS), which keeps uploads answered `uncertain` or
 `not_dermoscopy` for that many days, and the page then says so.
 """
