@@ -11,7 +11,8 @@ from skinmodel.audit import EVENT_COLUMNS
 
 SCHEMA = (Path(__file__).parent / "schema.sql").read_text()
 COLUMNS = (*EVENT_COLUMNS, "inserted_at")  # schema.sql's predictions table, column for column (tested)
-ADDED_COLUMNS = (("kind", "TEXT"),)  # added after the table's first release; apply_schema adds them to old databases
+# Added after the table's first release; apply_schema adds them to old databases.
+ADDED_COLUMNS = (("kind", "TEXT"), ("concern_flagged", "BOOLEAN"))
 # Renamed after the table's first release (old name, new name); apply_schema renames them in old databases, and
 # events spooled before the rename still fill the new column. "uncertain" was TRUE for not_dermoscopy too.
 RENAMED_COLUMNS = (("uncertain", "needs_review"),)

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     error_reason    TEXT,
     latency_ms      DOUBLE PRECISION,
     kind            TEXT,                      -- which endpoint answered: prediction or explanation
+    concern_flagged BOOLEAN,                   -- the answer urged an examination (none when refused or older)
     inserted_at     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);

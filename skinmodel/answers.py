@@ -37,23 +37,25 @@ def decide(top_probability: float, score: float | None, check: dict | None) -> t
     return "ok", VERDICT_REASONS["ok"]
 
 
-# Releases without a threshold chosen on validation (meta.json's "concern", from release 2.2 on): the page's rule
-# until then, a concerning class among the two most likely or any at 25 % or more.
-LEGACY_CONCERN_RANKS, LEGACY_CONCERN_PROBABILITY = 2, 0.25
+# The former rule, for releases whose meta.json has no concern threshold (none chosen, or the former rule kept on
+# validation by training/release/concern.py): a concerning class among the two most likely, or any at 25 % or more.
+FORMER_CONCERN_RANKS, FORMER_CONCERN_PROBABILITY = 2, 0.25
+FORMER_CONCERN_RULE = (f"a concerning class among the {FORMER_CONCERN_RANKS} most likely, or any at "
+                       f"{FORMER_CONCERN_PROBABILITY:.0%} or more")
 
 
 def concern(predictions: list[dict], meta: ReleaseMeta) -> dict:
     """Whether the answer urges an examination: the probability of the concerning (possibly malignant) classes
-    together, flagged at meta.json's concern threshold (chosen on validation for a share of the malignant lesions
-    flagged; training/release/calibrate.py) or, without one, by the legacy rule. `predictions`: ranked."""
+    together, flagged at meta.json's concern threshold (chosen on validation; training/release/concern.py) or,
+    without one, by FORMER_CONCERN_RULE. `predictions`: ranked."""
     worrying = [p for p in predictions if p["code"] in meta.concerning]
     share = round(min(sum(p["probability"] for p in worrying), 1.0), 6)  # the number answered is the one compared
     threshold = (meta.concern or {}).get("threshold")
     if threshold is not None:
         flagged = share >= threshold
     else:
-        flagged = (any(p["code"] in meta.concerning for p in predictions[:LEGACY_CONCERN_RANKS])
-                   or any(p["probability"] >= LEGACY_CONCERN_PROBABILITY for p in worrying))
+        flagged = (any(p["code"] in meta.concerning for p in predictions[:FORMER_CONCERN_RANKS])
+                   or any(p["probability"] >= FORMER_CONCERN_PROBABILITY for p in worrying))
     return {"flagged": bool(flagged), "probability": share, "classes": list(meta.concerning)}
 
 
@@ -63,8 +65,9 @@ def verdict(top_probability: float, score: float | None, check: dict | None) -> 
 
 def format_prediction(probabilities, meta: ReleaseMeta, request_id: str | None = None,
                       check_score: float | None = None) -> dict:
-    """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, whether it
-    urges an examination (concern; none for a non-dermoscopy image), the model identity and the notice. check_score: the dermoscopy check's score of the image (None: no check)."""
+    """All classes sorted by probability, the top one (none for a non-dermoscopy image), the verdict, whether
+    it urges an examination (concern; none for a non-dermoscopy image), the model identity and the notice.
+    check_score: the dermoscopy check's score of the image (None: no check)."""
     codes, names = meta.class_names, meta.class_full_names
     ranked = sorted(zip(codes, names, (float(p) for p in probabilities)), key=lambda t: -t[2])
     predictions = [{"code": c, "name": n, "probability": round(p, 6)} for c, n, p in ranked]

@@ -44,7 +44,8 @@ class AuditUnavailable(_Refused):
 
 EVENT_COLUMNS = ("request_id", "ts", "model_name", "model_version", "model_sha256", "image_sha256", "image_bytes",
                  "image_format", "image_width", "image_height", "status", "top_class", "top_probability",
-                 "probabilities", "needs_review", "verdict", "error_code", "error_reason", "latency_ms", "kind")
+                 "probabilities", "needs_review", "verdict", "error_code", "error_reason", "latency_ms", "kind",
+                 "concern_flagged")
 KINDS = ("prediction", "explanation")
 REQUIRED = ("request_id", "ts", "model_name", "model_version", "status")
 SEGMENT_GLOB = "events-*.jsonl"
@@ -82,7 +83,8 @@ def make_event(request_id, meta, model_sha256: str, image: dict, latency_ms: flo
         shown = (answer or {}).get("top", {"code": max(probs, key=probs.get)})
         event.update(status=200, probabilities=probs, top_class=shown["code"] if shown else None,
                      top_probability=probs[shown["code"]] if shown else None,
-                     needs_review=(answer or {}).get("verdict", "ok") != "ok", verdict=(answer or {}).get("verdict"))
+                     needs_review=(answer or {}).get("verdict", "ok") != "ok", verdict=(answer or {}).get("verdict"),
+                     concern_flagged=((answer or {}).get("concern") or {}).get("flagged"))
     return event
 
 

@@ -46,7 +46,7 @@ class ReleaseMeta:
     class_full_names: list[str]
     class_descriptions: list[str]
     preprocessing: PreprocessConfig
-    concerning: list[str] = field(default_factory=list)  # codes the page words more strongly when ranked high
+    concerning: list[str] = field(default_factory=list)  # possibly malignant codes (answers.concern sums them)
     temperature: float = 1.0
     weights_file: str = "model.pt"
     weights_dtype: str = "float16"
@@ -58,7 +58,7 @@ class ReleaseMeta:
     calibration: dict | None = None
     dermoscopy_check: dict | None = None  # thresholds, statistics file and figures of the "is it dermoscopy" check
     quantization: dict | None = None
-    concern: dict | None = None  # when the answer says "have this examined": threshold and figures (answers.concern)
+    concern: dict | None = None  # when an answer urges an examination: threshold and figures (answers.concern)
     schema: int = SCHEMA
     extra: dict = field(default_factory=dict)  # keys this code does not know (a newer writer's): kept, written back
 
@@ -113,6 +113,7 @@ class ReleaseMeta:
                       concerning=list(d.get("concerning", [c for c in CONCERNING if c in names])),
                       preprocessing=PreprocessConfig.from_dict(d["preprocessing"]),
                       temperature=float(d.get("temperature", 1.0)))
+        _check_concern(values, names, source)
         return cls(**values)
 
     @classmethod
@@ -136,6 +137,19 @@ class ReleaseMeta:
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def _check_concern(values: dict, names: list[str], source: str) -> None:
+    """What answers.concern reads, checked when a release loads rather than failing on a request."""
+    unknown = [c for c in values["concerning"] if c not in names]
+    if unknown:
+        raise ReleaseError(f"{source}: concerning classes {', '.join(map(str, unknown))} are not among class_names")
+    rule = values.get("concern")
+    if rule is not None and not isinstance(rule, dict):
+        raise ReleaseError(f"{source}: concern must be an object")
+    t = (rule or {}).get("threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
+        raise ReleaseError(f"{source}: the concern threshold {t!r} is not a probability")
 
 
 def migrate(d: dict) -> dict:

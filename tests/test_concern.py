@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from skinmodel.answers import concern, format_prediction
-from skinmodel.release import ReleaseMeta
-from training.release.concern import SENSITIVITY, choose_served_threshold, choose_threshold, served
+from skinmodel.release import ReleaseError, ReleaseMeta
+from training.release.concern import SENSITIVITY, choose_rule, choose_served_threshold, choose_threshold, served
+from training.release.model_card import _concern
 
 from tests.conftest import REPO, run_training
 
@@ -54,20 +55,48 @@ def test_the_served_flag_is_the_concerning_classes_together_against_the_threshol
 def test_without_a_threshold_the_former_rule_flags():
     """A release whose meta.json has no threshold is answered as the page answered before: a concerning class among
     the two most likely, or any at 25 % or more."""
-    legacy = _meta(None)
-    assert concern(_ranked(legacy, {"nv": 0.95, "mel": 0.02, "bkl": 0.01}), legacy)["flagged"]  # second, at 2 %
-    assert not concern(_ranked(legacy, {"nv": 0.5, "bkl": 0.3, "mel": 0.1, "bcc": 0.1}), legacy)["flagged"]
-    assert concern(_ranked(legacy, {"nv": 0.4, "bkl": 0.3, "mel": 0.26}), legacy)["flagged"]  # third, at 26 %
+    former = _meta(None)
+    assert concern(_ranked(former, {"nv": 0.95, "mel": 0.02, "bkl": 0.01}), former)["flagged"]  # second, at 2 %
+    assert not concern(_ranked(former, {"nv": 0.5, "bkl": 0.3, "mel": 0.1, "bcc": 0.1}), former)["flagged"]
+    assert concern(_ranked(former, {"nv": 0.4, "bkl": 0.3, "mel": 0.26}), former)["flagged"]  # third, at 26 %
 
 
 @pytest.mark.fast
 @pytest.mark.parametrize("folder", RELEASES)
-def test_every_committed_release_flags_by_a_threshold_chosen_on_validation(folder):
+def test_every_committed_release_has_its_rule_chosen_on_validation_and_carded(folder):
     meta = ReleaseMeta.load(REPO / folder)
     rule = meta.concern
-    assert rule and rule["val"]["sensitivity"] >= rule["target_sensitivity"] == SENSITIVITY
-    assert 0 < rule["threshold"] < 1 and rule["test"]["images"] > 1000
-    assert f"{rule['test']['sensitivity']:.1%}" in (REPO / folder / "model_card.md").read_text()
+    assert rule["val"]["sensitivity"] >= rule["target_sensitivity"] == SENSITIVITY and rule["test"]["images"] > 1000
+    adopted = rule["val"]["benign_flagged"] < rule["val_former_rule"]["benign_flagged"]
+    assert (rule["threshold"] is not None) == adopted
+    assert _concern(rule) in (REPO / folder / "model_card.md").read_text()  # the card says what is served
+
+
+@pytest.mark.fast
+def test_the_threshold_is_adopted_only_where_it_flags_fewer_benign_lesions_on_validation():
+    meta = _meta(None)
+    mel, nv, bkl = (meta.class_names.index(c) for c in ("mel", "nv", "bkl"))
+    rows = np.zeros((6, 7))
+    rows[:, [nv, mel, bkl]] = [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.6, 0.1, 0.3],  # malignant, second or third
+                               [0.8, 0.15, 0.05], [0.9, 0.06, 0.04], [0.97, 0.02, 0.01]]  # benign, mel second
+    labels = np.array([mel, mel, mel, nv, nv, nv])
+    rule = choose_rule((rows, labels), (rows, labels), meta, 0.98)
+    assert rule["threshold"] == pytest.approx(0.1) and rule["val"]["benign_flagged"] == pytest.approx(1 / 3)
+    assert rule["val_former_rule"]["benign_flagged"] == 1.0  # mel second every time
+    rows[3:, [nv, mel, bkl]] = [[0.5, 0.3, 0.2], [0.6, 0.35, 0.05], [0.55, 0.4, 0.05]]  # benign, more mel than above
+    rule = choose_rule((rows, labels), (rows, labels), meta, 0.98)
+    assert rule["threshold"] is None and rule["candidate_threshold"] == pytest.approx(0.1)  # the former rule stays
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("change, message", [({"concerning": ["mel", "melanoma"]}, "not among class_names"),
+                                             ({"concern": {"threshold": "0.2"}}, "not a probability"),
+                                             ({"concern": {"threshold": 1.5}}, "not a probability"),
+                                             ({"concern": [0.2]}, "must be an object")])
+def test_a_concern_rule_the_service_could_not_apply_is_refused_when_the_release_loads(change, message):
+    d = {**json.loads((REPO / "release" / "meta.json").read_text()), **change}
+    with pytest.raises(ReleaseError, match=message):
+        ReleaseMeta.from_dict(d)
 
 
 @pytest.mark.fast
@@ -93,4 +122,4 @@ def test_the_concern_command_chooses_on_validation_and_refuses_another_split(tin
     assert r.returncode == 0, r.stderr[-2000:]
     rule = json.loads((release / "meta.json").read_text())["concern"]
     assert rule["val"]["sensitivity"] >= SENSITIVITY and "concern threshold" in r.stdout
-    assert rule["test"]["concerning_images"] > 0 and set(rule["test_legacy_rule"]) == set(rule["test"])
+    assert rule["test"]["concerning_images"] > 0 and set(rule["test_former_rule"]) == set(rule["test"])

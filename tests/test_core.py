@@ -306,6 +306,7 @@ def test_a_refused_answer_is_audited_without_a_top_class(tmp_path):
 
     meta = synthetic_release(tmp_path)
     meta.dermoscopy_check = {"uncertain_below": 0.3, "refuse_above": 1.0}
+    meta.concerning = ["akiec", "bcc", "mel"]
     probs = [0.05, 0.05, 0.05, 0.05, 0.6, 0.1, 0.1]
     image = {"sha256": "i", "bytes": 3, "format": "PNG", "width": 2, "height": 2}
     refused = format_prediction(probs, meta, "r1", check_score=5.0)
@@ -313,9 +314,14 @@ def test_a_refused_answer_is_audited_without_a_top_class(tmp_path):
     assert refused["top"] is None and event["verdict"] == "not_dermoscopy" and event["kind"] == "explanation"
     assert event["top_class"] is None and event["top_probability"] is None
     assert event["probabilities"]["mel"] == 0.6  # the probabilities stay, for audits of the dermoscopy check
+    assert event["concern_flagged"] is None  # nothing was urged about a refused picture
     answered = format_prediction(probs, meta, "r2", check_score=0.0)
     event = make_event("r2", meta, "sha", image, 1.0, probs, answer=answered)
     assert (event["top_class"], event["verdict"], event["kind"]) == ("mel", "ok", "prediction")
+    assert event["concern_flagged"] is True and answered["concern"]["flagged"]  # the audit says who was told
+    meta.concern = {"threshold": 0.9}  # mel 0.6 + the other concerning classes' 0.1 stay below
+    quiet = format_prediction(probs, meta, "r3", check_score=0.0)
+    assert make_event("r3", meta, "sha", image, 1.0, probs, answer=quiet)["concern_flagged"] is False
 
 
 def test_the_archive_ships_the_core_as_a_folder_and_the_served_name(tmp_path):

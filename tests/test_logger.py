@@ -284,9 +284,9 @@ OLD_ROW = ("INSERT INTO predictions (request_id, ts, model_name, model_version, 
 
 @pytest.mark.parametrize("engine", ["postgresql", "sqlite"])
 def test_an_older_database_gains_the_new_columns(engine, request, tmp_path):
-    """A table created before `kind` existed, with the old `uncertain` column, keeps working: apply_schema adds
-    `kind` and renames `uncertain` to `needs_review` keeping its rows (twice is harmless); an event spooled by an older
-    handler (with `uncertain`) fills `needs_review`."""
+    """A table created before `kind` and `concern_flagged` existed, with the old `uncertain` column, keeps working:
+    apply_schema adds them and renames `uncertain` to `needs_review` keeping its rows (twice is harmless); an event
+    spooled by an older handler (with `uncertain`) fills `needs_review`."""
     from logger.db import Database
 
     if engine == "postgresql":
@@ -305,10 +305,11 @@ def test_an_older_database_gains_the_new_columns(engine, request, tmp_path):
     second = Database(url)  # a second sidecar starting on the migrated table
     second.apply_schema()
     second.close()
-    assert db.write_batch([{**event(1), "kind": "explanation", "uncertain": True}], "events-x-20260101T0000.jsonl",
-                          10) == 1
-    rows = db.query("SELECT request_id, kind, needs_review FROM predictions ORDER BY request_id")
-    assert [(r[0], r[1], bool(r[2])) for r in rows] == [("old", None, True), ("r1", "explanation", True)]
+    assert db.write_batch([{**event(1), "kind": "explanation", "uncertain": True, "concern_flagged": True}],
+                          "events-x-20260101T0000.jsonl", 10) == 1
+    rows = db.query("SELECT request_id, kind, needs_review, concern_flagged FROM predictions ORDER BY request_id")
+    assert [(r[0], r[1], bool(r[2]), r[3]) for r in rows] == [("old", None, True, None),
+                                                                ("r1", "explanation", True, True)]
     assert "uncertain" not in db._columns("predictions")
     db.close()
 

@@ -53,6 +53,12 @@ def verdict_release(tiny_release, sample_images, tmp_path_factory):
     meta = ReleaseMeta.load(out)
     meta.dermoscopy_check = {"uncertain_below": float(top[by_confidence[0]] + top[by_confidence[1]]) / 2,
                              "refuse_above": (float(projections[refused]) + second) / 2, "stats_file": CHECK_STATS_FILE}
+    # A concern threshold between the ok and the uncertain photo's share: the page must show one banner, not both.
+    probabilities = torch.softmax(logits / handler.temperature, 1)
+    concerning = [meta.class_names.index(c) for c in meta.concerning]
+    shares = [float(probabilities[i, concerning].sum()) for i in (ok, uncertain)]
+    assert abs(shares[0] - shares[1]) > 1e-3, shares
+    meta.concern = {"threshold": sum(shares) / 2}
     meta.save(out)
     return out, {"ok": sample_images[ok], "uncertain": sample_images[uncertain], "not_dermoscopy": sample_images[refused]}
 
@@ -213,8 +219,14 @@ def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
     explain = browser.find_element(By.ID, "explain")
     answered = lambda: browser.find_element(By.ID, "answered-by").text  # noqa: E731
 
+    banner = lambda: browser.find_element(By.ID, "concern")  # noqa: E731
+    flags = {v: requests.post(f"{ts.inference_url}/predictions/{NAME}", data=photos[v].read_bytes(), timeout=30,
+                              headers=ts.headers()).json()["concern"]["flagged"] for v in ("ok", "uncertain")}
+    assert flags["ok"] != flags["uncertain"], "the fixture's threshold must flag one of the two"
+
     browser.find_element(By.ID, "file").send_keys(str(photos["ok"]))
     _wait(browser, lambda: status().get_attribute("class") == "ok")
+    assert banner().is_displayed() == flags["ok"]
     assert "Most similar to" in status().text and "unsure" not in status().text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 7 and explain.is_displayed()
     assert "not a diagnosis" in answered()
@@ -236,11 +248,12 @@ def test_the_page_shows_each_verdict_as_it_should_read(served, browser):
     _wait(browser, lambda: status().get_attribute("class") == "uncertain")
     text = status().text
     assert "unsure" in text.lower() and text.lower().count("unsure") == 1, text
+    assert banner().is_displayed() == flags["uncertain"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 7 and explain.is_displayed()
 
     browser.find_element(By.ID, "file").send_keys(str(photos["not_dermoscopy"]))
     _wait(browser, lambda: status().get_attribute("class") == "refused")
-    assert "Not analysed" in status().text
+    assert "Not analysed" in status().text and not banner().is_displayed()
     assert not browser.find_elements(By.CSS_SELECTOR, "#bars li") and not explain.is_displayed()
     assert not browser.find_element(By.ID, "explanation-box").is_displayed()
     assert "not a diagnosis" in answered(), "the refusal lacks the notice"

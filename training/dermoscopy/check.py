@@ -32,7 +32,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score as balanced_accuracy
 
 from skinmodel.networks import (build_model, check_statistics_width, load_check_statistics, load_state_dict_file,
-                                name_colour_layout)
+                                name_colour_layout, validate_check_statistics)
 from skinmodel.release import CHECK_STATS_FILE, ReleaseMeta
 from training.common import data as D
 from training.dermoscopy import pool
@@ -125,6 +125,20 @@ def _load_release(release: Path, data: D.DataConfig, device: str):
     return meta, split, model.eval().to(resolve_device(device))
 
 
+def _shipped_check(release: Path, meta: ReleaseMeta, features: int) -> dict | None:
+    """The release's current check, a candidate like the others if this code can serve it (width, colour layout)."""
+    path = meta.check_stats_path(release)
+    if path is None:
+        return None
+    stats = load_check_statistics(path)
+    try:
+        validate_check_statistics(stats, features)
+    except ValueError as err:
+        print(f"the shipped check is left out of the comparison: {err}", flush=True)
+        return None
+    return stats
+
+
 def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: float = UNCERTAIN_SHARE,
                          lesion_keeps: tuple[float, ...] = LESION_KEEPS, seed: int = 0, version: str | None = None,
                          device: str = "auto") -> dict:
@@ -142,8 +156,7 @@ def fit_dermoscopy_check(release: Path, data: D.DataConfig, uncertain_share: flo
     pics = R.pool_features(model, meta, weights, data.cache, seed)
     parts = {p: [s for s in pool.sources(p) if s.name in pics] for p in pool.PARTS}
     uncertain_below = float(torch.quantile(les["val"]["top"], uncertain_share))
-    old = meta.check_stats_path(release)  # the shipped check, a candidate like the others
-    old_stats = load_check_statistics(old) if old else None
+    old_stats = _shipped_check(release, meta, model.fc.in_features)
     train_labels = torch.tensor([r.label for r in split.part("train")])
     cands = R.candidates(torch.cat([les["train"]["plain"], les["train"]["shifted"]]), train_labels.repeat(2),
                          [pics[s.name]["feats"] for s in parts["fit"]], old_stats,

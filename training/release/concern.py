@@ -1,12 +1,13 @@
-"""When an answer urges an examination: the concern threshold, chosen on validation, with its test figures.
+"""When an answer urges an examination: the concern rule of a release, chosen on validation, with its test figures.
 
-Every answer carries `concern` (skinmodel.answers.concern): the calibrated probability of the concerning
-(possibly malignant) classes together, and whether it reaches meta.json's threshold. The threshold is the highest
-that still flags at least `--sensitivity` of the validation images whose lesion is of a concerning class; the
-share of benign lesions flagged is its cost. Both are reported on the test split, never used for the choice,
-beside the rule the page used before (a concerning class among the two most likely, or any at 25 % or more).
+Every answer carries `concern` (skinmodel.answers.concern): the calibrated probability of the concerning (possibly
+malignant) classes together and whether it is flagged. Here a release gets its rule, on its own served network
+(fp32 or int8) and temperature: the highest threshold that flags at least `--sensitivity` of the validation images
+whose lesion is of a concerning class, and never fewer than the former rule flags (a concerning class among the
+two most likely, or any at 25 % or more). The threshold is adopted if it flags fewer benign validation lesions than
+the former rule; otherwise the release keeps the former rule. Test figures of both are recorded, never used.
 
-    python -m training concern --release release --variant release/int8   # a release's served weights and temperature
+    python -m training concern --release release        # then --release release/int8, each network its own
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def figures(flagged: np.ndarray, malignant: np.ndarray) -> dict:
 
 
 def served(probabilities: np.ndarray, meta: ReleaseMeta) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's concern as the service answers it (format_prediction itself, rounding included): the share it
-    reports and its flag. The threshold is chosen on these very numbers, so validation flags exactly as measured."""
+    """Each row's concern as the service answers a lesion it does not refuse (format_prediction itself, rounding
+    included): the share it reports and its flag. The threshold is chosen on these very numbers, so validation
+    flags exactly as measured."""
     answers = [format_prediction(p.tolist(), meta)["concern"] for p in probabilities]
     return (np.array([a["probability"] for a in answers]), np.array([a["flagged"] for a in answers], dtype=bool))
 
@@ -58,14 +60,13 @@ def choose_served_threshold(probabilities: np.ndarray, malignant: np.ndarray, me
 
 
 def served_probabilities(release: Path, meta: ReleaseMeta, data: D.DataConfig) -> dict[str, tuple]:
-    """Calibrated probabilities and labels of the validation and test splits, from the weights a release serves."""
-    if meta.weights_dtype == "int8":
-        raise StudyError(f"{release} is an int8 variant: choose the threshold on its fp32 release (--variant)")
-    model = build_model(meta.arch, meta.num_classes)
+    """Calibrated probabilities and labels of the validation and test splits, from the network a release serves."""
+    model = build_model(meta.arch, meta.num_classes)  # resnet18_int8 too: the handler's own loading
     model.load_state_dict(load_state_dict_file(release / meta.weights_file))
     split = D.load_split(data)
     if meta.split_hash and split.hash != meta.split_hash:
-        raise StudyError(f"{release} was trained on another split (split seed {data.split_seed} gives {split.hash[:12]})")
+        raise StudyError(f"{release} was trained on another split (split seed {data.split_seed} gives "
+                         f"{split.hash[:12]}; limit per class {data.limit_per_class})")
     cfg, out = meta.preprocessing, {}
     for name in ("val", "test"):
         part = split.part(name)
@@ -75,45 +76,54 @@ def served_probabilities(release: Path, meta: ReleaseMeta, data: D.DataConfig) -
     return out
 
 
-def fit_concern(release: Path, data: D.DataConfig, sensitivity: float = SENSITIVITY, variants=()) -> dict:
-    """Choose the threshold on validation, report it and the legacy rule on test, store it in meta.json (and in
-    each variant's, e.g. the int8 network's, which answers with nearly the same probabilities)."""
+def choose_rule(val: tuple, test: tuple, meta: ReleaseMeta, sensitivity: float = SENSITIVITY) -> dict:
+    """meta.json's concern from (probabilities, labels) of validation and test: the threshold and its figures, or
+    threshold None where the former rule flags fewer benign validation lesions at the sensitivity asked for."""
+    concerning = [meta.class_names.index(c) for c in meta.concerning]
+    malignant = [np.isin(labels, concerning) for _, labels in (val, test)]
+    if not malignant[0].any():
+        raise StudyError("no validation image of a concerning class: the concern threshold cannot be chosen")
+    former = dataclasses.replace(meta, concern=None)
+    former_val = figures(served(val[0], former)[1], malignant[0])
+    target = max(sensitivity, former_val["sensitivity"])  # never fewer malignant lesions flagged than before
+    threshold = choose_served_threshold(val[0], malignant[0], meta, target)
+    chosen = dataclasses.replace(meta, concern={"threshold": threshold})
+    chosen_val = figures(served(val[0], chosen)[1], malignant[0])
+    adopted = chosen_val["benign_flagged"] < former_val["benign_flagged"]
+    return {"threshold": threshold if adopted else None, "candidate_threshold": threshold,
+            "target_sensitivity": sensitivity,
+            "method": "the highest threshold on the concerning classes' summed calibrated probability that flags at "
+                      f"least {target:.1%} of the validation images of concerning lesions ({sensitivity:.0%}, or "
+                      "the former rule's share if higher), adopted if it flags fewer benign validation lesions",
+            "val": chosen_val, "val_former_rule": former_val,
+            "test": figures(served(test[0], chosen)[1], malignant[1]),
+            "test_former_rule": figures(served(test[0], former)[1], malignant[1])}
+
+
+def fit_concern(release: Path, data: D.DataConfig, sensitivity: float = SENSITIVITY) -> dict:
+    """Choose a release's concern rule on validation, with test figures, and store it in its meta.json."""
     release = Path(release)
     meta = ReleaseMeta.load(release)
+    if not meta.concerning:
+        raise StudyError(f"{release / 'meta.json'} names no concerning class: nothing to flag")
     data.use_threads()
     probs = served_probabilities(release, meta, data)
-    concerning = [meta.class_names.index(c) for c in meta.concerning]
-    malignant = {k: np.isin(y, concerning) for k, (_, y) in probs.items()}
-    legacy = dataclasses.replace(meta, concern=None)
-    threshold = choose_served_threshold(probs["val"][0], malignant["val"], meta, sensitivity)
-    chosen = dataclasses.replace(meta, concern={"threshold": threshold})
-    result = {"threshold": threshold, "target_sensitivity": sensitivity,
-              "method": "the highest threshold on the concerning classes' summed calibrated probability that flags "
-                        f"at least {sensitivity:.0%} of the validation images of concerning lesions",
-              "val": figures(served(probs["val"][0], chosen)[1], malignant["val"]),
-              "test": figures(served(probs["test"][0], chosen)[1], malignant["test"]),
-              "test_legacy_rule": figures(served(probs["test"][0], legacy)[1], malignant["test"])}
+    result = choose_rule(probs["val"], probs["test"], meta, sensitivity)
     meta.concern = result
     meta.save(release)
-    for variant in variants:
-        other = ReleaseMeta.load(variant)
-        if other.weights_sha256 == meta.weights_sha256 or other.split_hash != meta.split_hash:
-            raise StudyError(f"{variant} is not a variant of {release}")
-        other.concern = {**result, "carried_from": f"{meta.name} {meta.version}"}
-        other.save(variant)
-    t, old = result["test"], result["test_legacy_rule"]
-    print(f"concern threshold {threshold:.3f} (validation: {result['val']['sensitivity']:.1%} of concerning lesions "
-          f"flagged); test: {t['sensitivity']:.1%} flagged, benign {t['benign_flagged']:.1%} "
-          f"(legacy rule: {old['sensitivity']:.1%}, benign {old['benign_flagged']:.1%}); wrote {release / 'meta.json'}")
+    t, old = result["test"], result["test_former_rule"]
+    rule = (f"threshold {result['threshold']:.3f}" if result["threshold"] is not None else
+            f"former rule kept (threshold {result['candidate_threshold']:.3f} would flag more benign lesions)")
+    print(f"concern: {rule}; validation: {result['val']['sensitivity']:.1%} of concerning lesions flagged; test: "
+          f"threshold {t['sensitivity']:.1%}, benign {t['benign_flagged']:.1%}; former rule {old['sensitivity']:.1%}, "
+          f"benign {old['benign_flagged']:.1%}; wrote {release / 'meta.json'}")
     return result
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Choose on validation when an answer urges an examination (meta.json's "
-                                            "concern threshold) and report it on test.", add_help=add_help)
+                                            "concern) and report it on test.", add_help=add_help)
     p.add_argument("--release", required=True, help="release folder: its weights, temperature and meta.json")
-    p.add_argument("--variant", action="append", default=[],
-                   help="a variant folder of the same network (the int8 one) to carry the threshold to; repeatable")
     p.add_argument("--sensitivity", type=float, default=SENSITIVITY,
                    help="share of validation images of concerning lesions to flag (default %(default)s)")
     D.add_data_args(p, sizes=False)
@@ -126,7 +136,7 @@ def main(args: argparse.Namespace) -> dict:
     meta = ReleaseMeta.load(args.release)
     seed = (meta.training.get("args") or {}).get("split_seed", args.split_seed)
     data = dataclasses.replace(D.DataConfig.from_args(args), split_seed=seed)
-    return fit_concern(Path(args.release), data, args.sensitivity, [Path(v) for v in args.variant])
+    return fit_concern(Path(args.release), data, args.sensitivity)
 
 
 if __name__ == "__main__":

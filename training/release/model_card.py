@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from skinmodel.answers import FORMER_CONCERN_RULE
 from skinmodel.release import ReleaseMeta
+from training.common.checkpoint import StudyError
 from training.dermoscopy.check import SCORES_PNG, render_table
 from training.common.metrics import wilson
 from training.evaluation.subgroups import render_subgroups
@@ -108,18 +110,28 @@ on this data; look at balanced accuracy and per-class recall.
 
 
 def _concern(concern: dict | None) -> str:
-    """When the page urges an examination (meta.json's concern, training/release/concern.py)."""
+    """When the page urges an examination (meta.json's concern, chosen by training/release/concern.py)."""
+    head = "## When the answer urges an examination\n"
     if not concern or "test" not in concern:
-        return ("## When the answer urges an examination\nWhen a concerning class is among the two most likely or any "
-                "reaches 25 % (no threshold chosen for this release).\n")
-    t, old, v = concern["test"], concern["test_legacy_rule"], concern["val"]
-    return f"""## When the answer urges an examination
-Every answer carries `concern`: the calibrated probability of the possibly malignant classes together, flagged at
-{concern['threshold']:.3f} or more ({concern['method']}; validation: {v['sensitivity']:.1%}). The page then asks for a
-dermatologist's examination. On the test split, images of concerning lesions flagged: **{t['sensitivity']:.1%}**
-({t['concerning_images']} images); benign lesions flagged: **{t['benign_flagged']:.1%}**. The rule used before
-(a concerning class among the two most likely, or any at 25 % or more): {old['sensitivity']:.1%} and
-{old['benign_flagged']:.1%}. (`python -m training concern --release release`.)
+        rule = "threshold " + f"{concern['threshold']:.3f}" if (concern or {}).get("threshold") is not None else None
+        return head + f"Flagged by {rule or FORMER_CONCERN_RULE} (no figures measured for this release).\n"
+    t, old, v, former_v = concern["test"], concern["test_former_rule"], concern["val"], concern["val_former_rule"]
+    if concern["threshold"] is not None:
+        rule = (f"flagged when it reaches {concern['threshold']:.3f} ({concern['method']}; validation: "
+                f"{v['sensitivity']:.1%} of concerning lesions' images flagged, {v['benign_flagged']:.1%} of benign, "
+                f"against {former_v['sensitivity']:.1%} and {former_v['benign_flagged']:.1%} by the former rule: "
+                f"{FORMER_CONCERN_RULE})")
+        now, before = t, old
+    else:
+        rule = (f"flagged by the former rule ({FORMER_CONCERN_RULE}): on validation it flagged "
+                f"{former_v['benign_flagged']:.1%} of benign lesions, a threshold of {concern['candidate_threshold']:.3f} "
+                f"flagging as many concerning lesions would have flagged {v['benign_flagged']:.1%}")
+        now, before = old, t
+    return head + f"""Every answer carries `concern`: the calibrated probability of the possibly malignant classes together,
+{rule}. The page then asks for a dermatologist's examination. On the test split, as served: images of concerning
+lesions flagged **{now['sensitivity']:.1%}** ({now['concerning_images']} images), benign lesions flagged
+**{now['benign_flagged']:.1%}**; the other rule would have flagged {before['sensitivity']:.1%} and
+{before['benign_flagged']:.1%}. (`python -m training concern --release <this folder>`.)
 """
 
 
@@ -181,6 +193,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write model_card.md from meta.json + results.json.", add_help=add_help)
     p.add_argument("--release", required=True, help="folder with meta.json and results.json")
     p.add_argument("--results-key", default="resnet18 distilled")
+    p.add_argument("--variant", action="append", default=[],
+                   help="a variant folder (the int8 one): its card is this card with its own concern rule")
     return p
 
 
@@ -196,8 +210,23 @@ def write_model_card(release: Path, results_key: str = "resnet18 distilled") -> 
     return out
 
 
+def write_variant_card(release: Path, variant: Path) -> Path:
+    """A variant's card (the int8 network's): the release's card, with the variant's own concern rule."""
+    text = (Path(release) / "model_card.md").read_text()
+    ours, theirs = _concern(ReleaseMeta.load(release).concern), _concern(ReleaseMeta.load(variant).concern)
+    if ours not in text:
+        raise StudyError(f"{Path(release) / 'model_card.md'} is older than its meta.json: run model-card first")
+    out = Path(variant) / "model_card.md"
+    out.write_text(text.replace(ours, theirs))
+    print(f"wrote {out}")
+    return out
+
+
 def main(args: argparse.Namespace) -> Path:
-    return write_model_card(Path(args.release), args.results_key)
+    card = write_model_card(Path(args.release), args.results_key)
+    for variant in args.variant:
+        write_variant_card(Path(args.release), Path(variant))
+    return card
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from skinmodel.networks import (build_model, check_inputs, dermoscopy_check_scor
                                 load_check_statistics, load_state_dict_file, quantizable_resnet18)
 from skinmodel.preprocessing import normalize
 from skinmodel.release import ReleaseMeta
+from training.release.concern import fit_concern
+from training.release.model_card import write_variant_card
 from training.common import data as D
 from training.common.checkpoint import StudyError, atomic_save
 from training.common.metrics import classification_metrics, predict_logits
@@ -106,10 +108,14 @@ def quantize(release: Path, out: Path, data: D.DataConfig, calibration_images: i
                                 f"{len(train)} training images for calibration", **comparison},
         metrics={**meta.metrics, "test": {**(meta.metrics.get("test") or {}),
                                           **{k: rows["int8"][k] for k in ("balanced_accuracy", "macro_f1", "accuracy")}}})
-    for extra in (meta.check_stats_path(release), release / "model_card.md", release / SCORES_PNG):
+    for extra in (meta.check_stats_path(release), release / SCORES_PNG):
         if extra is not None and extra.exists():
             shutil.copy(extra, out / extra.name)
     int8_meta.save(out)
+    if meta.concern:  # the int8 network's own rule, on its own probabilities
+        fit_concern(out, data)
+    if (release / "model_card.md").exists():
+        write_variant_card(release, out)
     text = write_comparison(rows, comparison, out)
     print(text)
     return comparison
