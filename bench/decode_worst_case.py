@@ -135,7 +135,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         before = _checkout(args.before, Path(tmp)) if args.before else None
-        print(f"| construction | bytes in | answer | CPU ms | MB |" + (f" before ({args.before}): answer, CPU ms, MB |"
+        print("| construction | bytes in | answer | CPU ms | MB |" + (f" before ({args.before}): answer, CPU ms, MB |"
                                                                        if before else ""))
         print("|---|---|---|---|---|" + ("---|" if before else ""))
         for name, build in cases.items():

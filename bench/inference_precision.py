@@ -28,7 +28,7 @@ from skinmodel.preprocessing import normalize  # noqa: E402
 from skinmodel.release import ReleaseMeta  # noqa: E402
 from stack.settings import current  # noqa: E402
 from training.common import data as D  # noqa: E402
-from training.common.device import cpu_flags, native_bf16  # noqa: E402
+from training.common.device import describe_cpu, native_bf16  # noqa: E402
 from training.common.metrics import classification_metrics  # noqa: E402
 from training.release.quantize import throughput  # noqa: E402
 
@@ -95,8 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     path = meta.check_stats_path(release)
     stats = load_check_statistics(path) if path else None
     print(f"{meta.name} {meta.version}, {meta.arch}, {cfg.crop_size} px, {len(test)} test images, "
-          f"{args.threads} thread(s); native bf16 here: {native_bf16(torch.device('cpu'))} "
-          f"({', '.join(sorted(cpu_flags() & {'amx_bf16', 'avx512_bf16'})) or 'no AMX / AVX512-BF16'})", flush=True)
+          f"{args.threads} thread(s); native bf16 here: {native_bf16(torch.device('cpu'))} ({describe_cpu()})",
+          flush=True)
     rows, reference = {}, None
     for name, (net, fmt, ctx) in variants(release, int8).items():
         probs, scores = scored(net, fmt, ctx, x, colour, meta, stats)

@@ -26,7 +26,7 @@ from torchvision.transforms import v2  # noqa: E402
 from skinmodel.networks import build_model  # noqa: E402
 from skinmodel.preprocessing import normalize  # noqa: E402
 from training.network.augment import augment, draw, step_generator  # noqa: E402
-from training.common.device import Runtime, native_bf16, resolve_device  # noqa: E402
+from training.common.device import Runtime, describe_cpu, native_bf16, resolve_device  # noqa: E402
 from training.common.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
@@ -111,8 +111,8 @@ def main() -> int:
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     h, b = args.img_size, args.batch_size
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet18 at {h} px, "
-          f"batch {b}, {args.steps} timed repeats; native bf16 here: {native_bf16(device)}")
+    print(f"device {device} ({describe_cpu()}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, ResNet18 at {h} px, batch {b}, {args.steps} timed repeats; native bf16 here: {native_bf16(device)}")
     if not args.skip_augmentation:
         rows = augmentation_rows(Runtime(device, "fp32"), h, b, args.steps, sync)
         print(f"{'augmentation (fp32 step)':32} {'augment img/s':>14} {'train step img/s':>17}")

@@ -121,5 +121,5 @@ def test_the_concern_command_chooses_on_validation_and_refuses_another_split(tin
     r = run_training("concern", *common, "--limit-per-class", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     rule = json.loads((release / "meta.json").read_text())["concern"]
-    assert rule["val"]["sensitivity"] >= SENSITIVITY and "concern threshold" in r.stdout
+    assert rule["val"]["sensitivity"] >= SENSITIVITY and "concern: threshold" in r.stdout
     assert rule["test"]["concerning_images"] > 0 and set(rule["test_former_rule"]) == set(rule["test"])

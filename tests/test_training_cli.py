@@ -117,6 +117,9 @@ def test_resume_continues_from_last_epoch(tmp_path, data_dir):
     assert "run epoch 1/2:" not in r.stdout and "run epoch 2/2:" in r.stdout
 
 
+GRID_EPOCHS = 40  # the interrupted cell's
+
+
 def _wait_for_rows(path, n: int, proc, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -128,13 +131,14 @@ def _wait_for_rows(path, n: int, proc, timeout: float = 300):
 
 def test_an_interrupted_grid_cell_resumes_at_its_epoch_with_its_history(tmp_path, data_dir):
     """SIGINT in the middle of a grid cell (as a stopped session does), then the same command again: the cell goes
-    on from its last completed epoch, its earlier rows untouched, and ends with every epoch once. 12 short epochs:
-    the signal must land before the cell ends even when a loaded machine wakes this test late."""
+    on from its last completed epoch, its earlier rows untouched, and ends with every epoch once. 40 short epochs
+    (seconds): the signal must land before the cell ends even when a loaded machine wakes this test late."""
     small = ["--img-size", "32", "--limit-per-class", "6", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
              "--data", str(data_dir)]
     assert run_training("train", "--out", str(tmp_path / "teacher"), "--epochs", "1", *small).returncode == 0
     grid = [sys.executable, "-m", "training", "grid", "--out", str(tmp_path / "grid"), "--teacher",
-            str(tmp_path / "teacher" / "best.pt"), "--alphas", "0.5", "--temps", "2", "--epochs", "12", *small]
+            str(tmp_path / "teacher" / "best.pt"), "--alphas", "0.5", "--temps", "2", "--epochs", str(GRID_EPOCHS),
+            *small]
     history = tmp_path / "grid" / "a0.5_t2" / "history.csv"
     # niced: on a loaded machine the cell is what waits, not this test, so the signal lands mid-cell
     proc = subprocess.Popen(grid, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -147,14 +151,14 @@ def test_an_interrupted_grid_cell_resumes_at_its_epoch_with_its_history(tmp_path
     # checkpoint, is trained again, as nothing saved it).
     kept = torch.load(history.parent / "last.pt", map_location="cpu", weights_only=False)["epoch"] + 1
     before = _rows(history)[:kept]
-    assert 1 <= kept < 12, "interrupted too late to show a resume"
+    assert 1 <= kept < GRID_EPOCHS, "interrupted too late to show a resume"
     r = subprocess.run(grid, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(history)
-    assert [row["epoch"] for row in rows] == [str(e) for e in range(1, 13)]
+    assert [row["epoch"] for row in rows] == [str(e) for e in range(1, GRID_EPOCHS + 1)]
     assert rows[:kept] == before, "the rows of the checkpointed epochs changed"
     assert f"resumed from {history.parent / 'last.pt'} at epoch {kept + 1}" in r.stdout
-    assert all(f"a0.5_t2 epoch {e}/12:" not in r.stdout for e in range(1, kept + 1)), "epochs trained twice"
+    assert all(f"a0.5_t2 epoch {e}/{GRID_EPOCHS}:" not in r.stdout for e in range(1, kept + 1)), "epochs trained twice"
     assert (tmp_path / "grid" / "chosen.json").exists()
 
 

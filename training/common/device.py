@@ -56,12 +56,24 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32 = before
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(key: str) -> list[str]:
+    """The values of one /proc/cpuinfo field, one per core; none where it cannot be read (not Linux)."""
     try:
         text = open("/proc/cpuinfo").read()
-    except OSError:  # not Linux: no flags known, so no native bf16 assumed
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return []
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == key]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (none known off Linux, so no native bf16 assumed)."""
+    return {flag for value in _cpuinfo("flags") for flag in value.split()}
+
+
+def describe_cpu() -> str:
+    """The CPU and its native bf16 flags, for a benchmark's header."""
+    flags = sorted(cpu_flags() & set(BF16_CPU_FLAGS))
+    return f"{next(iter(_cpuinfo('model name')), 'unknown CPU')}; {', '.join(flags) or 'no AMX / AVX512-BF16'}"
 
 
 def native_bf16(device: torch.device) -> bool:
