@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,15 @@ def sample_images(data_dir) -> list[Path]:
     for r in sorted(rows, key=lambda r: r["image_id"]):
         by_class.setdefault(r["dx"], r["image_id"])
     return [next(data_dir.rglob(f"{i}.jpg")) for i in by_class.values()]
+
+
+def interruptible_child() -> None:
+    """preexec_fn of a child that a test interrupts with SIGINT as a user's Ctrl-C would. SIGINT goes back to its
+    default: a test run started in the background of a non-interactive shell (`./skin test &`, nohup) inherits it
+    ignored, and a Python child would then never see the signal and run to its end. Niced, so that on a loaded
+    machine the child is what waits, not the test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.nice(19)
 
 
 def run_training(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
