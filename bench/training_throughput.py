@@ -112,7 +112,8 @@ def main() -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     h, b = args.img_size, args.batch_size
     print(f"device {device} ({describe_cpu()}), torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, ResNet18 at {h} px, batch {b}, {args.steps} timed repeats; native bf16 here: {native_bf16(device)}")
+          f"threads, ResNet18 at {h} px, batch {b}, {args.steps} timed repeats; "
+          f"native bf16 here: {native_bf16(device)}")
     if not args.skip_augmentation:
         rows = augmentation_rows(Runtime(device, "fp32"), h, b, args.steps, sync)
         print(f"{'augmentation (fp32 step)':32} {'augment img/s':>14} {'train step img/s':>17}")

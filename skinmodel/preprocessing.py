@@ -31,7 +31,8 @@ from skinmodel.formats import (ACCEPTED_FORMATS, ACCEPTED_LABEL, MAX_JPEG_SCANS,
 from skinmodel.inputs import DEFAULT_MAX_PIXELS, InputError, PreprocessConfig
 
 __all__ = ["COLOUR_LAYOUT", "COLOUR_STATISTICS", "DEFAULT_MAX_PIXELS", "InputError", "PreprocessConfig",
-           "colour_statistics", "decode_image", "eval_uint8", "normalize", "preprocess_bytes", "preprocess_bytes_and_colour",
+           "colour_statistics", "decode_image", "eval_uint8", "normalize", "preprocess_bytes",
+           "preprocess_bytes_and_colour",
            "resize_center_crop", "shades_of_gray"]
 
 # What one decoded image may weigh, counted as bands x bytes per band: 40 MP of 8-bit RGB. Modes with more

@@ -124,8 +124,8 @@ def _concern(concern: dict | None) -> str:
         now, before = t, old
     else:
         rule = (f"flagged by the former rule ({FORMER_CONCERN_RULE}): on validation it flagged "
-                f"{former_v['benign_flagged']:.1%} of benign lesions, a threshold of {concern['candidate_threshold']:.3f} "
-                f"flagging as many concerning lesions would have flagged {v['benign_flagged']:.1%}")
+                f"{former_v['benign_flagged']:.1%} of benign lesions, a threshold of "
+                f"{concern['candidate_threshold']:.3f} flagging as many concerning lesions would have flagged {v['benign_flagged']:.1%}")
         now, before = old, t
     return head + f"""Every answer carries `concern`: the calibrated probability of the possibly malignant classes together,
 {rule}. The page then asks for a dermatologist's examination. On the test split, as served: images of concerning
