@@ -9,8 +9,10 @@ Folders are walked recursively. Only files inside the folder given are read: a s
 it is not followed (a row says so). Only files that start with an accepted image signature are sent; any
 other file, and one that is corrupt or too large, becomes a row with the reason; the run goes on. Answers are
 checked field by field (class codes, version and id patterns), and no CSV cell starts with = + - @ TAB or CR
-(a hostile --url cannot plant spreadsheet formulas). Rows are written as answers come, so an interrupted run keeps its rows, and
-a rerun with the same --out skips every file already in it (resumable).
+(a hostile --url cannot plant spreadsheet formulas). An answered row carries the seven probabilities, the verdict
+and whether the answer urges an examination (concern_flagged yes/no, p_concern: the concerning classes together).
+Rows are written as answers come, so an interrupted run keeps its rows, and a rerun with the same --out skips every
+file already in it (resumable); a CSV of an earlier version gets the concern columns, empty for its rows.
 """
 from __future__ import annotations
 
@@ -36,8 +38,12 @@ from stack.gate import GateLimits
 from stack.settings import MODEL_NAME, current
 from stack.torchserve_api import ClientRetry
 from skinmodel.labels import CLASS_NAMES as CLASSES
-COLUMNS = ("path", "sha256", "status", "verdict", "top", *(f"p_{c}" for c in CLASSES), "model_version",
-           "request_id", "error", "reason")
+# concern_flagged (yes / no) and p_concern: the answer's "concern" (whether it urges an examination).
+COLUMNS = ("path", "sha256", "status", "verdict", "top", *(f"p_{c}" for c in CLASSES), "concern_flagged",
+           "p_concern", "model_version", "request_id", "error", "reason")
+# The columns of CSVs written before the concern columns: resuming one rewrites it with COLUMNS.
+FORMER_COLUMNS = tuple(c for c in COLUMNS if c not in ("concern_flagged", "p_concern"))
+UPGRADED = "answered before the concern columns (their cells are empty)"
 MAX_BYTES = GateLimits().max_body  # the service's own limit: bigger files are not sent
 # The page's entry answers 429 past 4 requests in flight per client and 503/507 when full or restarting:
 # all three are retried after Retry-After (else 1 s, 2 s, 4 s ...).
@@ -94,28 +100,32 @@ def find_files(paths: list[str]) -> list[tuple[Path, Path]]:
     return out
 
 
-def done_paths(out: Path) -> set[str]:
-    """Paths an earlier run's CSV settled (the resume point). Rows of transient failures are dropped from the
-    file (rewritten atomically), so that a rerun scores those files again and the CSV keeps one row per file."""
+def done_paths(out: Path) -> tuple[set[str], int]:
+    """(paths an earlier run's CSV settled: the resume point, how many of its answers predate the concern
+    columns). Rows of transient failures are dropped from the file, so that a rerun scores those files again and
+    the CSV keeps one row per file; a CSV with FORMER_COLUMNS gets today's columns, its answers empty concern
+    cells. Either way the file is rewritten atomically."""
     if not out.exists() or out.stat().st_size == 0:
-        return set()
+        return set(), 0
     with open(out, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
+        header = tuple(reader.fieldnames or ())
+        if header not in (COLUMNS, FORMER_COLUMNS):
             raise PredictError(f"{out} exists and is not a ./skin predict CSV; choose another --out")
         rows = list(reader)
     final = {}
     for row in rows:  # the last settled row of each path
         if is_final(row):
-            final[row["path"]] = row
-    if len(final) != len(rows):
+            final[row["path"]] = {c: row.get(c, "") for c in COLUMNS}
+    if len(final) != len(rows) or header != COLUMNS:
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(final.values())
         os.replace(tmp, out)
-    return set(final)
+    upgraded = 0 if header == COLUMNS else sum(row["status"] == "200" for row in final.values())
+    return set(final), upgraded
 
 
 def safe_cell(value):
@@ -123,19 +133,30 @@ def safe_cell(value):
     return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
 
 
+def _probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def _concern_ok(concern) -> bool:
+    """None (a refused picture, or a service older than the field), or the service's concern object."""
+    return concern is None or (
+        isinstance(concern, dict) and isinstance(concern.get("flagged"), bool)
+        and _probability(concern.get("probability")) and isinstance(concern.get("classes"), list)
+        and all(c in CLASSES for c in concern["classes"]))
+
+
 def _checked(answer: dict) -> dict | None:
     """The answer if every field is what the service sends (else None): class codes of this model,
-    probabilities in [0, 1], a known verdict, version, request id and error code of their patterns."""
+    probabilities in [0, 1], a known verdict, a concern object of its shape, version, request id and error code
+    of their patterns."""
     preds = answer.get("predictions") or []
     ok_preds = isinstance(preds, list) and all(
-        isinstance(p, dict) and p.get("code") in CLASSES and isinstance(p.get("probability"), (int, float))
-        and not isinstance(p.get("probability"), bool) and math.isfinite(p["probability"])
-        and 0 <= p["probability"] <= 1 for p in preds)
+        isinstance(p, dict) and p.get("code") in CLASSES and _probability(p.get("probability")) for p in preds)
     top = answer.get("top")
     model = answer.get("model")
     version = model.get("version", "") if isinstance(model, dict) else ("" if model is None else None)
     fields = (ok_preds, top is None or (isinstance(top, dict) and top.get("code") in CLASSES),
-              answer.get("verdict", "") in ("", *VERDICT_REASONS),
+              answer.get("verdict", "") in ("", *VERDICT_REASONS), _concern_ok(answer.get("concern")),
               version is not None and (version == "" or _VERSION.fullmatch(str(version))),
               answer.get("request_id") in (None, "") or _REQUEST_ID.fullmatch(str(answer["request_id"])),
               answer.get("error", "") == "" or _ERROR_CODE.fullmatch(str(answer["error"])),
@@ -148,9 +169,12 @@ def row_for(path: Path, blob: bytes | None, status: int, answer: dict) -> dict:
     if _checked(answer) is None:
         answer = {"error": "bad_answer", "reason": "the service's answer has fields outside what it may send"}
     probs = {p["code"]: p["probability"] for p in answer.get("predictions") or []}
+    concern = answer.get("concern") or {}
     row = {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest() if blob is not None else "",
            "status": status, "verdict": answer.get("verdict", ""), "top": (answer.get("top") or {}).get("code", ""),
            **{f"p_{c}": probs.get(c, "") for c in CLASSES},
+           "concern_flagged": {True: "yes", False: "no"}.get(concern.get("flagged"), ""),
+           "p_concern": concern.get("probability", ""),
            "model_version": (answer.get("model") or {}).get("version", ""), "request_id": answer.get("request_id") or "",
            "error": answer.get("error", ""), "reason": " ".join(str(answer.get("reason", "")).split())[:300]}
     return {k: safe_cell(v) for k, v in row.items()}
@@ -244,9 +268,9 @@ class LocalScorer:
 def predict(paths: list[str], out: Path, scorer, concurrency: int = 4, progress: bool = True) -> dict[str, int]:
     """Score what is not in `out` yet, appending rows as answers come; -> counts per verdict or error."""
     files = find_files(paths)
-    done = done_paths(out)
+    done, upgraded = done_paths(out)
     todo = [(f, root) for f, root in files if str(f) not in done]
-    counts: dict[str, int] = {"skipped (already in the CSV)": len(files) - len(todo)}
+    counts: dict[str, int] = {"skipped (already in the CSV)": len(files) - len(todo), UPGRADED: upgraded}
     new = not out.exists() or out.stat().st_size == 0
     out.parent.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max(1, concurrency))

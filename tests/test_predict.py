@@ -77,13 +77,17 @@ def test_predict_scores_a_folder_resumes_after_an_interruption_and_matches_local
         assert len(good) == 31 and all(d["verdict"] and d["request_id"] and d["model_version"] for d in good)
         assert all(abs(sum(float(d[f"p_{c}"]) for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1)
                    < 1e-3 for d in good)
+        for d in good:  # the answer's concern: the concerning classes together, flagged yes or no
+            assert d["concern_flagged"] in ("yes", "no") and float(d["p_concern"]) >= 0, d
+            assert abs(float(d["p_concern"]) - sum(float(d[f"p_{c}"]) for c in ("akiec", "bcc", "mel"))) < 1e-5
+        assert all(d["concern_flagged"] == d["p_concern"] == "" for d in done if d["status"] != "200")
 
         local = tmp_path / "local.csv"
         r = skin_predict("--local", "--release", tiny_release, "--out", local, folder)
         assert r.returncode == 0, r.stderr
         here = {d["path"]: d for d in rows(local)}
         for d in done:  # the same handler code in-process: the same answer, file by file
-            for key in ("sha256", "status", "verdict", "top", "error"):
+            for key in ("sha256", "status", "verdict", "top", "concern_flagged", "error"):
                 assert here[d["path"]][key] == d[key], (d["path"], key)
             for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"):  # other thread counts: last-digit noise
                 assert abs(float(here[d["path"]][f"p_{c}"] or 0) - float(d[f"p_{c}"] or 0)) <= 2e-6, (d["path"], c)
@@ -151,7 +155,8 @@ def test_predict_reads_only_images_inside_the_folder_and_writes_no_formulas(tmp_
     (root / "empty.png").write_bytes(b"")
     probs = [{"code": c, "probability": 1 / 7} for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
     good = {"predictions": probs, "top": {"code": "mel"}, "verdict": "ok", "model": {"version": "1.0"},
-            "request_id": "abc-123", "reason": "=HYPERLINK(\"http://x\",\"click\")"}
+            "request_id": "abc-123", "reason": "=HYPERLINK(\"http://x\",\"click\")",
+            "concern": {"flagged": True, "probability": 3 / 7, "classes": ["mel", "bcc", "akiec"]}}
     hostile = _Hostile([good, {**good, "top": {"code": "=cmd|' /C calc'!A0"}},
                         {**good, "model": {"version": "@SUM(1+1)"}}])
     out = tmp_path / "out.csv"
@@ -164,7 +169,52 @@ def test_predict_reads_only_images_inside_the_folder_and_writes_no_formulas(tmp_
     assert not any(b"root:x" in b for b in hostile.bodies)
     sent = [got["a.jpg"], got["inside-link.jpg"]]
     assert sorted(r["error"] for r in sent) == ["", "bad_answer"]
+    answered = next(r for r in sent if not r["error"])
+    assert answered["concern_flagged"] == "yes" and float(answered["p_concern"]) == pytest.approx(3 / 7)
     for r in rows(out):
         assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in r.values()), r
     assert any(r["reason"].startswith("'=HYPERLINK") for r in sent)
     hostile.server.shutdown()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("concern", [{"flagged": "yes", "probability": 0.4, "classes": ["mel"]},
+                                     {"flagged": True, "probability": 1.5, "classes": ["mel"]},
+                                     {"flagged": True, "probability": float("nan"), "classes": ["mel"]},
+                                     {"flagged": True, "probability": 0.4, "classes": ["=1+1"]},
+                                     {"flagged": True, "probability": 0.4}, "yes"])
+def test_a_concern_outside_the_services_shape_is_a_bad_answer(concern):
+    from stack.predict import row_for
+
+    probs = [{"code": c, "probability": 1 / 7} for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
+    answer = {"predictions": probs, "top": {"code": "nv"}, "verdict": "ok", "model": {"version": "2.2"}}
+    assert row_for(Path("a.jpg"), b"x", 200, answer)["error"] == ""  # a service older than the field: no cells
+    row = row_for(Path("a.jpg"), b"x", 200, {**answer, "concern": concern})
+    assert row["error"] == "bad_answer" and row["concern_flagged"] == row["p_concern"] == ""
+
+
+@pytest.mark.fast
+def test_resuming_a_csv_of_the_former_columns_upgrades_it_and_keeps_its_answers(tmp_path):
+    """A CSV written before the concern columns: its rows are kept (answers with empty concern cells, counted in
+    the summary), and the file has today's columns afterwards."""
+    from stack.predict import FORMER_COLUMNS, UPGRADED, done_paths, predict
+
+    out = tmp_path / "old.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FORMER_COLUMNS)
+        writer.writeheader()
+        writer.writerow({"path": "/a.jpg", "status": 200, "verdict": "ok", "top": "nv", "p_nv": 0.9})
+        writer.writerow({"path": "/b.jpg", "status": 415, "error": "not_an_image"})
+    (tmp_path / "nothing-new").mkdir()
+    counts = predict([str(tmp_path / "nothing-new")], out, scorer=None, progress=False)
+    assert counts[UPGRADED] == 1, counts  # the summary says how many answers have no concern cells
+    kept = rows(out)
+    assert [r["path"] for r in kept] == ["/a.jpg", "/b.jpg"] and kept[0]["p_nv"] == "0.9"
+    assert all(r["concern_flagged"] == r["p_concern"] == "" for r in kept)
+    assert done_paths(out) == ({"/a.jpg", "/b.jpg"}, 0), "once upgraded, the file is today's CSV"
+
+
+@pytest.mark.fast
+def test_the_readmes_example_csv_has_the_columns_written():
+    header = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("path,sha256,"))
+    assert tuple(header.split(",")) == COLUMNS
