@@ -158,3 +158,26 @@ def s3(tmp_path_factory):
     patch.undo()
     proc.terminate()
     proc.wait(timeout=10)
+
+
+COMPOSE_STACK_TESTS = "tests/test_compose_up.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The compose stack's tests run last, so that its images build in the background meanwhile."""
+    items.sort(key=lambda item: item.nodeid.startswith(COMPOSE_STACK_TESTS))  # stable: other orders are kept
+
+
+def pytest_collection_finish(session):
+    """Starts the compose images' background build when this run holds the compose stack's tests."""
+    if not session.config.option.collectonly and any(
+            item.nodeid.startswith(COMPOSE_STACK_TESTS) for item in session.items):
+        from tests import compose_build
+
+        compose_build.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import compose_build
+
+    compose_build.stop()

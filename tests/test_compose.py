@@ -165,3 +165,36 @@ def test_the_runtime_requirements_are_release_pins_without_test_packages():
     assert runtime and all(release.get(name) == line for name, line in runtime.items()), "pins disagree"
     for test_only in ("pytest", "selenium", "moto[server]", "grpcio", "kubernetes-validate", "scikit-learn"):
         assert test_only not in runtime
+
+
+def _let_through() -> list[str]:
+    """The paths .dockerignore lets into a build context: it must ignore everything ('*') and name the rest."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0] == "*", ".dockerignore must start by ignoring everything"
+    return [line[1:].rstrip("/") for line in lines[1:] if line.startswith("!")]
+
+
+def test_build_contexts_carry_every_copied_file_and_not_the_venv():
+    """Every Dockerfile built from the repository's root (compose's services, and the local base images of
+    docker/offline-images.sh that COPY from it) finds each COPY source in the context .dockerignore lets through,
+    and the context leaves out the virtual environment, git's objects, runs and the stack's state (a build sent
+    all of them to the daemon, several GB, once per image). The compose tier builds them for real."""
+    rooted = {s["build"]["dockerfile"] for s in SERVICES.values() if s.get("build", {}).get("context") == "."}
+    assert rooted == {f"docker/{name}" for name in APP_DOCKERFILES}
+    offline = (REPO / "docker" / "offline-images.sh").read_text()
+    assert '-f "docker/local/${image%%:*}.Dockerfile" .' in offline
+    rooted |= {"docker/local/postgres.Dockerfile", "docker/local/nginx.Dockerfile", "docker/local/s3.Dockerfile"}
+    allowed = _let_through()
+
+    def sent(path: str) -> bool:
+        return any(path.rstrip("/") == a or path.startswith(a + "/") for a in allowed)
+
+    for dockerfile in sorted(rooted):
+        for line in (REPO / dockerfile).read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == "COPY" and not any(p.startswith("--from") for p in parts):
+                for src in parts[1:-1]:
+                    assert (REPO / src).exists() and sent(src), f"{dockerfile}: {src} is not in the build context"
+    for heavy in (".venv", ".git", ".stack", "runs", "model_store", "tests", "training", "studies"):
+        assert not sent(heavy), f"{heavy} would be sent to the Docker daemon"

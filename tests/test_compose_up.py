@@ -1,12 +1,11 @@
 """docker-compose.yml brought up for real (./skin test --compose): a Docker engine, the images built (cached) from
-the local base images of `./skin images --offline`, every health check waited for, then everything through the
-page's port, published on 127.0.0.1 only. The tests share one stack and run in this file's order."""
+the local base images of `./skin images --offline` (in the background while the other tests run:
+tests/compose_build.py), every health check waited for, then everything through the page's port, published on
+127.0.0.1 only. The tests share one stack, run in this file's order and after every other file's."""
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,27 +17,17 @@ import requests
 
 from stack.settings import MODEL_NAME
 from stack.torchserve import free_port
+from tests import compose_build
+from tests.compose_build import PROJECT
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = "skin-compose-test"  # not the users' project name (skin-lesion): a test never touches their stack
 LONG_RUNNING = ("torchserve", "logger", "postgres", "gate", "site", "minio")
 BUILT = ("torchserve", "logger", "gate")  # images of ours that must not run as root
 
 
-def compose_cli() -> list[str]:
-    """SKIN_COMPOSE (e.g. 'docker-compose'), else Compose v2 (`docker compose`) if present, else v1."""
-    if os.environ.get("SKIN_COMPOSE"):
-        return os.environ["SKIN_COMPOSE"].split()
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    pytest.fail("no Compose CLI: ./skin test --compose installs Debian's docker-compose")
-
-
 class Stack:
-    def __init__(self, env_file: Path, port: int):
-        self.cli, self.env_file, self.port = compose_cli(), env_file, port
+    def __init__(self, cli: list[str], env_file: Path, port: int):
+        self.cli, self.env_file, self.port = cli, env_file, port
         self.url = f"http://127.0.0.1:{port}"
         self.answered: list[str] = []  # request ids of every answer a client of these tests got
         self.secrets = dict(line.split("=", 1) for line in env_file.read_text().split())
@@ -106,29 +95,22 @@ def docker(*args: str, timeout: float = 120) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
-        pytest.fail("no Docker engine answers: ./skin test --compose installs docker.io and starts dockerd")
-    env_file = tmp_path_factory.mktemp("compose") / "compose.env"
-    lines = {"POSTGRES_USER": "skin", "POSTGRES_DB": "skin", "POSTGRES_PASSWORD": secrets.token_hex(12),
-             "MINIO_ROOT_USER": "skin-admin", "MINIO_ROOT_PASSWORD": secrets.token_hex(12), "SKIN_S3_BUCKET": "models",
-             "SKIN_SITE_PORT": str(free_port())}
-    if not os.environ.get("SKIN_COMPOSE_PUBLIC_IMAGES"):  # default: the local images (nothing can be pulled here)
-        started = time.monotonic()
-        r = subprocess.run([str(REPO / "docker" / "offline-images.sh")], cwd=REPO, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
-        print(f"./skin images --offline: {time.monotonic() - started:.0f} s")
-        lines.update(line.split("=", 1) for line in (REPO / ".stack" / "compose-offline.env").read_text().split())
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
-    s = Stack(env_file, int(lines["SKIN_SITE_PORT"]))
-    s.compose("down", "-v", "--remove-orphans", check=False)  # what an interrupted earlier run left
+def stack():
+    """The images come from the run's background build (tests/compose_build.py); then up, and every health check."""
+    try:
+        build = compose_build.started()
+        print(build.wait())
+    except (compose_build.ComposeUnavailable, RuntimeError) as err:
+        pytest.fail(str(err))
+    port = free_port()  # drawn now, not when the build started: minutes of other tests could have taken it
+    with open(build.env_file, "a") as f:
+        f.write(f"SKIN_SITE_PORT={port}\n")
+    s = Stack(build.cli, build.env_file, port)
     started = time.monotonic()
-    s.compose("build")
-    print(f"compose build: {time.monotonic() - started:.0f} s")
     try:  # down -v also when the stack never became healthy
         s.compose("up", "-d")
         s.wait_healthy()
-        print(f"compose build + up + healthy: {time.monotonic() - started:.0f} s")
+        print(f"compose up + healthy: {time.monotonic() - started:.0f} s")
         yield s
     finally:
         s.compose("down", "-v", "--remove-orphans", check=False)
