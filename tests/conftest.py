@@ -160,24 +160,22 @@ def s3(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-COMPOSE_STACK_TESTS = "tests/test_compose_up.py"
-
-
 def pytest_collection_modifyitems(config, items):
-    """The compose stack's tests run last, so that its images build in the background meanwhile."""
-    items.sort(key=lambda item: item.nodeid.startswith(COMPOSE_STACK_TESTS))  # stable: other orders are kept
+    """Tests that read a background job's result run last (tests/background.py)."""
+    from tests import background
+
+    background.order(items)
 
 
 def pytest_collection_finish(session):
-    """Starts the compose images' background build when this run holds the compose stack's tests."""
-    if not session.config.option.collectonly and any(
-            item.nodeid.startswith(COMPOSE_STACK_TESTS) for item in session.items):
-        from tests import compose_build
+    """Starts the background jobs this run's tests read (not for --collect-only)."""
+    if not session.config.option.collectonly:
+        from tests import background
 
-        compose_build.start()
+        background.start_for(session.items)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from tests import compose_build
+    from tests import background
 
-    compose_build.stop()
+    background.stop_all()

@@ -3,28 +3,24 @@ of < 16 MiB, and `python -m training unpack` turning them back into a release th
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, run_training
+from tests import background
+from tests.conftest import run_training
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, data_dir):
-    work = tmp_path_factory.mktemp("accelerator")
-    out = work / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(["bash", "training/accelerator.sh", "--quick", "--teacher-tta", "--recipe-search",
-                        "--data", str(data_dir),
-                        "--work", str(work / "study"), "--budget", "120", "--after-training", "60"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return work, out
+def packed(data_dir):
+    """(work folder, out folder) of `training/accelerator.sh --quick --teacher-tta --recipe-search --budget 120
+    --after-training 60`, run in the background while the other tests run (tests/background.py)."""
+    try:
+        work = background.result("accelerator study")
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    return work, work / "out"
 
 
 def test_the_run_leaves_few_small_files_with_a_manifest(packed):

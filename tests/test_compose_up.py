@@ -1,6 +1,6 @@
 """docker-compose.yml brought up for real (./skin test --compose): a Docker engine, the images built (cached) from
 the local base images of `./skin images --offline` (in the background while the other tests run:
-tests/compose_build.py), every health check waited for, then everything through the page's port, published on
+tests/background.py), every health check waited for, then everything through the page's port, published on
 127.0.0.1 only. The tests share one stack, run in this file's order and after every other file's."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import requests
 
 from stack.settings import MODEL_NAME
 from stack.torchserve import free_port
-from tests import compose_build
-from tests.compose_build import PROJECT
+from tests import background
+from tests.background import COMPOSE_PROJECT as PROJECT
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_RUNNING = ("torchserve", "logger", "postgres", "gate", "site", "minio")
@@ -96,16 +96,16 @@ def docker(*args: str, timeout: float = 120) -> str:
 
 @pytest.fixture(scope="module")
 def stack():
-    """The images come from the run's background build (tests/compose_build.py); then up, and every health check."""
+    """The images come from the run's background job (tests/background.py); then up, and every health check."""
     try:
-        build = compose_build.started()
-        print(build.wait())
-    except (compose_build.ComposeUnavailable, RuntimeError) as err:
+        folder = background.result("compose images")
+    except (background.Unavailable, RuntimeError) as err:
         pytest.fail(str(err))
     port = free_port()  # drawn now, not when the build started: minutes of other tests could have taken it
-    with open(build.env_file, "a") as f:
+    env_file = folder / "compose.env"
+    with open(env_file, "a") as f:
         f.write(f"SKIN_SITE_PORT={port}\n")
-    s = Stack(build.cli, build.env_file, port)
+    s = Stack((folder / "compose.cli").read_text().split(), env_file, port)
     started = time.monotonic()
     try:  # down -v also when the stack never became healthy
         s.compose("up", "-d")
