@@ -124,7 +124,8 @@ def done_paths(out: Path) -> tuple[set[str], int]:
             writer.writeheader()
             writer.writerows(final.values())
         os.replace(tmp, out)
-    upgraded = 0 if header == COLUMNS else sum(row["status"] == "200" for row in final.values())
+    upgraded = 0 if header == COLUMNS else sum(row["status"] == "200" and row["verdict"] != "not_dermoscopy"
+                                               for row in final.values())
     return set(final), upgraded
 
 
@@ -137,12 +138,21 @@ def _probability(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
 
 
-def _concern_ok(concern) -> bool:
-    """None (a refused picture, or a service older than the field), or the service's concern object."""
-    return concern is None or (
-        isinstance(concern, dict) and isinstance(concern.get("flagged"), bool)
-        and _probability(concern.get("probability")) and isinstance(concern.get("classes"), list)
-        and all(c in CLASSES for c in concern["classes"]))
+def _concern_ok(answer: dict) -> bool:
+    """No concern (a service older than the field) or none for a refused picture; else the service's concern
+    object, whose probability is its classes' answered probabilities together (each rounded to 6 digits)."""
+    concern = answer.get("concern")
+    if concern is None:
+        return True
+    if answer.get("verdict") == "not_dermoscopy" or not (
+            isinstance(concern, dict) and isinstance(concern.get("flagged"), bool)
+            and _probability(concern.get("probability")) and isinstance(concern.get("classes"), list)
+            and all(c in CLASSES for c in concern["classes"])):
+        return False
+    preds = answer.get("predictions") if isinstance(answer.get("predictions"), list) else []
+    probs = {p["code"]: p.get("probability") for p in preds if isinstance(p, dict) and isinstance(p.get("code"), str)}
+    return all(_probability(probs.get(c)) for c in concern["classes"]) and \
+        abs(min(sum(probs[c] for c in concern["classes"]), 1.0) - concern["probability"]) <= 1e-5
 
 
 def _checked(answer: dict) -> dict | None:
@@ -156,7 +166,7 @@ def _checked(answer: dict) -> dict | None:
     model = answer.get("model")
     version = model.get("version", "") if isinstance(model, dict) else ("" if model is None else None)
     fields = (ok_preds, top is None or (isinstance(top, dict) and top.get("code") in CLASSES),
-              answer.get("verdict", "") in ("", *VERDICT_REASONS), _concern_ok(answer.get("concern")),
+              answer.get("verdict", "") in ("", *VERDICT_REASONS), _concern_ok(answer),
               version is not None and (version == "" or _VERSION.fullmatch(str(version))),
               answer.get("request_id") in (None, "") or _REQUEST_ID.fullmatch(str(answer["request_id"])),
               answer.get("error", "") == "" or _ERROR_CODE.fullmatch(str(answer["error"])),

@@ -93,12 +93,13 @@ class Job:
     needed_by: str  # the node id (or its prefix) of the tests that read the job's result
     command: Callable[[Path], list[str]]  # the command, given the job's own folder; may raise Unavailable
     lane: str  # jobs of one lane run one after another: the two studies would otherwise share 2 cores 4 threads
+    limit_s: int  # the job is stopped past this (`timeout`), and its tests fail saying so
 
 
 # In the order their tests run, at the end of the run: the compose images, which take longest, last.
-JOBS = (Job("quick study", "tests/test_training_cli.py::test_quick_study_end_to_end", quick_study, "cpu"),
-        Job("accelerator study", "tests/test_accelerator_script.py", accelerator_study, "cpu"),
-        Job("compose images", "tests/test_compose_up.py", compose_images, "docker"))
+JOBS = (Job("quick study", "tests/test_training_cli.py::test_quick_study_end_to_end", quick_study, "cpu", 900),
+        Job("accelerator study", "tests/test_accelerator_script.py", accelerator_study, "cpu", 900),
+        Job("compose images", "tests/test_compose_up.py", compose_images, "docker", 1800))
 
 
 def _lower_priority() -> None:
@@ -106,63 +107,77 @@ def _lower_priority() -> None:
 
 
 class Lane:
-    """Jobs run one after another by one bash process (its own process group, niced); each job has its own folder,
-    its log there, and writes its exit status to folder/rc when it ends."""
+    """Jobs run one after another by one bash process (its own process group, niced: `docker build`'s steps run in
+    dockerd, at its priority). Each job has its own folder with its log; it writes `started` when it starts and its
+    exit status to `rc` when it ends (124: past its limit). A watcher in the lane stops it and removes its folders
+    if this test process dies without stopping it (SIGKILL, a CI timeout)."""
 
     def __init__(self, jobs: list[Job]):
         self.folders: dict[str, Path] = {}
+        self.jobs = {job.name: job for job in jobs}
         steps = []
         for job in jobs:
             folder = Path(tempfile.mkdtemp(prefix=f"skin-{job.name.replace(' ', '-')}-"))
             self.folders[job.name] = folder
             try:
-                command = shlex.join(job.command(folder))
+                command = shlex.join(["timeout", "-k", "30", str(job.limit_s), *job.command(folder)])
             except Unavailable as err:
                 (folder / "unavailable").write_text(str(err))
                 continue
-            steps.append(f"{command} > {shlex.quote(str(folder / 'job.log'))} 2>&1 < /dev/null; "
-                         f"echo $? > {shlex.quote(str(folder / 'rc'))}")
+            q = {name: shlex.quote(str(folder / name)) for name in ("started", "job.log", "rc")}
+            steps.append(f"touch {q['started']}; {command} > {q['job.log']} 2>&1 < /dev/null; "
+                         f"echo $? > {q['rc']}.tmp && mv {q['rc']}.tmp {q['rc']}")
+        folders = " ".join(shlex.quote(str(f)) for f in self.folders.values())
+        watcher = (f"(while kill -0 {os.getpid()} 2>/dev/null; do sleep 5; done; rm -rf {folders}; kill -TERM 0) "
+                   "</dev/null >/dev/null 2>&1 &")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(["bash", "-c", "\n".join(steps) or "true"], cwd=REPO, start_new_session=True,
+        self.proc = subprocess.Popen(["bash", "-c", "\n".join([watcher, *steps])], cwd=REPO, start_new_session=True,
                                      stdin=subprocess.DEVNULL, preexec_fn=_lower_priority)
 
-    def wait(self, name: str, timeout: float) -> Path:
-        """The job's folder once it has succeeded; waits at most until `timeout` seconds after the lane started.
-        Raises Unavailable, or RuntimeError with the log's tail if the job failed, ran out of time or never ran."""
-        folder, waited = self.folders[name], time.monotonic()
+    def wait(self, name: str) -> Path:
+        """The job's folder once it has succeeded. Raises Unavailable, or RuntimeError with the log's tail if the
+        job failed, passed its limit, or its lane stopped first (each job has a limit, so the wait ends)."""
+        folder, waited, job = self.folders[name], time.monotonic(), self.jobs[name]
         if (folder / "unavailable").exists():
             raise Unavailable((folder / "unavailable").read_text())
-        while not (folder / "rc").exists() and self.proc.poll() is None and \
-                time.monotonic() - self.started < timeout:
+        while not (folder / "rc").exists() and self.proc.poll() is None:
             time.sleep(1)
-        rc = (folder / "rc").read_text().strip() if (folder / "rc").exists() else \
-            f"not done {timeout:.0f} s after its lane started" if self.proc.poll() is None else "never ran"
+        if (folder / "rc").exists():
+            rc = (folder / "rc").read_text().strip()
+            why = f"stopped past its limit of {job.limit_s} s" if rc in ("124", "137") else f"exit status {rc}"
+        else:
+            rc, why = None, (f"its lane ended (status {self.proc.returncode}) before it did" if
+                             (folder / "started").exists() else "its lane ended before it started")
         if rc != "0":
             log = folder / "job.log"
             text = log.read_text(errors="replace") if log.exists() else ""
-            raise RuntimeError(f"the background job '{name}' failed ({rc}):\n{text[-4000:]}")
+            (folder / "keep").touch()  # the whole log stays for reading after the run
+            raise RuntimeError(f"the background job '{name}' failed: {why}; log {log}:\n{text[-4000:]}")
         print(f"{name}: done in the background; this run waited {time.monotonic() - waited:.0f} s for it")
         return folder
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=60)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        """The lane's process group stopped (its watcher too), and its folders removed but those of failed jobs."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         for folder in self.folders.values():
-            shutil.rmtree(folder, ignore_errors=True)
+            if not (folder / "keep").exists():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 _lanes: dict[str, Lane] = {}  # job name -> the lane running it
 
 
 def needs(job: Job, nodeid: str) -> bool:
-    return nodeid == job.needed_by or nodeid.startswith(job.needed_by + ("::" if job.needed_by.endswith(".py") else "["))
+    tail = "::" if job.needed_by.endswith(".py") else "["
+    return nodeid == job.needed_by or nodeid.startswith(job.needed_by + tail)
 
 
 def order(items) -> None:
@@ -183,14 +198,14 @@ def start_for(items) -> None:
     start([job for job in JOBS if any(needs(job, item.nodeid) for item in items)])
 
 
-def result(name: str, timeout: float = 2400) -> Path:
+def result(name: str) -> Path:
     """The job's folder once it has succeeded (started now if the run did not start it)."""
     start([job for job in JOBS if job.name == name])
-    return _lanes[name].wait(name, timeout)
+    return _lanes[name].wait(name)
 
 
 def stop_all() -> None:
-    """At the run's end: every lane still running stopped, every folder (logs, the compose secrets) removed."""
+    """At the run's end: every lane stopped, its folders (logs, the compose secrets) removed but failed jobs'."""
     for lane in set(_lanes.values()):
         lane.stop()
     _lanes.clear()

@@ -167,9 +167,12 @@ def pytest_collection_modifyitems(config, items):
     background.order(items)
 
 
-def pytest_collection_finish(session):
-    """Starts the background jobs this run's tests read (not for --collect-only)."""
-    if not session.config.option.collectonly:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Starts the background jobs this run's tests read, as the tests start (not for --collect-only,
+    --setup-plan or --setup-only, nor --fixtures, which never reach this loop)."""
+    option = session.config.option
+    if not (option.collectonly or getattr(option, "setupplan", False) or getattr(option, "setuponly", False)):
         from tests import background
 
         background.start_for(session.items)

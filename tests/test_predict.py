@@ -177,19 +177,27 @@ def test_predict_reads_only_images_inside_the_folder_and_writes_no_formulas(tmp_
     hostile.server.shutdown()
 
 
+MEL_ONLY = {"flagged": True, "probability": round(1 / 7, 6), "classes": ["mel"]}
+
+
 @pytest.mark.fast
-@pytest.mark.parametrize("concern", [{"flagged": "yes", "probability": 0.4, "classes": ["mel"]},
-                                     {"flagged": True, "probability": 1.5, "classes": ["mel"]},
-                                     {"flagged": True, "probability": float("nan"), "classes": ["mel"]},
-                                     {"flagged": True, "probability": 0.4, "classes": ["=1+1"]},
-                                     {"flagged": True, "probability": 0.4}, "yes"])
-def test_a_concern_outside_the_services_shape_is_a_bad_answer(concern):
+@pytest.mark.parametrize("change", [{"concern": {**MEL_ONLY, "flagged": "yes"}},
+                                    {"concern": {**MEL_ONLY, "probability": 1.5}},
+                                    {"concern": {**MEL_ONLY, "probability": float("nan")}},
+                                    {"concern": {**MEL_ONLY, "probability": 0.9}},  # not its classes' sum
+                                    {"concern": {**MEL_ONLY, "classes": ["=1+1"]}},
+                                    {"concern": {k: v for k, v in MEL_ONLY.items() if k != "classes"}},
+                                    {"concern": "yes"}, {"verdict": "not_dermoscopy", "top": None},
+                                    {"predictions": 5}])
+def test_a_concern_outside_the_services_shape_is_a_bad_answer(change):
     from stack.predict import row_for
 
-    probs = [{"code": c, "probability": 1 / 7} for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
+    probs = [{"code": c, "probability": round(1 / 7, 6)} for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
     answer = {"predictions": probs, "top": {"code": "nv"}, "verdict": "ok", "model": {"version": "2.2"}}
     assert row_for(Path("a.jpg"), b"x", 200, answer)["error"] == ""  # a service older than the field: no cells
-    row = row_for(Path("a.jpg"), b"x", 200, {**answer, "concern": concern})
+    row = row_for(Path("a.jpg"), b"x", 200, {**answer, "concern": MEL_ONLY})
+    assert row["error"] == "" and row["concern_flagged"] == "yes" and float(row["p_concern"]) == MEL_ONLY["probability"]
+    row = row_for(Path("a.jpg"), b"x", 200, {**answer, "concern": MEL_ONLY, **change})
     assert row["error"] == "bad_answer" and row["concern_flagged"] == row["p_concern"] == ""
 
 
@@ -205,13 +213,14 @@ def test_resuming_a_csv_of_the_former_columns_upgrades_it_and_keeps_its_answers(
         writer.writeheader()
         writer.writerow({"path": "/a.jpg", "status": 200, "verdict": "ok", "top": "nv", "p_nv": 0.9})
         writer.writerow({"path": "/b.jpg", "status": 415, "error": "not_an_image"})
+        writer.writerow({"path": "/c.jpg", "status": 200, "verdict": "not_dermoscopy"})  # no concern anyway
     (tmp_path / "nothing-new").mkdir()
     counts = predict([str(tmp_path / "nothing-new")], out, scorer=None, progress=False)
     assert counts[UPGRADED] == 1, counts  # the summary says how many answers have no concern cells
     kept = rows(out)
-    assert [r["path"] for r in kept] == ["/a.jpg", "/b.jpg"] and kept[0]["p_nv"] == "0.9"
+    assert [r["path"] for r in kept] == ["/a.jpg", "/b.jpg", "/c.jpg"] and kept[0]["p_nv"] == "0.9"
     assert all(r["concern_flagged"] == r["p_concern"] == "" for r in kept)
-    assert done_paths(out) == ({"/a.jpg", "/b.jpg"}, 0), "once upgraded, the file is today's CSV"
+    assert done_paths(out) == ({"/a.jpg", "/b.jpg", "/c.jpg"}, 0), "once upgraded, the file is today's CSV"
 
 
 @pytest.mark.fast
