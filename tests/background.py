@@ -199,9 +199,15 @@ def start_for(items) -> None:
 
 
 def result(name: str) -> Path:
-    """The job's folder once it has succeeded (started now if the run did not start it)."""
+    """The job's folder once it has succeeded (started now if the run did not start it); the calling test fails
+    with the reason (Unavailable, or the job's failure and its log's tail) otherwise."""
+    import pytest
+
     start([job for job in JOBS if job.name == name])
-    return _lanes[name].wait(name)
+    try:
+        return _lanes[name].wait(name)
+    except RuntimeError as err:  # Unavailable included
+        pytest.fail(str(err))
 
 
 def stop_all() -> None:

@@ -97,10 +97,7 @@ def docker(*args: str, timeout: float = 120) -> str:
 @pytest.fixture(scope="module")
 def stack():
     """The images come from the run's background job (tests/background.py); then up, and every health check."""
-    try:
-        folder = background.result("compose images")
-    except (background.Unavailable, RuntimeError) as err:
-        pytest.fail(str(err))
+    folder = background.result("compose images")
     port = free_port()  # drawn now, not when the build started: minutes of other tests could have taken it
     env_file = folder / "compose.env"
     with open(env_file, "a") as f:
