@@ -149,9 +149,8 @@ def _concern_ok(answer: dict) -> bool:
             and _probability(concern.get("probability")) and isinstance(concern.get("classes"), list)
             and all(c in CLASSES for c in concern["classes"])):
         return False
-    preds = answer.get("predictions") if isinstance(answer.get("predictions"), list) else []
-    probs = {p["code"]: p.get("probability") for p in preds if isinstance(p, dict) and isinstance(p.get("code"), str)}
-    return all(_probability(probs.get(c)) for c in concern["classes"]) and \
+    probs = {p["code"]: p["probability"] for p in answer.get("predictions") or []}  # checked by _checked first
+    return all(c in probs for c in concern["classes"]) and \
         abs(min(sum(probs[c] for c in concern["classes"]), 1.0) - concern["probability"]) <= 1e-5
 
 
@@ -166,7 +165,7 @@ def _checked(answer: dict) -> dict | None:
     model = answer.get("model")
     version = model.get("version", "") if isinstance(model, dict) else ("" if model is None else None)
     fields = (ok_preds, top is None or (isinstance(top, dict) and top.get("code") in CLASSES),
-              answer.get("verdict", "") in ("", *VERDICT_REASONS), _concern_ok(answer),
+              answer.get("verdict", "") in ("", *VERDICT_REASONS), ok_preds and _concern_ok(answer),
               version is not None and (version == "" or _VERSION.fullmatch(str(version))),
               answer.get("request_id") in (None, "") or _REQUEST_ID.fullmatch(str(answer["request_id"])),
               answer.get("error", "") == "" or _ERROR_CODE.fullmatch(str(answer["error"])),
